@@ -1,0 +1,40 @@
+"""inti_adapters: InTI (inter-frame token interpolation) for image ViTs on video.
+
+    >>> import inti_adapters as ia
+    >>> model = ia.inject(vit, layers=[4, 6])   # doctest: +SKIP
+"""
+
+from ._version import __version__
+from .compressors import Compressor, list_compressors, register_compressor
+from .config import InjectConfig, InTIConfig
+from .context import TokenLayout, VideoContext
+from .errors import BareBackboneCallError, UnsupportedHostError
+from .flops import FlopCounter, count_gflops
+from .hosts import Host, list_hosts, register_host
+from .inti import InTILayer
+from .model import InTIModel, inject
+from .serialization import load_pretrained
+from .video import normalize_video
+
+__all__ = [
+    "BareBackboneCallError",
+    "Compressor",
+    "FlopCounter",
+    "Host",
+    "InTIConfig",
+    "InTILayer",
+    "InTIModel",
+    "InjectConfig",
+    "TokenLayout",
+    "UnsupportedHostError",
+    "VideoContext",
+    "__version__",
+    "count_gflops",
+    "inject",
+    "list_compressors",
+    "list_hosts",
+    "load_pretrained",
+    "normalize_video",
+    "register_compressor",
+    "register_host",
+]

@@ -1,0 +1,79 @@
+"""The compressor interface and its registry.
+
+A compressor runs between two transformer blocks on the tokens of a whole clip,
+``(B, T, N, C) -> (B, T', N', C)``. InTI halves ``T``; token merging shrinks ``N``. The tensor
+math lives in the compressor; the hooks that wire it into a backbone live in ``model.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..context import TokenLayout
+
+
+class Compressor(nn.Module):
+    """Base class: subclasses set ``config_class`` and implement ``forward``."""
+
+    config_class: ClassVar[type]
+
+    def __init__(self, dim: int, config: Any) -> None:
+        super().__init__()
+        self.dim = dim
+        self.config = config
+
+    def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def output_frames(self, num_frames: int) -> int:
+        """Frames after this compressor for ``num_frames`` frames in (used by planners)."""
+        return num_frames
+
+
+_COMPRESSORS: dict[str, type[Compressor]] = {}
+
+
+def register_compressor(name: str) -> Callable[[type[Compressor]], type[Compressor]]:
+    """Class decorator: make a compressor available to ``inject(..., compressor=name)``."""
+
+    def deco(cls: type[Compressor]) -> type[Compressor]:
+        if name in _COMPRESSORS:
+            raise ValueError(f"a compressor named {name!r} is already registered ({_COMPRESSORS[name].__name__})")
+        if not (isinstance(cls, type) and issubclass(cls, Compressor)):
+            raise TypeError(f"register_compressor expects a Compressor subclass, got {cls!r}")
+        _COMPRESSORS[name] = cls
+        return cls
+
+    return deco
+
+
+def list_compressors() -> list[str]:
+    return sorted(_COMPRESSORS)
+
+
+def get_compressor(name: str) -> type[Compressor]:
+    try:
+        return _COMPRESSORS[name]
+    except KeyError:
+        raise ValueError(f"unknown compressor {name!r}; registered compressors: {list_compressors()}") from None
+
+
+def make_compressor_config(name: str, options: dict[str, Any] | Any) -> Any:
+    """The validated config object of compressor ``name`` from a dict of options."""
+    cls = get_compressor(name)
+    if not isinstance(options, dict):
+        return options
+    allowed = {f.name for f in dataclasses.fields(cls.config_class)}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for compressor {name!r}; its options are {sorted(allowed)}")
+    return cls.config_class(**options)
+
+
+def build_compressor(name: str, dim: int, config: dict[str, Any] | Any) -> Compressor:
+    return get_compressor(name)(dim, make_compressor_config(name, config))

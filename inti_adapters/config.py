@@ -1,0 +1,173 @@
+"""Typed, validated configuration for InTI layers and for ``inject``.
+
+Every config is a dataclass that checks itself in ``__post_init__`` and round-trips through
+JSON (``to_dict`` / ``from_dict``). Unknown keys from newer versions are reported, not
+silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+CONTEXTS = ("token", "cube", "frame", "global")
+FUSIONS = ("sep", "add", "cat")
+HEADS = ("softmax", "sigmoid", "attention")
+ODD_FRAME_POLICIES = ("repeat_last", "error")
+LAYOUTS = ("NCTHW", "NTCHW")
+
+
+def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+class _DictMixin:
+    """JSON round trip for flat dataclasses, warning on keys this version does not know."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            warnings.warn(
+                f"{cls.__name__}: ignoring unknown keys {unknown} (saved by a newer inti_adapters?)",
+                stacklevel=2,
+            )
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class InTIConfig(_DictMixin):
+    """Configuration of one InTI (inter-frame token interpolation) layer.
+
+    The defaults are the paper's best setting: all four contexts, "Sep" fusion, softmax head,
+    hidden width equal to the embedding width, a learnable temporal position table with a
+    zero-initialised scale.
+    """
+
+    contexts: tuple[str, ...] = field(
+        default=CONTEXTS,
+        metadata={"help": "Context features used to predict the weights: any non-empty subset of "
+                          "token, cube, frame, global (paper Table 5a)."},
+    )
+    fusion: str = field(
+        default="sep",
+        metadata={"help": "How contexts are fused: 'sep' = [token ; sum(others)], 'add' = sum(all), "
+                          "'cat' = concat(all) (paper Table 5b)."},
+    )
+    head: str = field(
+        default="softmax",
+        metadata={"help": "Weight head: 'softmax' over two logits (weights sum to 1), 'sigmoid' per "
+                          "logit, or 'attention' (learnable query dotted with per-frame features)."},
+    )
+    hidden_dim: int | None = field(
+        default=None, metadata={"help": "Width C' of the context features; None = embedding width."}
+    )
+    max_frames: int = field(
+        default=32,
+        metadata={"help": "Rows of the temporal position table = the most output frames one layer "
+                          "may produce. More output frames are refused with a clear error."},
+    )
+    temporal_embed: bool = field(
+        default=True, metadata={"help": "Add alpha * E[t'] to the output (alpha starts at 0)."}
+    )
+    odd_frames: str = field(
+        default="repeat_last",
+        metadata={"help": "Odd frame counts: 'repeat_last' pairs the last frame with itself (it "
+                          "passes unchanged); 'error' refuses odd counts."},
+    )
+    embed_init_std: float = field(
+        default=0.02, metadata={"help": "Std of the truncated-normal init of the temporal table."}
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.contexts, str):
+            self.contexts = (self.contexts,)
+        self.contexts = tuple(self.contexts)
+        if not self.contexts:
+            raise ValueError(f"contexts must name at least one of {list(CONTEXTS)}, got an empty list")
+        for c in self.contexts:
+            _check_choice("each entry of contexts", c, CONTEXTS)
+        if len(set(self.contexts)) != len(self.contexts):
+            raise ValueError(f"contexts has duplicates: {list(self.contexts)}")
+        # canonical order, so configs compare and serialise the same way
+        self.contexts = tuple(c for c in CONTEXTS if c in self.contexts)
+        _check_choice("fusion", self.fusion, FUSIONS)
+        _check_choice("head", self.head, HEADS)
+        _check_choice("odd_frames", self.odd_frames, ODD_FRAME_POLICIES)
+        if self.hidden_dim is not None and (not isinstance(self.hidden_dim, int) or self.hidden_dim < 1):
+            raise ValueError(f"hidden_dim must be a positive int or None, got {self.hidden_dim!r}")
+        if not isinstance(self.max_frames, int) or self.max_frames < 1:
+            raise ValueError(f"max_frames must be a positive int, got {self.max_frames!r}")
+        if self.embed_init_std < 0:
+            raise ValueError(f"embed_init_std must be >= 0, got {self.embed_init_std}")
+
+
+@dataclass
+class InjectConfig(_DictMixin):
+    """What ``inject`` does to a backbone: where compressors go and how the video model behaves."""
+
+    FORMAT_VERSION: ClassVar[int] = 1
+
+    layers: tuple[int, ...] = field(
+        default=(),
+        metadata={"help": "0-based block indices; a compressor runs on the output of each of them. "
+                          "[] is the naive frame-by-frame baseline."},
+    )
+    compressor: str = field(default="inti", metadata={"help": "Registered compressor name."})
+    compressor_config: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Options of the compressor (InTIConfig fields for 'inti')."}
+    )
+    input_layout: str = field(
+        default="NCTHW", metadata={"help": "Video layout: NCTHW (mmaction/pytorchvideo) or NTCHW."}
+    )
+    freeze_backbone: bool = field(
+        default=False,
+        metadata={"help": "Freeze the backbone so only added modules (and the head) train. The paper "
+                          "fine-tunes everything, so the default is False."},
+    )
+    train_head: bool = field(
+        default=True, metadata={"help": "With freeze_backbone, keep the classifier head trainable."}
+    )
+    host: str | None = field(default=None, metadata={"help": "Force a registered host; None = detect."})
+
+    def __post_init__(self) -> None:
+        layers = self.layers
+        if isinstance(layers, int) or not isinstance(layers, Sequence) or isinstance(layers, str):
+            raise TypeError(f"layers must be a list of block indices such as [4, 6], got {layers!r}")
+        for i in layers:
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise TypeError(f"layers must hold ints, got {layers!r} (entry {i!r} is {type(i).__name__})")
+            if i < 0:
+                raise ValueError(
+                    f"layers must be 0-based non-negative block indices, got {list(layers)} "
+                    f"(negative index {i}; write the positive index instead)"
+                )
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"layers has duplicates: {list(layers)}; each block can hold one compressor")
+        if list(layers) != sorted(layers):
+            raise ValueError(f"layers must be sorted ascending, got {list(layers)} (did you mean {sorted(layers)}?)")
+        self.layers = tuple(layers)
+        _check_choice("input_layout", self.input_layout, LAYOUTS)
+        if not isinstance(self.compressor_config, dict):
+            raise TypeError(f"compressor_config must be a dict, got {type(self.compressor_config).__name__}")
+
+    def check_depth(self, depth: int) -> None:
+        """Refuse layer indices the backbone does not have."""
+        bad = [i for i in self.layers if i >= depth]
+        if bad:
+            raise ValueError(
+                f"layers {list(self.layers)} out of range: the backbone has {depth} blocks "
+                f"(valid indices 0..{depth - 1}), got {bad}"
+            )

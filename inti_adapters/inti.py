@@ -1,0 +1,237 @@
+"""The InTI layer: inter-frame token interpolation with predicted weights.
+
+Pure tensor code with no knowledge of hosts: it takes the tokens of a clip ``(B, T, N, C)``,
+pairs neighbouring frames (1,2), (3,4), ... and returns ``(B, ceil(T/2), N, C)`` where every
+token is ``w_a * a_k + w_b * b_k`` with weights predicted per token from four contexts
+(token, cube, frame, global). See ``DESIGN.md`` section 2 for the exact definition.
+
+Example:
+    >>> import torch
+    >>> from inti_adapters import InTILayer, TokenLayout
+    >>> layer = InTILayer(dim=32)
+    >>> x = torch.randn(2, 8, 1 + 4 * 4, 32)           # 8 frames, class token + 4x4 grid
+    >>> y = layer(x, TokenLayout(num_prefix_tokens=1, cls_index=0, grid=(4, 4)))
+    >>> tuple(y.shape)
+    (2, 4, 17, 32)
+    >>> torch.allclose(y, (x[:, 0::2] + x[:, 1::2]) / 2)  # a fresh layer averages pairs
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .compressors._base import Compressor, register_compressor
+from .config import InTIConfig
+from .context import TokenLayout
+
+
+def pair_frames(x: torch.Tensor, odd_frames: str = "repeat_last") -> tuple[torch.Tensor, torch.Tensor]:
+    """Split ``(B, T, ...)`` into the first and second frames of each pair.
+
+    With odd ``T`` the last frame is paired with a copy of itself (``odd_frames='repeat_last'``).
+    """
+    t = x.shape[1]
+    if t % 2 and odd_frames == "error":
+        raise ValueError(f"odd_frames='error' but the clip has an odd number of frames ({t})")
+    a = x[:, 0::2]
+    b = x[:, 1::2]
+    if t % 2:
+        b = torch.cat([b, x[:, -1:]], dim=1)
+    return a, b
+
+
+class _Proj(nn.Sequential):
+    """phi(z) = GELU(Linear(LayerNorm(z)))."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__(nn.LayerNorm(in_dim), nn.Linear(in_dim, out_dim), nn.GELU())
+
+
+def _pool_half(z: torch.Tensor) -> torch.Tensor:
+    # ceil-mode so T=3 -> 2 -> 1; a length-1 sequence is left as it is
+    return F.max_pool1d(z, 2, ceil_mode=True) if z.shape[-1] > 1 else z
+
+
+class GlobalContext(nn.Module):
+    """Class tokens of all frames -> one global feature per clip (paper appendix B)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv1d(dim, dim, 3, padding=1, groups=dim) for _ in range(3))
+        self.proj = nn.Linear(dim, hidden_dim)
+
+    def forward(self, cls: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, C')
+        z = cls.transpose(1, 2)
+        for conv in self.convs[:2]:
+            z = F.gelu(_pool_half(conv(z)))
+        z = F.gelu(self.convs[2](z).mean(-1))
+        return self.proj(z)
+
+
+def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    out = tensors[0]
+    for t in tensors[1:]:
+        out = out + t
+    return out
+
+
+def frame_tokens(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """One token per frame: the class token, or the mean of the patch tokens without one."""
+    if layout.cls_index is not None:
+        return x[:, :, layout.cls_index]
+    return x[:, :, layout.num_prefix_tokens :].mean(dim=2)
+
+
+@register_compressor("inti")
+class InTILayer(Compressor):
+    """Inter-frame token interpolation: halves the frame count with per-token weights.
+
+    Args:
+        dim: Embedding width ``C`` of the tokens.
+        config: :class:`~inti_adapters.InTIConfig`; defaults to the paper's best setting.
+
+    A fresh layer (zero-initialised last head layer, ``alpha = 0``) returns the plain average
+    of each frame pair, so injecting it leaves a static video's features unchanged.
+    """
+
+    config_class = InTIConfig
+
+    def __init__(self, dim: int, config: InTIConfig | None = None) -> None:
+        config = config or InTIConfig()
+        super().__init__(dim, config)
+        h = config.hidden_dim or dim
+        self.hidden_dim = h
+        ctx = set(config.contexts)
+        self.token_proj = _Proj(2 * dim, h) if "token" in ctx else None
+        if "cube" in ctx:
+            self.cube_conv = nn.Conv3d(dim, dim, 3, padding=1, groups=dim)
+            self.cube_proj = _Proj(2 * dim, h)
+        else:
+            self.cube_conv = self.cube_proj = None
+        self.frame_proj = _Proj(2 * dim, h) if "frame" in ctx else None
+        self.global_ctx = GlobalContext(dim, h) if "global" in ctx else None
+
+        others = len(ctx - {"token"})
+        if config.fusion == "sep":
+            in_dim = h * (int("token" in ctx) + int(others > 0))
+        elif config.fusion == "add":
+            in_dim = h
+        else:  # cat
+            in_dim = h * len(ctx)
+        out = 2 * h if config.head == "attention" else 2
+        self.head = nn.Sequential(nn.Linear(in_dim, h), nn.GELU(), nn.Linear(h, out))
+        if config.head == "attention":
+            # zero query: equal logits for both frames, i.e. a plain average at init
+            self.query = nn.Parameter(torch.zeros(h))
+        else:
+            self.query = None
+            nn.init.zeros_(self.head[-1].weight)
+            nn.init.zeros_(self.head[-1].bias)
+
+        if config.temporal_embed:
+            self.time_embed = nn.Parameter(torch.empty(config.max_frames, dim))
+            nn.init.trunc_normal_(self.time_embed, std=config.embed_init_std)
+            self.alpha = nn.Parameter(torch.zeros(1))
+        else:
+            self.time_embed = self.alpha = None
+
+    def output_frames(self, num_frames: int) -> int:
+        return (num_frames + 1) // 2
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"dim={self.dim}, hidden={self.hidden_dim}, contexts={list(c.contexts)}, fusion={c.fusion}, head={c.head}"
+
+    # -- context features -------------------------------------------------------------------
+    def _cube_feature(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        b, t, n, c = x.shape
+        grid = layout.grid_for(n)
+        if grid is None:
+            raise ValueError(
+                f"the 'cube' context needs the patch grid, but {n} tokens per frame do not match "
+                f"{layout.num_prefix_tokens} prefix tokens + grid {layout.grid}; drop 'cube' from "
+                "contexts for hosts without a spatial grid or after token merging"
+            )
+        p = layout.num_prefix_tokens
+        gh, gw = grid
+        vol = x[:, :, p:].permute(0, 3, 1, 2).reshape(b, c, t, gh, gw)
+        vol = self.cube_conv(vol).reshape(b, c, t, gh * gw).permute(0, 2, 3, 1)  # (B, T, HW, C)
+        ca, cb = pair_frames(vol, self.config.odd_frames)
+        f = self.cube_proj(torch.cat([ca, cb], dim=-1))  # (B, T', HW, C')
+        if p:
+            f = torch.cat([f.new_zeros(b, f.shape[1], p, f.shape[-1]), f], dim=2)  # prefix: zero feature
+        return f
+
+    def _weights(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        bsz, t2, n, _ = a.shape
+        feats: dict[str, torch.Tensor] = {}
+        if self.token_proj is not None:
+            feats["token"] = self.token_proj(torch.cat([a, b], dim=-1))
+        if self.cube_proj is not None:
+            feats["cube"] = self._cube_feature(x, layout)
+        if self.frame_proj is not None or self.global_ctx is not None:
+            cls = frame_tokens(x, layout)  # (B, T, C)
+            if self.frame_proj is not None:
+                cls_a, cls_b = pair_frames(cls, self.config.odd_frames)
+                feats["frame"] = self.frame_proj(torch.cat([cls_a, cls_b], dim=-1))[:, :, None]
+            if self.global_ctx is not None:
+                feats["global"] = self.global_ctx(cls)[:, None, None]
+
+        full = (bsz, t2, n, self.hidden_dim)
+        fusion = self.config.fusion
+        if fusion == "cat":
+            fused = torch.cat([f.expand(full) for f in feats.values()], dim=-1)
+        elif fusion == "add":
+            fused = _sum(list(feats.values()))
+        else:  # sep: keep the token feature intact beside the sum of the others
+            others = [f for k, f in feats.items() if k != "token"]
+            parts = [feats["token"]] if "token" in feats else []
+            if others:
+                parts.append(_sum(others).expand(full))
+            fused = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+        out = self.head(fused)
+        head = self.config.head
+        if head == "softmax":
+            w = out.softmax(dim=-1)
+        elif head == "sigmoid":
+            w = out.sigmoid()
+        else:  # attention: one feature per frame of the pair, dotted with a learnable query
+            per_frame = out.unflatten(-1, (2, self.hidden_dim))
+            w = (per_frame @ self.query.to(per_frame.dtype)).softmax(dim=-1)
+        return w.expand(bsz, t2, n, 2)
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(
+        self, x: torch.Tensor, layout: TokenLayout | None = None, *, return_weights: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Compress ``(B, T, N, C)`` tokens to ``(B, ceil(T/2), N, C)``.
+
+        Args:
+            x: Tokens of a clip, prefix tokens first then the patch grid row by row.
+            layout: Prefix-token count, class-token index and patch grid; defaults to
+                "no prefix tokens, no grid" (then the 'cube' context cannot be used).
+            return_weights: Also return the interpolation weights ``(B, T', N, 2)``.
+        """
+        if x.dim() != 4:
+            raise ValueError(f"InTILayer expects tokens of shape (B, T, N, C), got shape {tuple(x.shape)}")
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"InTILayer was built for width {self.dim}, got tokens of width {x.shape[-1]}")
+        if x.shape[1] < 1:
+            raise ValueError("InTILayer got a clip with 0 frames")
+        layout = layout if layout is not None else TokenLayout(0, None, None)
+        a, b = pair_frames(x, self.config.odd_frames)
+        t2 = a.shape[1]
+        if self.time_embed is not None and t2 > self.time_embed.shape[0]:
+            raise ValueError(
+                f"{x.shape[1]} input frames give {t2} output frames, more than the {self.time_embed.shape[0]} "
+                f"rows of this layer's temporal position table; build it with max_frames>={t2}"
+            )
+        w = self._weights(x, a, b, layout).to(x.dtype)
+        y = w[..., 0:1] * a + w[..., 1:2] * b
+        if self.time_embed is not None:
+            y = y + (self.alpha * self.time_embed[:t2]).to(y.dtype)[None, :, None, :]
+        return (y, w) if return_weights else y
