@@ -141,6 +141,11 @@ class InjectConfig(_DictMixin):
         default=True, metadata={"help": "With freeze_backbone, keep the classifier head trainable."}
     )
     host: str | None = field(default=None, metadata={"help": "Force a registered host; None = detect."})
+    temporal: tuple[dict[str, Any], ...] = field(
+        default=(),
+        metadata={"help": "Temporal adapters, each a dict with 'name' (registered adapter), 'blocks' "
+                          "(indices or 'all') and 'placement', plus the adapter's options."},
+    )
 
     def __post_init__(self) -> None:
         layers = self.layers
@@ -160,6 +165,12 @@ class InjectConfig(_DictMixin):
             raise ValueError(f"layers must be sorted ascending, got {list(layers)} (did you mean {sorted(layers)}?)")
         self.layers = tuple(layers)
         _check_choice("input_layout", self.input_layout, LAYOUTS)
+        if isinstance(self.temporal, dict):
+            self.temporal = (self.temporal,)
+        self.temporal = tuple(dict(t) for t in self.temporal)
+        for spec in self.temporal:
+            if "name" not in spec:
+                raise ValueError(f"each temporal adapter spec needs a 'name', got {spec!r}")
         if not isinstance(self.compressor_config, dict):
             raise TypeError(f"compressor_config must be a dict, got {type(self.compressor_config).__name__}")
 

@@ -59,6 +59,15 @@ class InTIModel(nn.Module):
         if ref is not None:  # match the backbone: device (cuda, meta, ...) and floating dtype
             self.compressors.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
         self._handles: list[Any] = []
+        # temporal adapters first: on a compressed block the adapter sees the frames before compression
+        self.temporal = nn.ModuleDict()
+        self._feature_fuser = None
+        if config.temporal:
+            from .temporal import install_temporal_adapters
+
+            installed = install_temporal_adapters(self, config.temporal)
+            self.temporal, self._feature_fuser = installed.modules, installed.fuse
+            self._handles += installed.handles
         for i in config.layers:
             self._handles.append(host.blocks[i].register_forward_hook(self._compress_hook(str(i))))
         self._requires_grad = {n: p.requires_grad for n, p in backbone.named_parameters()}
@@ -158,6 +167,8 @@ class InTIModel(nn.Module):
         """Pool each remaining frame, average over frames, apply the head: ``(B, T', N, C) -> (B, K)``."""
         b, t = tokens.shape[:2]
         feats = self._host.pool(tokens.flatten(0, 1)).unflatten(0, (b, t)).mean(dim=1)
+        if self._feature_fuser is not None:  # e.g. a UniFormerV2-style global temporal module
+            feats = self._feature_fuser(feats)
         if pre_logits:
             return feats
         return self.head(feats) if self.head is not None else self._host.head(feats)
@@ -189,10 +200,14 @@ class InTIModel(nn.Module):
 
     def _param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         heads = tuple(f"backbone.{h}." for h in self._host.head_module_names())
-        groups: dict[str, list[tuple[str, nn.Parameter]]] = {"compressors": [], "head": [], "backbone": []}
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {
+            "compressors": [], "temporal": [], "head": [], "backbone": []
+        }
         for n, p in self.named_parameters():
             if n.startswith("compressors."):
                 groups["compressors"].append((n, p))
+            elif n.startswith("temporal."):
+                groups["temporal"].append((n, p))
             elif n.startswith("head.") or n.startswith(heads):
                 groups["head"].append((n, p))
             else:
@@ -241,6 +256,8 @@ class InTIModel(nn.Module):
             if n in self._requires_grad:
                 p.requires_grad_(self._requires_grad[n])
         self.compressors = nn.ModuleDict()
+        self.temporal = nn.ModuleDict()
+        self._feature_fuser = None
         if hasattr(self.backbone, _MARK):
             object.__delattr__(self.backbone, _MARK)
         self._unloaded = True
@@ -257,6 +274,7 @@ def inject(
     train_head: bool = True,
     head: nn.Module | None = None,
     host: str | None = None,
+    temporal: Sequence[dict[str, Any]] = (),
     **compressor_options: Any,
 ) -> InTIModel:
     """Turn an image ViT into a video model with compressors after ``blocks[i]`` for ``i in layers``.
@@ -270,6 +288,7 @@ def inject(
         freeze_backbone: Train only added modules (and the head, if ``train_head``).
         head: Optional module replacing the backbone's head on the averaged video feature.
         host: Force a registered host description instead of detecting it.
+        temporal: Temporal adapters to add, e.g. ``[{"name": "local_mhra", "blocks": "all"}]``.
         **compressor_options: Options of the compressor, e.g. ``contexts=("token", "frame")``,
             ``fusion="add"``, ``head="sigmoid"``, ``hidden_dim=256`` for InTI.
 
@@ -299,5 +318,6 @@ def inject(
         freeze_backbone=freeze_backbone,
         train_head=train_head,
         host=host,
+        temporal=tuple(temporal),
     )
     return InTIModel(model, config, resolve_host(model, host), head=head)

@@ -45,7 +45,7 @@ def _head_keys(model: InTIModel) -> list[str]:
 
 def adapter_keys(model: InTIModel) -> list[str]:
     """State-dict keys that belong in the adapter file."""
-    keys = [k for k in model.state_dict() if k.startswith("compressors.")]
+    keys = [k for k in model.state_dict() if k.startswith(("compressors.", "temporal."))]
     params = dict(model.named_parameters())
     head = _head_keys(model)
     if model.head is not None or any(params[k].requires_grad for k in head):
@@ -184,7 +184,7 @@ def load_pretrained(
         model.unload()
         raise ValueError(f"{path} holds weights this model does not have: {unexpected[:5]}")
     missing = [k for k in adapter_keys(model) if k not in tensors]
-    if [k for k in missing if k.startswith("compressors.")]:
+    if [k for k in missing if k.startswith(("compressors.", "temporal."))]:
         model.unload()
         raise ValueError(f"{path} lacks adapter weights {missing[:5]}")
     model.load_state_dict(tensors, strict=False)

@@ -51,6 +51,11 @@ class Host:
         raise NotImplementedError
 
     @property
+    def num_features(self) -> int:
+        """Width of the per-frame features that ``pool`` returns (the head's input)."""
+        return self.embed_dim
+
+    @property
     def in_chans(self) -> int:
         return 3
 

@@ -54,6 +54,10 @@ class TimmHost(Host):
         return int(getattr(m, "embed_dim", None) or m.num_features)
 
     @property
+    def num_features(self) -> int:
+        return int(getattr(self.model, "num_features", self.embed_dim))
+
+    @property
     def in_chans(self) -> int:
         proj = getattr(self.model.patch_embed, "proj", None)
         return int(getattr(proj, "in_channels", 3))
@@ -115,6 +119,10 @@ class TimmDistilledHost(TimmHost):
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         return super().matches(model) and hasattr(model, "head_dist") and getattr(model, "dist_token", None) is not None
+
+    @property
+    def num_features(self) -> int:
+        return 2 * super().num_features
 
     def head_module_names(self) -> list[str]:
         return ["head", "head_dist"]
