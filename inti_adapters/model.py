@@ -70,6 +70,7 @@ class InTIModel(nn.Module):
             self._handles += installed.handles
         for i in config.layers:
             self._handles.append(host.blocks[i].register_forward_hook(self._compress_hook(str(i))))
+            self._handles += self.compressors[str(i)].attach(self, i)
         self._requires_grad = {n: p.requires_grad for n, p in backbone.named_parameters()}
         if config.freeze_backbone:
             heads = tuple(f"{h}." for h in host.head_module_names())

@@ -34,6 +34,15 @@ class Compressor(nn.Module):
         """Frames after this compressor for ``num_frames`` frames in (used by planners)."""
         return num_frames
 
+    def attach(self, model: Any, block_index: int) -> list[Any]:
+        """Called once by ``InTIModel`` after the compressor is built for ``blocks[block_index]``.
+
+        Compressors that must also change later blocks (e.g. token merging's size-weighted
+        attention) install their extra hooks here and return the handles; ``unload()`` removes
+        them. The default installs nothing.
+        """
+        return []
+
 
 _COMPRESSORS: dict[str, type[Compressor]] = {}
 
