@@ -1,0 +1,223 @@
+"""The InTI layer on its own: exact invariants, every ablation switch, gradients, edge cases."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from inti_adapters import InTIConfig, InTILayer, TokenLayout
+from inti_adapters.inti import frame_tokens, pair_frames
+
+DIM = 16
+LAYOUT = TokenLayout(num_prefix_tokens=1, cls_index=0, grid=(3, 3))
+
+
+def tokens(b=2, t=6, n=10, c=DIM, seed=0):
+    return torch.randn(b, t, n, c, generator=torch.Generator().manual_seed(seed))
+
+
+def pairwise_average(x):
+    a, b = pair_frames(x)
+    return (a + b) / 2
+
+
+def perturb(layer, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+CONTEXT_SUBSETS = [c for r in range(1, 5) for c in itertools.combinations(("token", "cube", "frame", "global"), r)]
+
+
+@pytest.mark.parametrize("contexts", CONTEXT_SUBSETS, ids=lambda c: "+".join(c))
+@pytest.mark.parametrize("fusion", ["sep", "add", "cat"])
+def test_fresh_layer_is_pairwise_average(contexts, fusion):
+    layer = InTILayer(DIM, InTIConfig(contexts=contexts, fusion=fusion))
+    x = tokens()
+    assert torch.equal(layer(x, LAYOUT), pairwise_average(x))
+
+
+@pytest.mark.parametrize("head", ["softmax", "sigmoid", "attention"])
+def test_fresh_layer_is_pairwise_average_for_every_head(head):
+    layer = InTILayer(DIM, InTIConfig(head=head))
+    x = tokens(t=8)
+    y, w = layer(x, LAYOUT, return_weights=True)
+    assert torch.equal(y, pairwise_average(x))
+    assert torch.equal(w, torch.full_like(w, 0.5))
+
+
+def test_weights_sum_to_one_and_depend_on_the_token():
+    layer = InTILayer(DIM)
+    perturb(layer)
+    x = tokens()
+    y, w = layer(x, LAYOUT, return_weights=True)
+    assert w.shape == (2, 3, 10, 2)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 3, 10))
+    assert (w >= 0).all() and (w <= 1).all()
+    assert w[..., 0].std() > 1e-3, "weights should vary per token once the predictor is trained"
+    a, b = pair_frames(x)
+    expected = w[..., :1] * a + w[..., 1:] * b + layer.alpha * layer.time_embed[:3][None, :, None]
+    torch.testing.assert_close(y, expected)
+
+
+def test_attention_head_weights_sum_to_one():
+    layer = InTILayer(DIM, InTIConfig(head="attention"))
+    perturb(layer)
+    _, w = layer(tokens(), LAYOUT, return_weights=True)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 3, 10))
+
+
+def test_sigmoid_head_weights_are_independent():
+    layer = InTILayer(DIM, InTIConfig(head="sigmoid"))
+    perturb(layer)
+    _, w = layer(tokens(), LAYOUT, return_weights=True)
+    assert not torch.allclose(w.sum(-1), torch.ones(2, 3, 10))  # not constrained to sum to 1
+
+
+@pytest.mark.parametrize("head", ["softmax", "attention"])
+def test_gradient_reaches_every_parameter_after_one_step(head):
+    torch.manual_seed(0)
+    layer = InTILayer(DIM, InTIConfig(head=head))
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x, target = tokens(), torch.randn(2, 3, 10, DIM)
+
+    def step():
+        opt.zero_grad()
+        loss = (layer(x, LAYOUT) - target).pow(2).mean()
+        loss.backward()
+        return {n: p.grad for n, p in layer.named_parameters()}
+
+    step()
+    opt.step()
+    grads = step()
+    dead = [n for n, g in grads.items() if g is None or torch.count_nonzero(g) == 0]
+    assert not dead, f"no gradient after one step: {dead}"
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 5, 6, 7])
+def test_frame_counts_and_odd_frames(t):
+    layer = InTILayer(DIM)
+    x = tokens(t=t)
+    y = layer(x, LAYOUT)
+    assert y.shape == (2, (t + 1) // 2, 10, DIM)
+    if t % 2:  # the last frame is paired with itself and passes through unchanged
+        assert torch.equal(y[:, -1], x[:, -1])
+    perturb(layer)
+    layer.alpha.data.zero_()
+    y = layer(x, LAYOUT)
+    if t % 2:  # weights sum to 1, so a frame paired with itself is unchanged even when trained
+        torch.testing.assert_close(y[:, -1], x[:, -1])
+
+
+def test_odd_frames_error_policy():
+    layer = InTILayer(DIM, InTIConfig(odd_frames="error"))
+    with pytest.raises(ValueError, match="odd number of frames"):
+        layer(tokens(t=5), LAYOUT)
+
+
+def test_temporal_embedding_is_scaled_by_alpha_and_indexed_by_output_frame():
+    layer = InTILayer(DIM)
+    assert torch.count_nonzero(layer.time_embed) > 0, "table must not start at zero (it would never train)"
+    assert layer.alpha.item() == 0.0
+    x = tokens(t=6)
+    with torch.no_grad():
+        layer.alpha.fill_(2.0)
+    y = layer(x, LAYOUT)
+    torch.testing.assert_close(y - pairwise_average(x), (2.0 * layer.time_embed[:3])[None, :, None].expand_as(y))
+
+
+def test_too_many_frames_for_the_temporal_table_is_refused():
+    layer = InTILayer(DIM, InTIConfig(max_frames=4))
+    layer(tokens(t=8), LAYOUT)  # 4 output frames: fits
+    with pytest.raises(ValueError, match=r"10 input frames give 5 output frames.*max_frames>=5"):
+        layer(tokens(t=10), LAYOUT)
+    # without a temporal table there is no limit
+    InTILayer(DIM, InTIConfig(max_frames=4, temporal_embed=False))(tokens(t=10), LAYOUT)
+
+
+def test_frame_token_without_class_token_is_patch_mean():
+    x = tokens(n=11)
+    lay = TokenLayout(num_prefix_tokens=2, cls_index=None, grid=(3, 3))
+    torch.testing.assert_close(frame_tokens(x, lay), x[:, :, 2:].mean(2))
+    torch.testing.assert_close(frame_tokens(x, LAYOUT), x[:, :, 0])
+    layer = InTILayer(DIM)
+    perturb(layer)
+    assert layer(x, lay).shape == (2, 3, 11, DIM)
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 4, 9])
+def test_global_context_handles_short_sequences(t):
+    layer = InTILayer(DIM, InTIConfig(contexts=("global",)))
+    g = layer.global_ctx(torch.randn(2, t, DIM))
+    assert g.shape == (2, DIM) and torch.isfinite(g).all()
+
+
+def test_cube_context_needs_a_grid():
+    layer = InTILayer(DIM)
+    with pytest.raises(ValueError, match="'cube' context needs the patch grid"):
+        layer(tokens(n=10), TokenLayout(1, 0, grid=None))
+    with pytest.raises(ValueError, match="do not match"):
+        layer(tokens(n=12), LAYOUT)
+    # without the cube context no grid is needed
+    InTILayer(DIM, InTIConfig(contexts=("token", "frame", "global")))(tokens(n=12), TokenLayout(1, 0, None))
+
+
+def test_cube_feature_is_zero_for_prefix_tokens_and_local_in_space():
+    layer = InTILayer(DIM)
+    perturb(layer)
+    x = tokens(n=10)
+    f = layer._cube_feature(x, LAYOUT)
+    assert f.shape == (2, 3, 10, DIM)
+    assert torch.count_nonzero(f[:, :, 0]) == 0
+    # a change in one corner patch of frame 0 moves the cube feature only of its 3x3 neighbourhood
+    x2 = x.clone()
+    x2[:, 0, 1] += 1.0  # patch (0, 0)
+    diff = (layer._cube_feature(x2, LAYOUT) - f).abs().sum((0, 3))  # (T', N)
+    changed = {int(i) for i in torch.nonzero(diff[0] > 0).flatten()}
+    assert changed == {1, 2, 4, 5}  # patches (0,0), (0,1), (1,0), (1,1): kernel 3 reaches one step
+    assert torch.count_nonzero(diff[2]) == 0  # frames 4 and 5 are out of the temporal kernel's reach
+
+
+def test_layer_parameter_count_matches_the_paper_for_vit_b():
+    # the paper's counts imply ~10.6 M for two layers on ViT-B (C = C' = 768)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in InTILayer(768).parameters())
+    assert 5.2e6 < n < 5.5e6, n
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(contexts=()), "at least one"),
+        (dict(contexts=("token", "motion")), "motion"),
+        (dict(contexts=("token", "token")), "duplicates"),
+        (dict(fusion="mul"), "fusion must be one of"),
+        (dict(head="tanh"), "head must be one of"),
+        (dict(hidden_dim=0), "hidden_dim"),
+        (dict(max_frames=0), "max_frames"),
+        (dict(odd_frames="drop"), "odd_frames"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        InTIConfig(**kwargs)
+
+
+def test_config_round_trip_and_unknown_keys():
+    cfg = InTIConfig(contexts=("frame", "token"), fusion="add", hidden_dim=8)
+    assert cfg.contexts == ("token", "frame")  # canonical order
+    assert InTIConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.warns(UserWarning, match="unknown keys"):
+        assert InTIConfig.from_dict({**cfg.to_dict(), "from_the_future": 1}) == cfg
+
+
+def test_bad_token_shapes():
+    layer = InTILayer(DIM)
+    with pytest.raises(ValueError, match=r"\(B, T, N, C\)"):
+        layer(torch.randn(2, 10, DIM))
+    with pytest.raises(ValueError, match="width 16"):
+        layer(torch.randn(2, 4, 10, 8), LAYOUT)
