@@ -13,7 +13,8 @@ from .flops import FlopCounter, count_gflops
 from .hosts import Host, list_hosts, register_host
 from .inti import InTILayer
 from .model import InTIModel, inject
-from .serialization import load_pretrained
+from .lora import add_lora, lora_preset
+from .serialization import load_pretrained, save_pretrained
 from .video import normalize_video
 
 __all__ = [
@@ -29,12 +30,15 @@ __all__ = [
     "UnsupportedHostError",
     "VideoContext",
     "__version__",
+    "add_lora",
     "count_gflops",
     "inject",
     "list_compressors",
     "list_hosts",
     "load_pretrained",
+    "lora_preset",
     "normalize_video",
     "register_compressor",
     "register_host",
+    "save_pretrained",
 ]

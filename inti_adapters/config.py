@@ -132,10 +132,11 @@ class InjectConfig(_DictMixin):
     input_layout: str = field(
         default="NCTHW", metadata={"help": "Video layout: NCTHW (mmaction/pytorchvideo) or NTCHW."}
     )
-    freeze_backbone: bool = field(
-        default=False,
-        metadata={"help": "Freeze the backbone so only added modules (and the head) train. The paper "
-                          "fine-tunes everything, so the default is False."},
+    freeze_backbone: bool | None = field(
+        default=None,
+        metadata={"help": "Freeze the backbone's own weights so only added modules (InTI, temporal "
+                          "adapters, peft adapters) and the head train. None = automatic: False for a "
+                          "plain backbone (the paper fine-tunes everything), True for a peft model."},
     )
     train_head: bool = field(
         default=True, metadata={"help": "With freeze_backbone, keep the classifier head trainable."}

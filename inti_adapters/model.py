@@ -19,6 +19,7 @@ from .compressors import build_compressor, make_compressor_config
 from .config import InjectConfig
 from .context import ContextHolder, TokenLayout, VideoContext
 from .hosts import Host, resolve_host
+from .lora import is_peft_model, peft_adapter_parameters, unwrap_peft
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +73,15 @@ class InTIModel(nn.Module):
             self._handles.append(host.blocks[i].register_forward_hook(self._compress_hook(str(i))))
             self._handles += self.compressors[str(i)].attach(self, i)
         self._requires_grad = {n: p.requires_grad for n, p in backbone.named_parameters()}
-        if config.freeze_backbone:
-            heads = tuple(f"{h}." for h in host.head_module_names())
-            for n, p in backbone.named_parameters():
-                p.requires_grad_(config.train_head and n.startswith(heads))
+        freeze = config.freeze_backbone if config.freeze_backbone is not None else is_peft_model(backbone)
+        if freeze:
+            peft_ids = {id(p) for p in peft_adapter_parameters(backbone)}
+            head_ids = {id(p) for p in host.head_parameters()}
+            for p in backbone.parameters():
+                # peft's own adapters keep the flag peft gave them (inactive adapters stay frozen)
+                p.requires_grad_(p.requires_grad if id(p) in peft_ids else config.train_head and id(p) in head_ids)
         self._unloaded = False
-        object.__setattr__(backbone, _MARK, True)
+        object.__setattr__(host.model, _MARK, True)
 
     # -- hooks ----------------------------------------------------------------------------------
     def _compress_hook(self, key: str):
@@ -199,21 +203,43 @@ class InTIModel(nn.Module):
         """Activation checkpointing of the backbone's blocks (hooks are safe to recompute)."""
         self._host.set_grad_checkpointing(enable)
 
+    def head_parameter_names(self) -> list[str]:
+        """Names (in this model's state dict) of the classifier head's parameters."""
+        if self.head is not None:
+            return [f"head.{n}" for n, _ in self.head.named_parameters()]
+        ids = {id(p) for p in self._host.head_parameters()}
+        return [n for n, p in self.named_parameters() if id(p) in ids]
+
     def _param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        heads = tuple(f"backbone.{h}." for h in self._host.head_module_names())
+        """Parameters by role: compressors, temporal adapters, peft adapters, head, backbone."""
+        heads = set(self.head_parameter_names())
+        peft_ids = {id(p) for p in peft_adapter_parameters(self)}
         groups: dict[str, list[tuple[str, nn.Parameter]]] = {
-            "compressors": [], "temporal": [], "head": [], "backbone": []
+            "compressors": [], "temporal": [], "peft": [], "head": [], "backbone": []
         }
         for n, p in self.named_parameters():
             if n.startswith("compressors."):
                 groups["compressors"].append((n, p))
             elif n.startswith("temporal."):
                 groups["temporal"].append((n, p))
-            elif n.startswith("head.") or n.startswith(heads):
+            elif id(p) in peft_ids:
+                groups["peft"].append((n, p))
+            elif n in heads:
                 groups["head"].append((n, p))
             else:
                 groups["backbone"].append((n, p))
         return groups
+
+    def mark_added_modules_trainable(self, *, train_head: bool = True) -> None:
+        """Make the InTI layers and temporal adapters (and the head) trainable, e.g. after peft
+        froze them (see :func:`inti_adapters.add_lora`)."""
+        for p in list(self.compressors.parameters()) + list(self.temporal.parameters()):
+            p.requires_grad_(True)
+        if train_head:
+            heads = set(self.head_parameter_names())
+            for n, p in self.named_parameters():
+                if n in heads:
+                    p.requires_grad_(True)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts, as in peft."""
@@ -224,7 +250,7 @@ class InTIModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         parts = ", ".join(
             f"{name}: {sum(p.numel() for _, p in ps if p.requires_grad):,}/{sum(p.numel() for _, p in ps):,}"
-            for name, ps in self._param_groups().items()
+            for name, ps in self._param_groups().items() if ps or name in ("compressors", "head", "backbone")
         )
         print(
             f"trainable params: {trainable:,} || all params: {total:,} || "
@@ -259,8 +285,8 @@ class InTIModel(nn.Module):
         self.compressors = nn.ModuleDict()
         self.temporal = nn.ModuleDict()
         self._feature_fuser = None
-        if hasattr(self.backbone, _MARK):
-            object.__delattr__(self.backbone, _MARK)
+        if hasattr(self._host.model, _MARK):
+            object.__delattr__(self._host.model, _MARK)
         self._unloaded = True
         return self.backbone
 
@@ -271,7 +297,7 @@ def inject(
     *,
     compressor: str = "inti",
     input_layout: str = "NCTHW",
-    freeze_backbone: bool = False,
+    freeze_backbone: bool | None = None,
     train_head: bool = True,
     head: nn.Module | None = None,
     host: str | None = None,
@@ -281,12 +307,14 @@ def inject(
     """Turn an image ViT into a video model with compressors after ``blocks[i]`` for ``i in layers``.
 
     Args:
-        model: A supported backbone (timm ``VisionTransformer``, ``Eva``, ``Beit``, ...).
+        model: A supported backbone (timm ``VisionTransformer``, ``Eva``, ``Beit``, OpenCLIP, ...),
+            possibly wrapped by peft (``get_peft_model``).
         layers: 0-based block indices; InTI runs on the output of each. ``[4, 6]`` on ViT-B is the
             paper's "after the 5th and 7th blocks". ``[]`` gives the naive frame-average baseline.
         compressor: Registered compressor name (``inti`` by default).
         input_layout: ``NCTHW`` (default) or ``NTCHW``.
-        freeze_backbone: Train only added modules (and the head, if ``train_head``).
+        freeze_backbone: Train only added modules (and the head, if ``train_head``). ``None``: False for
+            a plain backbone (full fine-tuning, as in the paper), True for a peft model (LoRA + InTI).
         head: Optional module replacing the backbone's head on the averaged video feature.
         host: Force a registered host description instead of detecting it.
         temporal: Temporal adapters to add, e.g. ``[{"name": "local_mhra", "blocks": "all"}]``.
@@ -304,9 +332,9 @@ def inject(
         >>> model(torch.randn(1, 3, 8, 64, 64)).shape
         torch.Size([1, 10])
     """
-    if isinstance(model, InTIModel):
+    if isinstance(unwrap_peft(model), InTIModel):
         raise ValueError("this model is already an InTIModel; inject into its backbone only once")
-    if getattr(model, _MARK, False):
+    if getattr(unwrap_peft(model), _MARK, False):
         raise ValueError(
             f"{type(model).__name__} already has inti_adapters hooks installed; call unload() on the "
             "existing InTIModel before injecting again"
@@ -321,4 +349,4 @@ def inject(
         host=host,
         temporal=tuple(temporal),
     )
-    return InTIModel(model, config, resolve_host(model, host), head=head)
+    return InTIModel(model, config, resolve_host(unwrap_peft(model), host), head=head)

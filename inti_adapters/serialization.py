@@ -3,8 +3,10 @@
 Layout of a saved directory::
 
     inti_config.json            config, version stamp, backbone description (sorted keys)
-    adapter_model.safetensors   compressor weights (+ the head when it trains or is custom)
+    adapter_model.safetensors   compressor / temporal-adapter weights (+ the head when it trains)
     backbone_model.safetensors  only when the backbone itself was trained (full fine-tuning)
+    peft/                       only with LoRA (or another peft tuner): peft's own
+                                adapter_config.json + adapter_model.safetensors
 
 Files are written to a temporary name and renamed, so an interrupted save never leaves a
 half-written file under the final name.
@@ -26,6 +28,7 @@ from torch import nn
 
 from ._version import __version__
 from .config import InjectConfig
+from .lora import is_peft_model, peft_adapter_parameters, unwrap_peft
 
 if TYPE_CHECKING:
     from .model import InTIModel
@@ -38,24 +41,29 @@ BACKBONE_WEIGHTS_NAME = "backbone_model.safetensors"
 FORMAT_VERSION = 1
 
 
-def _head_keys(model: InTIModel) -> list[str]:
-    heads = tuple(f"backbone.{h}." for h in model.host.head_module_names())
-    return [n for n, _ in model.named_parameters() if n.startswith(heads) or n.startswith("head.")]
+PEFT_SUBFOLDER = "peft"
 
 
 def adapter_keys(model: InTIModel) -> list[str]:
     """State-dict keys that belong in the adapter file."""
     keys = [k for k in model.state_dict() if k.startswith(("compressors.", "temporal."))]
     params = dict(model.named_parameters())
-    head = _head_keys(model)
-    if model.head is not None or any(params[k].requires_grad for k in head):
-        keys += [k for k in model.state_dict() if k.startswith("head.")] if model.head is not None else head
+    head = model.head_parameter_names()
+    if model.head is not None:
+        keys += [k for k in model.state_dict() if k.startswith("head.")]
+    elif any(params[k].requires_grad for k in head):
+        keys += head
     return sorted(keys)
 
 
+def _peft_keys(model: InTIModel) -> set[str]:
+    ids = {id(p) for p in peft_adapter_parameters(model)}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
 def _backbone_trainable(model: InTIModel) -> bool:
-    head = set(_head_keys(model))
-    return any(p.requires_grad for n, p in model.named_parameters() if n.startswith("backbone.") and n not in head)
+    skip = set(model.head_parameter_names()) | _peft_keys(model)
+    return any(p.requires_grad for n, p in model.named_parameters() if n.startswith("backbone.") and n not in skip)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -75,13 +83,16 @@ def _saveable(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(
-    model: InTIModel,
+    model: nn.Module,
     save_directory: str | os.PathLike,
     *,
     save_backbone: bool | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Save the adapter of ``model`` to ``save_directory``.
+    """Save the adapter of ``model`` (an ``InTIModel``, or a ``PeftModel`` around one) to ``save_directory``.
+
+    With peft in the model (LoRA before or after ``inject``), peft's part goes to
+    ``save_directory/peft`` in peft's own format; ``load_pretrained`` restores both.
 
     Args:
         save_backbone: Also write the backbone weights. ``None`` (default) does so only when some
@@ -90,8 +101,18 @@ def save_pretrained(
         state_dict: A full state dict to save from (e.g. gathered from ZeRO-3 partitions);
             defaults to ``model.state_dict()``.
     """
+    from .model import InTIModel
+
+    peft_outer = model if is_peft_model(model) else None
+    model = unwrap_peft(model)
+    if not isinstance(model, InTIModel):
+        raise TypeError(f"save_pretrained expects an InTIModel (or a PeftModel around one), got {type(model).__name__}")
+    peft_inner = model.backbone if is_peft_model(model.backbone) else None
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
+    if state_dict is not None and peft_outer is not None:
+        prefix = "base_model.model."
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     sd = model.state_dict() if state_dict is None else state_dict
     keys = adapter_keys(model)
     missing = [k for k in keys if k not in sd]
@@ -109,12 +130,19 @@ def save_pretrained(
         "inject": model.config.to_dict(),
         "custom_head": model.head is not None,
         "saved_backbone": bool(save_backbone),
+        "peft": None,
     }
+    peft_model = peft_outer or peft_inner
+    if peft_model is not None:
+        config["peft"] = {"order": "after_inject" if peft_outer is not None else "before_inject",
+                          "subfolder": PEFT_SUBFOLDER}
+        peft_model.save_pretrained(str(out / PEFT_SUBFOLDER))
     meta = {"format": "pt", "inti_adapters_version": __version__}
     _atomic_write(out / ADAPTER_WEIGHTS_NAME,
                   lambda p: save_file(_saveable({k: sd[k] for k in keys}), p, metadata=meta))
     if save_backbone:
-        bb = {k: v for k, v in sd.items() if k.startswith("backbone.") and k not in keys}
+        skip = set(keys) | _peft_keys(model)
+        bb = {k: v for k, v in sd.items() if k.startswith("backbone.") and k not in skip}
         _atomic_write(out / BACKBONE_WEIGHTS_NAME, lambda p: save_file(_saveable(bb), p, metadata=meta))
         logger.info("saved backbone weights too (the backbone was trainable): %s", out / BACKBONE_WEIGHTS_NAME)
     elif (out / BACKBONE_WEIGHTS_NAME).exists():
@@ -151,21 +179,33 @@ def load_pretrained(
     *,
     head: nn.Module | None = None,
     is_trainable: bool = True,
-) -> InTIModel:
+) -> nn.Module:
     """Inject ``backbone`` with the saved config and load the saved weights.
 
     Args:
-        backbone: A freshly created backbone of the same architecture as the saved one.
+        backbone: A freshly created backbone of the same architecture as the saved one (without
+            peft: a saved peft part is restored from ``path/peft``).
         path: Directory written by :meth:`InTIModel.save_pretrained`.
         head: The custom head module, if the adapter was saved with one.
         is_trainable: If False, freeze every parameter (inference).
+
+    Returns:
+        The ``InTIModel``, or the ``PeftModel`` around it when LoRA was applied after ``inject``.
     """
     from .hosts import resolve_host
     from .model import InTIModel
 
     cfg = read_config(path)
     inject_cfg = InjectConfig.from_dict(cfg["inject"])
-    host = resolve_host(backbone, inject_cfg.host)
+    peft_info = cfg.get("peft")
+    if peft_info and is_peft_model(backbone):
+        raise ValueError(f"{path} holds its own peft part: pass the plain backbone, not a PeftModel")
+    if peft_info and peft_info["order"] == "before_inject":
+        from peft import PeftModel
+
+        backbone = PeftModel.from_pretrained(backbone, str(Path(path) / peft_info["subfolder"]),
+                                             is_trainable=is_trainable)
+    host = resolve_host(unwrap_peft(backbone), inject_cfg.host)
     if host.embed_dim != cfg["embed_dim"] or len(host.blocks) != cfg["depth"]:
         raise ValueError(
             f"the adapter in {path} was saved for a backbone of width {cfg['embed_dim']} and depth "
@@ -188,7 +228,14 @@ def load_pretrained(
         model.unload()
         raise ValueError(f"{path} lacks adapter weights {missing[:5]}")
     model.load_state_dict(tensors, strict=False)
+    result: nn.Module = model
+    if peft_info and peft_info["order"] == "after_inject":
+        from peft import PeftModel
+
+        result = PeftModel.from_pretrained(model, str(Path(path) / peft_info["subfolder"]), is_trainable=is_trainable)
+        if is_trainable:
+            model.mark_added_modules_trainable(train_head=bool(set(tensors) & set(model.head_parameter_names())))
     if not is_trainable:
-        for p in model.parameters():
+        for p in result.parameters():
             p.requires_grad_(False)
-    return model
+    return result

@@ -10,3 +10,6 @@ from ._base import (
 )
 
 __all__ = ["Compressor", "build_compressor", "make_compressor_config", "get_compressor", "list_compressors", "register_compressor"]
+
+# built-in compressors register themselves on import (InTI registers from inti_adapters.inti)
+from . import conv_pool, linear_pool, tome  # noqa: E402,F401

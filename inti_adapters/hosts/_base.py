@@ -26,6 +26,7 @@ class Host:
     """
 
     name: ClassVar[str] = "base"
+    lora_target_modules: ClassVar[tuple[str, ...]] = ()  # attention modules for the LoRA preset
     requires: ClassVar[tuple[str, ...]] = ()  # attribute names listed in "missing" errors
 
     def __init__(self, model: nn.Module) -> None:
@@ -79,8 +80,14 @@ class Host:
         return False
 
     def head_module_names(self) -> list[str]:
-        """Names (relative to the backbone) of the classifier head modules."""
+        """Names (relative to ``self.model``) of the classifier head's modules or parameters."""
         return []
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The head's parameters, from ``head_module_names`` (module or parameter names)."""
+        names = self.head_module_names()
+        return [p for n, p in self.model.named_parameters()
+                if any(n == h or n.startswith(h + ".") for h in names)]
 
     # -- computation --------------------------------------------------------------------------
     def forward_features(self, frames: torch.Tensor) -> torch.Tensor:

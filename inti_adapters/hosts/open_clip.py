@@ -12,10 +12,12 @@ Each host accepts the tower itself (``inject(clip.visual, ...)``) or the whole C
   head must normalise itself if it needs unit vectors (:class:`~inti_adapters.ZeroShotHead`
   does).
 
-The projection ``proj`` of an OpenCLIP ``VisionTransformer`` is a bare ``nn.Parameter``, not a
-module; ``head_module_names`` names it (``"proj"`` / ``"visual.proj"``) as the head, so that
-``freeze_backbone=True, train_head=True`` keeps it trainable when ``InTIModel`` matches head
-names exactly as well as by module prefix.
+The head: the projection ``proj`` of an OpenCLIP ``VisionTransformer`` is a bare
+``nn.Parameter``, not a module; ``head_module_names`` names it (``"proj"``, or ``"visual.proj"``
+for a whole CLIP model) and ``Host.head_parameters`` matches parameter names exactly, so
+``inject(..., freeze_backbone=True, train_head=True)`` trains the InTI layers and the projection
+and freezes everything else (the text tower included). A ``TimmModel`` tower's head is its
+``head`` module (and the trunk's own ``head``, which is the projection when the tower has none).
 
 This module does not import ``open_clip``: hosts are recognised by the class names and
 modules in the model's MRO, so importing inti_adapters never requires OpenCLIP.

@@ -27,6 +27,7 @@ class TimmHost(Host):
     """Any timm ViT with a flat list of blocks over ``prefix + H*W`` tokens."""
 
     requires = _REQUIRED
+    lora_target_modules = ("qkv",)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

@@ -1,0 +1,350 @@
+"""Typed, validated configurations of the data side: the reader (``DataConfig``) and the shard writer.
+
+Both are flat dataclasses with a help string per field and checks in ``__post_init__``; both
+round-trip through ``to_dict`` / ``from_dict`` (recipes are YAML) and both can be turned into
+command-line options with :func:`add_dataclass_arguments`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from ..config import _DictMixin
+
+SAMPLING_MODES = ("uniform", "dense")
+DECODERS = ("auto", "pyav", "torchcodec")
+CORRUPT_POLICIES = ("skip", "raise")
+VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
+ANNOTATION_FORMATS = ("auto", "folder", "kinetics_csv", "path_csv", "ssv2_json")
+CHECK_MODES = ("probe", "full")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        extra = " or None" if optional else ""
+        raise ValueError(f"{name} must be an int >= {minimum}{extra}, got {value!r}")
+
+
+def _check_shards(name: str, value: Any) -> Any:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        if not value:
+            raise ValueError(f"{name} is an empty list; give shard paths, a brace pattern, a glob or None")
+        return list(value)
+    raise TypeError(
+        f"{name} must be a brace pattern / glob / directory string, a list of shard paths, or None; "
+        f"got {type(value).__name__}: {value!r}"
+    )
+
+
+def _check_pair(name: str, value: Any, low: float, high: float | None) -> tuple[float, float]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ValueError(f"{name} must be a pair (min, max), got {value!r}")
+    a, b = (float(v) for v in value)
+    if not (low < a <= b) or (high is not None and b > high):
+        bound = f"<= {high}" if high is not None else ""
+        raise ValueError(f"{name} must satisfy {low} < min <= max {bound}, got {value!r}")
+    return (a, b)
+
+
+@dataclass
+class DataConfig(_DictMixin):
+    """How video shards are read, sampled, augmented and batched.
+
+    The reader yields uint8 clips; normalisation happens on the device
+    (:func:`inti_adapters.normalize_video`).
+
+        >>> cfg = DataConfig(train_shards="shards/train-{000000..000009}.tar", num_frames=16)
+    """
+
+    train_shards: str | list[str] | None = field(
+        default=None,
+        metadata={"help": "Training shards: brace pattern 'dir/train-{000000..000009}.tar', a glob, a "
+                          "directory (all *.tar inside), or a list of paths."},
+    )
+    val_shards: str | list[str] | None = field(
+        default=None, metadata={"help": "Validation shards, same forms as train_shards."}
+    )
+    num_frames: int = field(default=8, metadata={"help": "Frames per clip (T)."})
+    sampling: str = field(
+        default="uniform",
+        metadata={"help": "'uniform': one frame per equal segment of the whole video (TSN/SSv2 style); "
+                          "'dense': num_frames consecutive frames every frame_stride (Kinetics style)."},
+    )
+    frame_stride: int = field(default=2, metadata={"help": "Frame step of dense sampling."})
+    crop_size: int = field(default=224, metadata={"help": "Output height and width of every clip."})
+    short_side: int | None = field(
+        default=None,
+        metadata={"help": "Resize the short side to this before cropping; None = round(crop_size * 256 / 224). "
+                          "For 3-crop testing that covers the whole frame, set it to crop_size."},
+    )
+    scale: tuple[float, float] = field(
+        default=(0.4, 1.0), metadata={"help": "Random resized crop: range of the crop area (fraction)."}
+    )
+    ratio: tuple[float, float] = field(
+        default=(3 / 4, 4 / 3), metadata={"help": "Random resized crop: range of the crop aspect ratio."}
+    )
+    hflip: bool = field(
+        default=False,
+        metadata={"help": "Random horizontal flip in training. Off by default: it changes the meaning of "
+                          "direction-sensitive labels (SSv2 'left to right', the built-in digits)."},
+    )
+    num_clips: int = field(default=1, metadata={"help": "Test views: temporal clips per video."})
+    num_crops: int = field(
+        default=1,
+        metadata={"help": "Test views: spatial crops per clip; 1 = centre, 3 = left/centre/right "
+                          "(top/centre/bottom for portrait frames)."},
+    )
+    batch_size: int = field(default=8, metadata={"help": "Clips per training batch (per rank)."})
+    eval_batch_size: int | None = field(
+        default=None, metadata={"help": "Videos per evaluation batch (each has num_clips*num_crops views); "
+                                        "None = batch_size."}
+    )
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per rank."})
+    shuffle_buffer: int = field(
+        default=256, metadata={"help": "Samples held by the training shuffle buffer; 0 or 1 = no sample shuffle."}
+    )
+    shard_shuffle: bool = field(
+        default=True, metadata={"help": "Shuffle the shard order every training epoch."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of every random choice; (seed, epoch) fixes an epoch."})
+    resampled: bool = field(
+        default=False,
+        metadata={"help": "Draw training shards with replacement, independently per worker (infinite "
+                          "stream cut into epochs of train_samples); works with any number of shards."},
+    )
+    train_samples: int | None = field(
+        default=None,
+        metadata={"help": "Epoch size in samples (all ranks together). None = count the shards "
+                          "(sizes.json beside them, else the tar headers of local files)."},
+    )
+    decoder: str = field(
+        default="auto",
+        metadata={"help": "Video decoder: 'pyav', 'torchcodec' (if installed), or 'auto' = torchcodec when "
+                          "importable, else PyAV."},
+    )
+    on_corrupt: str = field(
+        default="skip",
+        metadata={"help": "A sample that cannot be decoded: 'skip' (log one line, count it) or 'raise'."},
+    )
+    max_consecutive_failures: int = field(
+        default=50,
+        metadata={"help": "Stop with an error after this many undecodable samples in a row (a broken data "
+                          "set must fail loudly, not spin forever)."},
+    )
+    video_extensions: tuple[str, ...] = field(
+        default=VIDEO_EXTENSIONS, metadata={"help": "Sample members read as the video, first match wins."}
+    )
+    pin_memory: bool = field(default=False, metadata={"help": "DataLoader pin_memory."})
+    multiprocessing_context: str | None = field(
+        default=None, metadata={"help": "DataLoader worker start method ('fork', 'spawn', ...); None = default."}
+    )
+
+    def __post_init__(self) -> None:
+        self.train_shards = _check_shards("train_shards", self.train_shards)
+        self.val_shards = _check_shards("val_shards", self.val_shards)
+        _check_int("num_frames", self.num_frames, 1)
+        _check_choice("sampling", self.sampling, SAMPLING_MODES)
+        _check_int("frame_stride", self.frame_stride, 1)
+        _check_int("crop_size", self.crop_size, 1)
+        _check_int("short_side", self.short_side, 1, optional=True)
+        if self.short_side is not None and self.short_side < self.crop_size:
+            raise ValueError(f"short_side ({self.short_side}) must be >= crop_size ({self.crop_size}) "
+                             "so that test crops fit inside the frame")
+        self.scale = _check_pair("scale", self.scale, 0.0, 1.0)
+        self.ratio = _check_pair("ratio", self.ratio, 0.0, None)
+        if not isinstance(self.hflip, bool):
+            raise TypeError(f"hflip must be a bool, got {self.hflip!r}")
+        _check_int("num_clips", self.num_clips, 1)
+        if self.num_crops not in (1, 3):
+            raise ValueError(f"num_crops must be 1 (centre) or 3 (left/centre/right), got {self.num_crops!r}")
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("eval_batch_size", self.eval_batch_size, 1, optional=True)
+        _check_int("num_workers", self.num_workers, 0)
+        _check_int("shuffle_buffer", self.shuffle_buffer, 0)
+        _check_int("seed", self.seed, 0)
+        _check_int("train_samples", self.train_samples, 1, optional=True)
+        _check_choice("decoder", self.decoder, DECODERS)
+        _check_choice("on_corrupt", self.on_corrupt, CORRUPT_POLICIES)
+        _check_int("max_consecutive_failures", self.max_consecutive_failures, 1)
+        if isinstance(self.video_extensions, str):
+            self.video_extensions = (self.video_extensions,)
+        self.video_extensions = tuple(e.lstrip(".").lower() for e in self.video_extensions)
+        if not self.video_extensions:
+            raise ValueError("video_extensions must name at least one member extension such as 'mp4'")
+
+    @property
+    def resolved_short_side(self) -> int:
+        """The short side frames are resized to before cropping."""
+        return self.short_side if self.short_side is not None else round(self.crop_size * 256 / 224)
+
+    @property
+    def num_views(self) -> int:
+        """Test views per video: temporal clips x spatial crops."""
+        return self.num_clips * self.num_crops
+
+    def replace(self, **changes: Any) -> DataConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class ShardWriterConfig(_DictMixin):
+    """Options of :func:`inti_adapters.data.write_shards` and the ``inti-shards`` command.
+
+    Rerunning the same command on the same output resumes an interrupted run: shards listed in
+    ``manifest.json`` are kept, the others are written again (to a temporary name, renamed when
+    complete).
+    """
+
+    source: str = field(
+        default="",
+        metadata={"help": "A folder with one sub-folder per class, or an annotation file: Kinetics CSV "
+                          "(label,youtube_id,time_start,time_end,split), a 'path,label' CSV, or a "
+                          "Something-Something JSON list."},
+    )
+    output: str = field(default="", metadata={"help": "Folder the shards are written to."})
+    format: str = field(
+        default="auto",
+        metadata={"help": "Annotation format; 'auto' = folder for a directory, CSV header sniffing for .csv, "
+                          "ssv2_json for .json."},
+    )
+    video_root: str | None = field(
+        default=None,
+        metadata={"help": "Folder holding the videos of an annotation file; None = the annotation file's folder."},
+    )
+    labels_file: str | None = field(
+        default=None, metadata={"help": "Something-Something labels JSON (class name -> index)."}
+    )
+    classes_from: str | None = field(
+        default=None,
+        metadata={"help": "Reuse the class index of an earlier run (its classes.json), e.g. the validation "
+                          "split reusing the training split's index."},
+    )
+    split: str | None = field(
+        default=None, metadata={"help": "Kinetics CSV: keep only rows whose 'split' column equals this."}
+    )
+    prefix: str = field(default="shard", metadata={"help": "Shard names are <prefix>-<index:06d>.tar."})
+    samples_per_shard: int = field(default=1000, metadata={"help": "Target number of videos per shard."})
+    shuffle: bool = field(
+        default=True,
+        metadata={"help": "Shuffle videos (with seed) before cutting them into shards, so each shard mixes "
+                          "classes. The assignment is deterministic, which is what makes resuming safe."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the video -> shard assignment."})
+    reencode: bool = field(
+        default=False, metadata={"help": "Re-encode every video with PyAV (H.264 in MP4) instead of copying it."}
+    )
+    short_side: int | None = field(
+        default=None, metadata={"help": "With reencode: resize so the short side has this many pixels."}
+    )
+    fps: float | None = field(
+        default=None, metadata={"help": "With reencode: output frame rate (frames are dropped/repeated); None = keep."}
+    )
+    codec: str = field(default="libx264", metadata={"help": "With reencode: FFmpeg encoder name."})
+    crf: int = field(default=18, metadata={"help": "With reencode: constant rate factor (lower = better)."})
+    preset: str = field(default="veryfast", metadata={"help": "With reencode: x264 speed preset."})
+    check: str = field(
+        default="probe",
+        metadata={"help": "How copied videos are checked: 'probe' (open and decode the first frame) or "
+                          "'full' (decode every frame; slower, catches truncated files)."},
+    )
+    workers: int = field(default=1, metadata={"help": "Processes that probe/re-encode videos."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Delete an earlier run's shards in output instead of resuming."}
+    )
+    progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
+
+    def __post_init__(self) -> None:
+        for name in ("source", "output"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty path, got {getattr(self, name)!r}")
+        _check_choice("format", self.format, ANNOTATION_FORMATS)
+        _check_int("samples_per_shard", self.samples_per_shard, 1)
+        _check_int("seed", self.seed, 0)
+        _check_int("short_side", self.short_side, 2, optional=True)
+        _check_int("workers", self.workers, 1)
+        _check_int("crf", self.crf, 0)
+        _check_choice("check", self.check, CHECK_MODES)
+        if self.fps is not None and not self.fps > 0:
+            raise ValueError(f"fps must be > 0 or None, got {self.fps!r}")
+        if not self.reencode and (self.short_side is not None or self.fps is not None):
+            raise ValueError(
+                f"short_side={self.short_side!r} / fps={self.fps!r} only apply when re-encoding; "
+                "set reencode=True (--reencode) or leave them unset"
+            )
+        if "/" in self.prefix or not self.prefix:
+            raise ValueError(f"prefix must be a non-empty file-name prefix without '/', got {self.prefix!r}")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The options that decide shard contents; a resumed run must match them."""
+        keys = ("samples_per_shard", "shuffle", "seed", "reencode", "short_side", "fps", "codec", "crf",
+                "preset", "prefix")
+        return {k: getattr(self, k) for k in keys}
+
+
+# ---------------------------------------------------------------------------------------------------
+# dataclass -> argparse
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+        return args, True
+    return tp, False
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
+    """Add one ``--option`` per field of a flat dataclass, with its help string and default."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        tp, optional = _unwrap_optional(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_ = f.metadata.get("help", "") + (f" (default: {default!r})" if default not in ("", None) else "")
+        kw: dict[str, Any] = {"dest": f.name, "default": default, "help": help_}
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if typing.get_origin(tp) is tuple:
+            args = typing.get_args(tp)
+            item = args[0]
+            nargs: Any = "+" if len(args) == 2 and args[1] is Ellipsis else len(args)
+            parser.add_argument(flag, nargs=nargs, type=item, **kw)
+            continue
+        if isinstance(tp, list):  # e.g. str | list[str] | None: take one or more strings
+            parser.add_argument(flag, nargs="+", type=str, **kw)
+            continue
+        conv = tp if tp in (int, float, str) else str
+        if optional:
+            def conv(value: str, _base=conv) -> Any:  # noqa: E306 - "none" on the command line means None
+                return None if value.lower() == "none" else _base(value)
+        parser.add_argument(flag, type=conv, **kw)
+
+
+def dataclass_from_namespace(cls: type, ns: argparse.Namespace) -> Any:
+    """Build ``cls`` from the attributes of an argparse namespace that name its fields."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in vars(ns).items() if k in names}
+    for k, v in values.items():
+        if isinstance(v, list) and len(v) == 1 and k.endswith("shards"):
+            values[k] = v[0]
+    return cls(**values)

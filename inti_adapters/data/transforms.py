@@ -1,0 +1,119 @@
+"""Spatial transforms on uint8 clips ``(T, 3, H, W)``: the same crop for every frame of a clip.
+
+Training: random resized crop (area ``scale``, aspect ``ratio``, measured on the frame after its
+short side is resized to ``short_side``) and an optional horizontal flip. Testing: resize the
+short side, then 1 centre crop or 3 crops along the long side. Outputs stay uint8; one resize
+per clip (the crop is mapped back to the original frame, so training never resizes twice).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def _resize(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear (antialiased) resize of a uint8 ``(T, 3, H, W)`` clip."""
+    if video.shape[-2:] == (height, width):
+        return video
+    out = F.interpolate(video.float(), size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def short_side_size(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """``(h, w)`` after resizing so that ``min(h, w) == short_side`` (aspect kept)."""
+    if height <= width:
+        return short_side, max(short_side, int(round(width * short_side / height)))
+    return max(short_side, int(round(height * short_side / width))), short_side
+
+
+def resize_short_side(video: torch.Tensor, short_side: int) -> torch.Tensor:
+    """Resize a uint8 ``(T, 3, H, W)`` clip so its short side is ``short_side``."""
+    h, w = short_side_size(video.shape[-2], video.shape[-1], short_side)
+    return _resize(video, h, w)
+
+
+def random_resized_crop_box(
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    rng: np.random.Generator,
+    attempts: int = 10,
+) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)`` of a random crop with area fraction in ``scale`` and aspect in ``ratio``.
+
+    After ``attempts`` misses it falls back to the largest centred crop with an aspect inside ``ratio``.
+    """
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(attempts):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def train_transform(
+    video: torch.Tensor,
+    *,
+    crop_size: int,
+    short_side: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    hflip: bool,
+    rng: np.random.Generator,
+) -> torch.Tensor:
+    """Random resized crop (+ optional flip) of a uint8 ``(T, 3, H, W)`` clip -> ``(T, 3, crop, crop)``."""
+    height, width = video.shape[-2:]
+    rh, rw = short_side_size(height, width, short_side)
+    top, left, h, w = random_resized_crop_box(rh, rw, scale, ratio, rng)
+    # the same box in the original frame's pixels
+    sy, sx = height / rh, width / rw
+    y0, x0 = int(round(top * sy)), int(round(left * sx))
+    y1 = min(height, max(y0 + 1, int(round((top + h) * sy))))
+    x1 = min(width, max(x0 + 1, int(round((left + w) * sx))))
+    out = _resize(video[..., y0:y1, x0:x1], crop_size, crop_size)
+    if hflip and rng.random() < 0.5:
+        out = out.flip(-1)
+    return out
+
+
+def spatial_crops(video: torch.Tensor, crop_size: int, num_crops: int) -> list[torch.Tensor]:
+    """1 centre crop, or 3 crops (start, centre, end) along the long side, of a ``(T, 3, H, W)`` clip."""
+    height, width = video.shape[-2:]
+    if height < crop_size or width < crop_size:
+        raise ValueError(f"a {height}x{width} frame is smaller than crop_size={crop_size}")
+    top, left = (height - crop_size) // 2, (width - crop_size) // 2
+    if num_crops == 1:
+        return [video[..., top:top + crop_size, left:left + crop_size]]
+    if num_crops != 3:
+        raise ValueError(f"num_crops must be 1 or 3, got {num_crops}")
+    if width >= height:
+        lefts = [0, left, width - crop_size]
+        return [video[..., top:top + crop_size, x:x + crop_size] for x in lefts]
+    tops = [0, top, height - crop_size]
+    return [video[..., y:y + crop_size, left:left + crop_size] for y in tops]
+
+
+def test_views(video: torch.Tensor, *, crop_size: int, short_side: int, num_crops: int) -> list[torch.Tensor]:
+    """Resize the short side of a ``(T, 3, H, W)`` clip, then cut its test crops."""
+    return spatial_crops(resize_short_side(video, short_side), crop_size, num_crops)
+
+
+test_views.__test__ = False  # type: ignore[attr-defined]  # not a pytest test when imported

@@ -1,0 +1,97 @@
+"""Composition with peft (LoRA and other tuners), in both orders.
+
+- LoRA first: ``inject(get_peft_model(vit, LoraConfig(...)), layers=[4, 6])``. The host is
+  found inside the ``PeftModel``; the backbone's base weights stay frozen as peft left them and
+  LoRA + InTI (+ the head, ``train_head=True``) train.
+- InTI first: ``add_lora(inject(vit, layers=[4, 6]), LoraConfig(...))``. Plain
+  ``get_peft_model`` would freeze the InTI layers (peft freezes everything it did not add);
+  ``add_lora`` calls it and then marks the InTI layers (and the head, if asked) trainable again.
+  Do not list InTI modules in ``modules_to_save``: peft would train a copy the hooks never call.
+
+``lora_preset(backbone)`` gives the documented common case: LoRA on attention (``qkv`` for
+timm, ``attn`` for OpenCLIP) with rank 16.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from .model import InTIModel
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is optional
+        return False
+    return isinstance(model, PeftModel)
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The user's model inside a ``PeftModel`` (``model.get_base_model()``), else ``model``."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+def peft_adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters that peft tuner layers added (LoRA A/B, DoRA magnitudes, ...)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover
+        return []
+    out: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            for name in module.adapter_layer_names:
+                sub = getattr(module, name, None)
+                if isinstance(sub, (nn.Module,)):
+                    out.update({id(p): p for p in sub.parameters()})
+                elif isinstance(sub, nn.ParameterDict):  # pragma: no cover - covered by nn.Module
+                    out.update({id(p): p for p in sub.values()})
+    return list(out.values())
+
+
+def lora_target_modules(backbone: nn.Module) -> list[str]:
+    """Attention module names to adapt for the host of ``backbone`` (``qkv`` / ``attn``)."""
+    from .hosts import resolve_host
+
+    host = resolve_host(unwrap_peft(backbone))
+    targets = getattr(host, "lora_target_modules", None)
+    if not targets:
+        raise ValueError(f"host {host.name!r} has no LoRA preset; pass target_modules yourself")
+    return list(targets)
+
+
+def lora_preset(backbone: nn.Module, r: int = 16, lora_alpha: int = 16, lora_dropout: float = 0.0, **kwargs: Any):
+    """``LoraConfig`` for LoRA on the attention projections of ``backbone`` (timm: ``qkv``,
+    OpenCLIP: ``attn``). Extra keyword arguments go to ``LoraConfig``."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                      target_modules=lora_target_modules(backbone), **kwargs)
+
+
+def add_lora(model: InTIModel, lora_config: Any, *, train_head: bool = True) -> nn.Module:
+    """Apply a peft config to an injected model, keeping the InTI layers (and head) trainable.
+
+    Returns the ``PeftModel``; its ``print_trainable_parameters()`` counts LoRA + InTI (+ head).
+    """
+    from peft import get_peft_model
+
+    from .model import InTIModel
+
+    if not isinstance(model, InTIModel):
+        raise TypeError(f"add_lora expects an InTIModel (from inject), got {type(model).__name__}")
+    try:
+        peft_model = get_peft_model(model, lora_config)
+    except ValueError as e:
+        targets = getattr(lora_config, "target_modules", None)
+        targets = sorted(targets) if isinstance(targets, (set, frozenset)) else targets
+        raise ValueError(
+            f"LoRA target_modules {targets!r} match no module of {type(model.host.model).__name__} "
+            f"(peft said: {e}). For this host try {lora_target_modules(model.host.model)}."
+        ) from e
+    model.mark_added_modules_trainable(train_head=train_head)
+    return peft_model

@@ -1,0 +1,206 @@
+"""The temporal-adapter interfaces, their registry and the parsing of ``temporal=[...]`` specs.
+
+Two kinds of adapters exist:
+
+- :class:`TemporalAdapter` runs inside one block on the tokens of the whole clip,
+  ``(B, T, N, C) -> (B, T, N, C)``, at a *placement*: ``"attn"`` (on the residual stream before
+  the attention branch) or ``"mlp"`` (on the stream between the attention and MLP branches).
+  One instance is built per selected block.
+- :class:`GlobalTemporalAdapter` reads the outputs of several blocks and changes the
+  frame-averaged video feature ``(B, D)`` before the head (UniFormerV2's global module).
+
+Both are pure tensor code; the hooks that wire them into a backbone live in ``_install.py``.
+A new adapter is a subclass with a ``config_class`` dataclass, decorated with
+:func:`register_temporal_adapter`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..context import TokenLayout
+
+PLACEMENTS = ("attn", "mlp")
+
+
+class TemporalAdapter(nn.Module):
+    """Per-block adapter on the tokens of a clip, ``(B, T, N, C)``; ``T`` is read from the input.
+
+    Subclasses set ``config_class`` and implement :meth:`residual` (the change to the stream;
+    zero for a fresh adapter), or override :meth:`forward` for a non-residual map.
+    """
+
+    config_class: ClassVar[type]
+    placements: ClassVar[tuple[str, ...]] = PLACEMENTS
+    default_blocks: ClassVar[Any] = "all"
+
+    def __init__(self, dim: int, config: Any) -> None:
+        super().__init__()
+        self.dim = dim
+        self.config = config
+
+    @property
+    def needs_grid(self) -> bool:
+        """True if the adapter mixes spatial neighbours and so needs the patch grid."""
+        return False
+
+    def residual(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        return x + self.residual(x, layout).to(x.dtype)
+
+
+class GlobalTemporalAdapter(nn.Module):
+    """Reads the tokens of ``blocks`` and maps the video feature ``(B, D)`` to ``(B, D)``.
+
+    ``forward(tokens, layout, features)`` receives one ``(B, T_i, N, C)`` tensor per block (in
+    ascending block order, each with the frame count of that block) and the frame-averaged
+    pre-logit feature.
+    """
+
+    config_class: ClassVar[type]
+    placements: ClassVar[tuple[str, ...]] = ()
+    default_blocks: ClassVar[Any] = "all"
+
+    def __init__(self, dim: int, out_dim: int, blocks: Sequence[int], config: Any) -> None:
+        super().__init__()
+        self.dim = dim
+        self.out_dim = out_dim
+        self.blocks = tuple(blocks)
+        self.config = config
+
+    @property
+    def needs_grid(self) -> bool:
+        return False
+
+    def forward(
+        self, tokens: Sequence[torch.Tensor], layout: TokenLayout, features: torch.Tensor
+    ) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+AdapterClass = type[TemporalAdapter] | type[GlobalTemporalAdapter]
+_ADAPTERS: dict[str, AdapterClass] = {}
+
+
+def register_temporal_adapter(name: str) -> Callable[[AdapterClass], AdapterClass]:
+    """Class decorator: make an adapter available as ``{"name": name, ...}`` in ``temporal=[...]``."""
+
+    def deco(cls: AdapterClass) -> AdapterClass:
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"a temporal adapter name must be a non-empty string without '.', got {name!r}")
+        if name in _ADAPTERS:
+            raise ValueError(f"a temporal adapter named {name!r} is already registered ({_ADAPTERS[name].__name__})")
+        if not (isinstance(cls, type) and issubclass(cls, (TemporalAdapter, GlobalTemporalAdapter))):
+            raise TypeError(
+                f"register_temporal_adapter expects a TemporalAdapter or GlobalTemporalAdapter subclass, got {cls!r}"
+            )
+        if not dataclasses.is_dataclass(getattr(cls, "config_class", None)):
+            raise TypeError(f"{cls.__name__}.config_class must be a dataclass of the adapter's options")
+        _ADAPTERS[name] = cls
+        return cls
+
+    return deco
+
+
+def list_temporal_adapters() -> list[str]:
+    return sorted(_ADAPTERS)
+
+
+def get_temporal_adapter(name: str) -> AdapterClass:
+    try:
+        return _ADAPTERS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown temporal adapter {name!r}; registered temporal adapters: {list_temporal_adapters()}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class TemporalSpec:
+    """One parsed entry of ``temporal=[...]``: which adapter, on which blocks, where, with what options."""
+
+    name: str
+    blocks: tuple[int, ...]
+    placement: str | None
+    config: Any
+
+    @property
+    def adapter_class(self) -> AdapterClass:
+        return get_temporal_adapter(self.name)
+
+
+def _parse_blocks(name: str, blocks: Any, depth: int) -> tuple[int, ...]:
+    expected = "a list of block indices, 'all' or {'last': k}"
+    if blocks == "all":
+        return tuple(range(depth))
+    if isinstance(blocks, dict):
+        if set(blocks) != {"last"}:
+            raise ValueError(f"{name}: blocks as a dict must be {{'last': k}}, got {blocks!r}")
+        k = blocks["last"]
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= depth:
+            raise ValueError(
+                f"{name}: blocks={{'last': k}} needs 1 <= k <= {depth} (the backbone has {depth} blocks), got {k!r}"
+            )
+        return tuple(range(depth - k, depth))
+    if isinstance(blocks, str) or not isinstance(blocks, Sequence):
+        raise TypeError(f"{name}: blocks must be {expected}, got {blocks!r}")
+    if not blocks:
+        raise ValueError(f"{name}: blocks is empty; give {expected}")
+    for i in blocks:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"{name}: blocks must hold ints, got {list(blocks)!r} (entry {i!r})")
+    bad = [i for i in blocks if not 0 <= i < depth]
+    if bad:
+        raise ValueError(
+            f"{name}: blocks {list(blocks)} out of range: the backbone has {depth} blocks "
+            f"(valid indices 0..{depth - 1}), got {bad}"
+        )
+    if len(set(blocks)) != len(blocks):
+        raise ValueError(f"{name}: blocks has duplicates: {list(blocks)}")
+    return tuple(sorted(blocks))
+
+
+def make_adapter_config(name: str, options: dict[str, Any]) -> Any:
+    """The validated config dataclass of adapter ``name`` from a dict of options."""
+    cls = get_temporal_adapter(name)
+    allowed = {f.name for f in dataclasses.fields(cls.config_class)}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TypeError(
+            f"unknown option(s) {unknown} for temporal adapter {name!r}; its options are {sorted(allowed)} "
+            "(plus 'name', 'blocks', 'placement')"
+        )
+    return cls.config_class(**options)
+
+
+def parse_spec(spec: Any, depth: int) -> TemporalSpec:
+    """Validate one ``{"name": ..., "blocks": ..., "placement": ..., **options}`` dict."""
+    if not isinstance(spec, dict):
+        raise TypeError(
+            f"each temporal adapter spec must be a dict such as {{'name': 'local_mhra', 'blocks': 'all'}}, "
+            f"got {type(spec).__name__}: {spec!r}"
+        )
+    if "name" not in spec:
+        raise ValueError(f"each temporal adapter spec needs a 'name', got {spec!r}")
+    options = dict(spec)
+    name = options.pop("name")
+    cls = get_temporal_adapter(name)
+    blocks = _parse_blocks(name, options.pop("blocks", cls.default_blocks), depth)
+    placement = options.pop("placement", None)
+    if cls.placements:
+        placement = cls.placements[0] if placement is None else placement
+        if placement not in cls.placements:
+            raise ValueError(f"{name}: placement must be one of {list(cls.placements)}, got {placement!r}")
+    elif placement is not None:
+        raise ValueError(
+            f"{name} reads the outputs of its blocks and takes no placement; got placement={placement!r}"
+        )
+    return TemporalSpec(name=name, blocks=blocks, placement=placement, config=make_adapter_config(name, options))

@@ -1,0 +1,113 @@
+"""Composition with peft LoRA in both orders: trainable sets, training, save/load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import IMG, make_vit, static_video
+from peft import LoraConfig, get_peft_model
+
+import inti_adapters as ia
+
+LORA = dict(r=4, lora_alpha=8, target_modules=["qkv"])
+
+
+def _names(model, pred):
+    return {n for n, p in model.named_parameters() if pred(n, p)}
+
+
+def _train_two_steps(model, video, target):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(2):  # two steps: zero-initialised LoRA B / InTI head let gradients reach everything by step 2
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(video), target).backward()
+        opt.step()
+    return {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+
+
+VIDEO, TARGET = torch.randn(2, 3, 4, IMG, IMG), torch.tensor([0, 3])
+
+
+@pytest.mark.parametrize("train_head", [True, False])
+def test_lora_then_inject(train_head, capsys):
+    peft_vit = get_peft_model(make_vit(), LoraConfig(**LORA))
+    model = ia.inject(peft_vit, layers=[1, 2], train_head=train_head)
+    assert model.host.name == "timm"
+    expected = _names(model, lambda n, p: "lora_" in n or n.startswith("compressors.")
+                      or (train_head and ".head." in n and "lora" not in n))
+    assert _names(model, lambda n, p: p.requires_grad) == expected
+    assert any("lora_A" in n for n in expected) and any(n.startswith("compressors.") for n in expected)
+    model.print_trainable_parameters()
+    out = capsys.readouterr().out
+    n_lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert f"peft: {n_lora:,}/{n_lora:,}" in out and "backbone: 0/" in out
+    model.train()
+    assert _train_two_steps(model, VIDEO, TARGET) == expected
+
+
+def test_inject_then_lora():
+    model = ia.inject(make_vit(), layers=[1, 2])
+    # plain get_peft_model would freeze the InTI layers; add_lora keeps them trainable
+    peft_model = ia.add_lora(model, LoraConfig(**LORA))
+    expected = _names(peft_model, lambda n, p: "lora_" in n or ".compressors." in n
+                      or (".backbone.head." in n))
+    assert _names(peft_model, lambda n, p: p.requires_grad) == expected
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    assert trainable == sum(p.numel() for n, p in peft_model.named_parameters() if n in expected)
+    peft_model.train()
+    assert _train_two_steps(peft_model, VIDEO, TARGET) == expected
+
+
+def test_plain_get_peft_model_after_inject_freezes_inti_which_is_why_add_lora_exists():
+    model = ia.inject(make_vit(), layers=[1, 2])
+    pm = get_peft_model(model, LoraConfig(**LORA))
+    assert not any(p.requires_grad for p in model.compressors.parameters())
+
+
+def test_static_video_invariant_with_fresh_lora():
+    vit = make_vit()
+    video, frame = static_video()
+    with torch.no_grad():
+        ref = vit(frame)
+        a = ia.inject(get_peft_model(vit, LoraConfig(**LORA)), layers=[1, 2]).eval()
+        torch.testing.assert_close(a(video), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("order", ["before_inject", "after_inject"])
+def test_save_and_load_inti_and_lora_together(order, tmp_path):
+    torch.manual_seed(0)
+    if order == "before_inject":
+        model = ia.inject(get_peft_model(make_vit(), LoraConfig(**LORA)), layers=[1, 2])
+    else:
+        model = ia.add_lora(ia.inject(make_vit(), layers=[1, 2]), LoraConfig(**LORA))
+    model.train()
+    _train_two_steps(model, VIDEO, TARGET)
+    model.eval()
+    with torch.no_grad():
+        ref = model(VIDEO)
+    ia.save_pretrained(model, tmp_path)
+    assert (tmp_path / "peft" / "adapter_config.json").is_file()
+    assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "backbone_model.safetensors").exists()
+    assert json.loads((tmp_path / "inti_config.json").read_text())["peft"]["order"] == order
+
+    loaded = ia.load_pretrained(make_vit(), tmp_path).eval()  # one call restores everything
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(VIDEO), ref, atol=0, rtol=0)
+    trainable = _names(loaded, lambda n, p: p.requires_grad)
+    assert any("lora_" in n for n in trainable) and any("compressors." in n for n in trainable)
+
+
+def test_lora_targets_that_match_nothing():
+    with pytest.raises(ValueError, match=r"target_modules \['nope'\] match no module.*try \['qkv'\]"):
+        ia.add_lora(ia.inject(make_vit(), layers=[1]), LoraConfig(r=4, target_modules=["nope"]))
+
+
+def test_lora_preset():
+    cfg = ia.lora_preset(make_vit(), r=8)
+    assert set(cfg.target_modules) == {"qkv"} and cfg.r == 8
+    model = ia.inject(get_peft_model(make_vit(), cfg), layers=[1, 2])
+    assert any("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
