@@ -14,6 +14,7 @@ from .hosts import Host, list_hosts, register_host
 from .inti import InTILayer
 from .model import InTIModel, inject
 from .lora import add_lora, lora_preset
+from .planning import PlanEntry, format_plan, plan
 from .serialization import load_pretrained, save_pretrained
 from .video import normalize_video
 
@@ -26,18 +27,21 @@ __all__ = [
     "InTILayer",
     "InTIModel",
     "InjectConfig",
+    "PlanEntry",
     "TokenLayout",
     "UnsupportedHostError",
     "VideoContext",
     "__version__",
     "add_lora",
     "count_gflops",
+    "format_plan",
     "inject",
     "list_compressors",
     "list_hosts",
     "load_pretrained",
     "lora_preset",
     "normalize_video",
+    "plan",
     "register_compressor",
     "register_host",
     "save_pretrained",
