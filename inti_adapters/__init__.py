@@ -12,8 +12,8 @@ from .errors import BareBackboneCallError, UnsupportedHostError
 from .flops import FlopCounter, count_gflops
 from .hosts import Host, list_hosts, register_host
 from .inti import InTILayer
-from .model import InTIModel, inject
 from .lora import add_lora, lora_preset
+from .model import InTIModel, inject
 from .planning import PlanEntry, format_plan, plan
 from .serialization import load_pretrained, save_pretrained
 from .video import normalize_video

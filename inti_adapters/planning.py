@@ -57,7 +57,7 @@ class CostModel:
 
     def total(self, layers: tuple[int, ...]) -> float:
         frames = self.schedule(layers)
-        cost = self.stem + sum(b * f for b, f in zip(self.block_per_frame, frames))
+        cost = self.stem + sum(b * f for b, f in zip(self.block_per_frame, frames, strict=False))
         cost += sum(self.compressor[frames[i]] for i in layers)
         last = (frames[-1] + 1) // 2 if len(frames) - 1 in layers else frames[-1]
         return cost + self.pool_per_frame * last + self.head

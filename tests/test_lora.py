@@ -63,7 +63,7 @@ def test_inject_then_lora():
 
 def test_plain_get_peft_model_after_inject_freezes_inti_which_is_why_add_lora_exists():
     model = ia.inject(make_vit(), layers=[1, 2])
-    pm = get_peft_model(model, LoraConfig(**LORA))
+    get_peft_model(model, LoraConfig(**LORA))
     assert not any(p.requires_grad for p in model.compressors.parameters())
 
 

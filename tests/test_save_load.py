@@ -15,7 +15,7 @@ import inti_adapters as ia
 def _perturbed(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for _n, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
     return model
