@@ -63,15 +63,20 @@ class InTIModel(nn.Module):
         # temporal adapters first: on a compressed block the adapter sees the frames before compression
         self.temporal = nn.ModuleDict()
         self._feature_fuser = None
-        if config.temporal:
-            from .temporal import install_temporal_adapters
+        try:
+            if config.temporal:
+                from .temporal import install_temporal_adapters
 
-            installed = install_temporal_adapters(self, config.temporal)
-            self.temporal, self._feature_fuser = installed.modules, installed.fuse
-            self._handles += installed.handles
-        for i in config.layers:
-            self._handles.append(host.blocks[i].register_forward_hook(self._compress_hook(str(i))))
-            self._handles += self.compressors[str(i)].attach(self, i)
+                installed = install_temporal_adapters(self, config.temporal)
+                self.temporal, self._feature_fuser = installed.modules, installed.fuse
+                self._handles += installed.handles
+            for i in config.layers:
+                self._handles.append(host.blocks[i].register_forward_hook(self._compress_hook(str(i))))
+                self._handles += self.compressors[str(i)].attach(self, i)
+        except BaseException:  # a refused option must not leave hooks behind on the user's backbone
+            for h in self._handles:
+                h.remove()
+            raise
         self._requires_grad = {n: p.requires_grad for n, p in backbone.named_parameters()}
         freeze = config.freeze_backbone if config.freeze_backbone is not None else is_peft_model(backbone)
         if freeze:
@@ -98,6 +103,16 @@ class InTIModel(nn.Module):
             return host.from_bnc(y.flatten(0, 1))
 
         return hook
+
+    @property
+    def adapters_disabled(self) -> bool:
+        """True inside ``disable_adapters()``: hooks must pass their input through unchanged."""
+        return self._holder.disabled
+
+    @property
+    def context(self) -> ContextHolder:
+        """The per-forward context slot the hooks read (for compressors and adapters)."""
+        return self._holder
 
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator[None]:

@@ -49,13 +49,17 @@ class ConvPoolConfig(_DictMixin):
 
     kernel_size: int = field(
         default=1,
-        metadata={"help": "Spatial kernel size k of the (2, k, k) stride-(2, 1, 1) convolution; odd, so "
-                          "that padding k//2 keeps the patch grid. Parameters per layer: 2*k*k*C*C + C."},
+        metadata={
+            "help": "Spatial kernel size k of the (2, k, k) stride-(2, 1, 1) convolution; odd, so "
+            "that padding k//2 keeps the patch grid. Parameters per layer: 2*k*k*C*C + C."
+        },
     )
     odd_frames: str = field(
         default="repeat_last",
-        metadata={"help": "Odd frame counts: 'repeat_last' repeats the last frame before the strided "
-                          "convolution; 'error' refuses odd counts."},
+        metadata={
+            "help": "Odd frame counts: 'repeat_last' repeats the last frame before the strided "
+            "convolution; 'error' refuses odd counts."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -108,7 +112,11 @@ class ConvPool(Compressor):
             raise ValueError("ConvPool got a clip with 0 frames")
         grid = layout.grid_for(n) if layout is not None else None
         if grid is None:
-            got = "no layout" if layout is None else f"{layout.num_prefix_tokens} prefix tokens + grid {layout.grid}"
+            got = (
+                "no layout"
+                if layout is None
+                else f"{layout.num_prefix_tokens} prefix tokens + grid {layout.grid}"
+            )
             raise ValueError(
                 f"conv_pool needs the patch grid of the tokens, but {n} tokens per frame do not match "
                 f"({got}); it works on hosts with a spatial patch grid and not after token merging"
@@ -127,5 +135,7 @@ class ConvPool(Compressor):
         k = self.config.kernel_size // 2
         w = self.conv.weight
         prefix = x[:, :, :p]
-        y = F.linear(prefix[:, 0::2], w[:, :, 0, k, k], self.conv.bias) + F.linear(prefix[:, 1::2], w[:, :, 1, k, k])
+        y = F.linear(prefix[:, 0::2], w[:, :, 0, k, k], self.conv.bias) + F.linear(
+            prefix[:, 1::2], w[:, :, 1, k, k]
+        )
         return torch.cat([y, out], dim=2)

@@ -35,8 +35,10 @@ class LinearPoolConfig(_DictMixin):
 
     odd_frames: str = field(
         default="repeat_last",
-        metadata={"help": "Odd frame counts: 'repeat_last' pairs the last frame with itself (it passes "
-                          "unchanged, the weights sum to 1); 'error' refuses odd counts."},
+        metadata={
+            "help": "Odd frame counts: 'repeat_last' pairs the last frame with itself (it passes "
+            "unchanged, the weights sum to 1); 'error' refuses odd counts."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -71,7 +73,9 @@ class LinearPool(Compressor):
     def forward(self, x: torch.Tensor, layout: TokenLayout | None = None) -> torch.Tensor:
         """``(B, T, N, C) -> (B, ceil(T/2), N, C)``; ``layout`` is unused (every token is pooled alike)."""
         if x.dim() != 4 or x.shape[-1] != self.dim:
-            raise ValueError(f"LinearPool expects tokens of shape (B, T, N, {self.dim}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"LinearPool expects tokens of shape (B, T, N, {self.dim}), got {tuple(x.shape)}"
+            )
         if x.shape[1] < 1:
             raise ValueError("LinearPool got a clip with 0 frames")
         a, b = pair_frames(x, self.config.odd_frames)

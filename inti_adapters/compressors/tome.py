@@ -25,10 +25,10 @@ the tokens of ``blocks[i + 1]``; the keys used for matching are still those comp
 ``blocks[i].attn``, as in ToMe.
 
 Metric (``metric``): ``'keys'`` (default, ToMe's choice) captures the keys of ``blocks[i].attn``
-with a forward hook on its ``qkv`` projection and averages them over heads; it needs
-timm-style attention (an ``attn.qkv`` module, ``num_heads``, ``head_dim``). ``'tokens'`` uses
-the block's output tokens themselves, which works on any host. Either is L2-normalised, so the
-similarity is the cosine similarity.
+with a forward hook on its ``qkv`` projection and averages them over heads; it needs timm's
+``vision_transformer.Attention`` (refused clearly otherwise, e.g. for Eva or OpenCLIP).
+``'tokens'`` uses the block's output tokens themselves, which works on any host. Either is
+L2-normalised, so the similarity is the cosine similarity.
 
 FLOPs: per frame, a ViT block with ``N`` tokens of width ``C`` (MLP ratio 4) costs about
 ``12 N C^2 + 2 N^2 C`` multiply-adds. Merging ``r`` tokens after ``blocks[i]`` removes, from every
@@ -72,18 +72,24 @@ class ToMeConfig(_DictMixin):
 
     r: int | tuple[int, ...] = field(
         default=8,
-        metadata={"help": "Tokens merged away per frame at each merging layer: one int for every layer, "
-                          "or one int per entry of inject's `layers`. Too large an r is an error."},
+        metadata={
+            "help": "Tokens merged away per frame at each merging layer: one int for every layer, "
+            "or one int per entry of inject's `layers`. Too large an r is an error."
+        },
     )
     metric: str = field(
         default="keys",
-        metadata={"help": "Similarity used for matching: 'keys' (the block's attention keys, averaged "
-                          "over heads; timm-style attention) or 'tokens' (the block's output tokens)."},
+        metadata={
+            "help": "Similarity used for matching: 'keys' (the block's attention keys, averaged "
+            "over heads; timm-style attention) or 'tokens' (the block's output tokens)."
+        },
     )
     prop_attn: bool = field(
         default=True,
-        metadata={"help": "Proportional attention: add log(token size) to the attention logits of every "
-                          "later block (timm vision_transformer.Attention)."},
+        metadata={
+            "help": "Proportional attention: add log(token size) to the attention logits of every "
+            "later block (timm vision_transformer.Attention)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -103,7 +109,7 @@ class ToMeConfig(_DictMixin):
 
 # -- tensor math (no hooks, no model) ---------------------------------------------------------------
 def max_merge(num_patch_tokens: int) -> int:
-    """Most tokens one bipartite merge can remove from ``M`` patch tokens: ``|A| = ceil(M/2)`` (0 if M < 2)."""
+    """Most tokens one merge can remove from ``M`` patch tokens: ``|A| = ceil(M/2)`` (0 if M < 2)."""
     return (num_patch_tokens + 1) // 2 if num_patch_tokens >= 2 else 0
 
 
@@ -116,7 +122,9 @@ def bipartite_matching(metric: torch.Tensor, r: int) -> tuple[torch.Tensor, torc
     """
     num_a = (metric.shape[1] + 1) // 2
     if not 0 <= r <= max_merge(metric.shape[1]):
-        raise ValueError(f"r={r} but at most {max_merge(metric.shape[1])} of {metric.shape[1]} tokens can merge")
+        raise ValueError(
+            f"r={r} but at most {max_merge(metric.shape[1])} of {metric.shape[1]} tokens can merge"
+        )
     with torch.no_grad():
         m = F.normalize(metric, dim=-1)
         scores = m[:, 0::2] @ m[:, 1::2].transpose(-1, -2)  # (S, |A|, |B|) cosine similarities
@@ -272,7 +280,9 @@ class TokenMerging(Compressor):
     def forward(self, x: torch.Tensor, layout: TokenLayout | None = None) -> torch.Tensor:
         """``(B, T, N, C) -> (B, T, N - r, C)``; prefix tokens (``layout``) are never merged."""
         if x.dim() != 4 or x.shape[-1] != self.dim:
-            raise ValueError(f"TokenMerging expects tokens of shape (B, T, N, {self.dim}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"TokenMerging expects tokens of shape (B, T, N, {self.dim}), got {tuple(x.shape)}"
+            )
         b, t, n, c = x.shape
         p = layout.num_prefix_tokens if layout is not None else 0
         r = self.merge_count()
@@ -285,11 +295,15 @@ class TokenMerging(Compressor):
         state, layer = self._state, self._layer
         sizes = state.sizes_before(layer) if state is not None else None
         if sizes is not None and tuple(sizes.shape) != (b * t, n):
-            raise RuntimeError(f"tome state holds sizes {tuple(sizes.shape)} for tokens {(b * t, n)} at {where}")
+            raise RuntimeError(
+                f"tome state holds sizes {tuple(sizes.shape)} for tokens {(b * t, n)} at {where}"
+            )
         keys = None
         if self.config.metric == "keys":
             if state is None:
-                raise ValueError("tome metric='keys' needs the compressor injected into a model; use metric='tokens'")
+                raise ValueError(
+                    "tome metric='keys' needs the compressor injected into a model; use metric='tokens'"
+                )
             keys = state.keys.pop(layer, None)
             if keys is None:
                 raise RuntimeError(
@@ -320,8 +334,13 @@ class TokenMerging(Compressor):
         if block_index != layers[0]:
             return []
         blocks = model.host.blocks
-        holder = model._holder
+        holder = model.context
         self._check_host(blocks, layers)
+        if getattr(model.host.model, "rope", None) is not None:
+            raise ValueError(
+                f"tome changes the token count, but {type(model.host.model).__name__} applies rotary position "
+                "embeddings (rope) over the full patch grid in every block; create it without rope"
+            )
         state = _MergeState(layers)
         for c in merging.values():
             c._state = state
@@ -342,24 +361,27 @@ class TokenMerging(Compressor):
         return handles
 
     def _check_host(self, blocks: Any, layers: tuple[int, ...]) -> None:
+        timm_attention = _timm_attention_class()
+
+        def supported(i: int) -> bool:
+            attn = getattr(blocks[i], "attn", None)
+            return timm_attention is not None and isinstance(attn, timm_attention)
+
         if self.config.metric == "keys":
-            for layer in layers:
-                attn = getattr(blocks[layer], "attn", None)
-                qkv = getattr(attn, "qkv", None)
-                if not (isinstance(qkv, nn.Module) and hasattr(attn, "num_heads") and hasattr(attn, "head_dim")):
+            for i in layers:
+                if not supported(i):
                     raise ValueError(
-                        f"tome metric='keys' needs timm-style attention (attn.qkv module, num_heads, head_dim) "
-                        f"in blocks[{layer}], got {type(attn).__name__}; pass metric='tokens'"
+                        "tome metric='keys' reads the keys from the qkv projection of timm's "
+                        f"vision_transformer.Attention, but blocks[{i}].attn is "
+                        f"{type(getattr(blocks[i], 'attn', None)).__name__}; pass metric='tokens'"
                     )
         if self.config.prop_attn:
-            timm_attention = _timm_attention_class()
             for i in range(layers[0] + 1, len(blocks)):
-                attn = getattr(blocks[i], "attn", None)
-                if timm_attention is None or not isinstance(attn, timm_attention):
+                if not supported(i):
                     raise ValueError(
-                        "tome prop_attn=True adds log(token size) to the attention logits through the attn_mask "
-                        f"argument of timm's vision_transformer.Attention, but blocks[{i}].attn is "
-                        f"{type(attn).__name__}; pass prop_attn=False"
+                        "tome prop_attn=True adds log(token size) to the attention logits through the "
+                        f"attn_mask argument of timm's vision_transformer.Attention, but blocks[{i}].attn is "
+                        f"{type(getattr(blocks[i], 'attn', None)).__name__}; pass prop_attn=False"
                     )
 
 
@@ -372,7 +394,8 @@ def _keys_hook(attn: nn.Module, layer: int, state: _MergeState, holder: Any):
             return
         if out.shape[-1] != 3 * heads * head_dim:
             raise RuntimeError(
-                f"blocks[{layer}].attn.qkv gave width {out.shape[-1]}, expected 3 * {heads} heads * {head_dim}"
+                f"blocks[{layer}].attn.qkv gave width {out.shape[-1]}, "
+                f"expected 3 * {heads} heads * {head_dim}"
             )
         with torch.no_grad():
             k = out.detach().unflatten(-1, (3, heads, head_dim)).select(-3, 1)  # (S, N, H, D)
@@ -393,7 +416,8 @@ def _prop_attn_hook(block_index: int, state: _MergeState, holder: Any):
         x = args[0] if args else kwargs["x"]
         if tuple(x.shape[:2]) != tuple(sizes.shape):
             raise RuntimeError(
-                f"blocks[{block_index}].attn got tokens {tuple(x.shape[:2])} but tome sizes are {tuple(sizes.shape)}"
+                f"blocks[{block_index}].attn got tokens {tuple(x.shape[:2])} "
+                f"but tome sizes are {tuple(sizes.shape)}"
             )
         bias = size_bias(sizes, x.dtype)
         mask = kwargs.get("attn_mask")
@@ -458,7 +482,8 @@ def r_for_budget(
         best = cost(top_lo) if top_lo >= 1 else None
         if best is None or best > target_gflops:
             raise ValueError(
-                f"no r reaches {target_gflops} GFLOPs with layers {list(layers)}: the largest feasible r={top_lo} "
+                f"no r reaches {target_gflops} GFLOPs with layers {list(layers)}: "
+                f"the largest feasible r={top_lo} "
                 f"costs {best} GFLOPs"
             )
         hi = top_lo
