@@ -97,3 +97,16 @@ def test_patch_dropout_is_refused_with_inti_layers():
 def test_unknown_host_name():
     with pytest.raises(ValueError, match=r"unknown host 'nope'; registered hosts: \['timm'"):
         ia.inject(make_vit(), layers=[1], host="nope")
+
+
+def test_refused_option_leaves_no_hooks_behind():
+    eva = make_vit("eva")
+    image = torch.randn(1, 3, IMG, IMG)
+    with torch.no_grad():
+        ref = eva(image)
+    with pytest.raises(ValueError, match="rope"):
+        ia.inject(eva, layers=[1, 2], compressor="tome", r=2)
+    assert all(not b._forward_hooks and not b._forward_pre_hooks for b in eva.blocks)
+    with torch.no_grad():
+        assert torch.equal(eva(image), ref)
+    ia.inject(eva, layers=[1, 2])  # and it can be injected with something it supports
