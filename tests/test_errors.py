@@ -105,7 +105,7 @@ def test_refused_option_leaves_no_hooks_behind():
     with torch.no_grad():
         ref = eva(image)
     with pytest.raises(ValueError, match="rope"):
-        ia.inject(eva, layers=[1, 2], compressor="tome", r=2)
+        ia.inject(eva, layers=[1, 2], compressor="tome", r=2, metric="tokens", prop_attn=False)
     assert all(not b._forward_hooks and not b._forward_pre_hooks for b in eva.blocks)
     with torch.no_grad():
         assert torch.equal(eva(image), ref)
