@@ -16,18 +16,26 @@ from .lora import add_lora, lora_preset
 from .model import InTIModel, inject
 from .planning import PlanEntry, format_plan, plan
 from .serialization import load_pretrained, save_pretrained
+from .temporal import (
+    GlobalTemporalAdapter,
+    TemporalAdapter,
+    list_temporal_adapters,
+    register_temporal_adapter,
+)
 from .video import normalize_video
 
 __all__ = [
     "BareBackboneCallError",
     "Compressor",
     "FlopCounter",
+    "GlobalTemporalAdapter",
     "Host",
     "InTIConfig",
     "InTILayer",
     "InTIModel",
     "InjectConfig",
     "PlanEntry",
+    "TemporalAdapter",
     "TokenLayout",
     "UnsupportedHostError",
     "VideoContext",
@@ -38,11 +46,13 @@ __all__ = [
     "inject",
     "list_compressors",
     "list_hosts",
+    "list_temporal_adapters",
     "load_pretrained",
     "lora_preset",
     "normalize_video",
     "plan",
     "register_compressor",
     "register_host",
+    "register_temporal_adapter",
     "save_pretrained",
 ]

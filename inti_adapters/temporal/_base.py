@@ -33,10 +33,13 @@ class TemporalAdapter(nn.Module):
     """Per-block adapter on the tokens of a clip, ``(B, T, N, C)``; ``T`` is read from the input.
 
     Subclasses set ``config_class`` and implement :meth:`residual` (the change to the stream;
-    zero for a fresh adapter), or override :meth:`forward` for a non-residual map.
+    zero for a fresh adapter), or override :meth:`forward` for a non-residual map. The hooks
+    call the module (so module hooks fire): ``adapter(x, layout)`` for placement ``"attn"``,
+    ``adapter(x, layout, return_residual=True)`` for ``"mlp"``.
     """
 
     config_class: ClassVar[type]
+    registered_name: ClassVar[str] = ""  # set by register_temporal_adapter
     placements: ClassVar[tuple[str, ...]] = PLACEMENTS
     default_blocks: ClassVar[Any] = "all"
 
@@ -53,8 +56,10 @@ class TemporalAdapter(nn.Module):
     def residual(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        return x + self.residual(x, layout).to(x.dtype)
+    def forward(self, x: torch.Tensor, layout: TokenLayout, *, return_residual: bool = False) -> torch.Tensor:
+        """The new stream ``x + residual(x)``, or only the residual with ``return_residual=True``."""
+        d = self.residual(x, layout).to(x.dtype)
+        return d if return_residual else x + d
 
 
 class GlobalTemporalAdapter(nn.Module):
@@ -66,6 +71,7 @@ class GlobalTemporalAdapter(nn.Module):
     """
 
     config_class: ClassVar[type]
+    registered_name: ClassVar[str] = ""
     placements: ClassVar[tuple[str, ...]] = ()
     default_blocks: ClassVar[Any] = "all"
 
@@ -104,6 +110,7 @@ def register_temporal_adapter(name: str) -> Callable[[AdapterClass], AdapterClas
             )
         if not dataclasses.is_dataclass(getattr(cls, "config_class", None)):
             raise TypeError(f"{cls.__name__}.config_class must be a dataclass of the adapter's options")
+        cls.registered_name = name
         _ADAPTERS[name] = cls
         return cls
 
