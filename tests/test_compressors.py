@@ -403,3 +403,13 @@ def test_save_load_round_trip(tmp_path, name, options):
     assert loaded.config.compressor == name
     with torch.no_grad():
         torch.testing.assert_close(loaded(video), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("metric", ["keys", "tokens"])
+def test_tome_under_torch_compile_matches_eager(metric):
+    model = ia.inject(make_vit(), layers=[1, 2], compressor="tome", r=2, metric=metric)
+    video = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        ref = model(video)
+        out = torch.compile(model, backend="aot_eager")(video)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -25,7 +25,7 @@ the tokens of ``blocks[i + 1]``; the keys used for matching are still those comp
 ``blocks[i].attn``, as in ToMe.
 
 Metric (``metric``): ``'keys'`` (default, ToMe's choice) captures the keys of ``blocks[i].attn``
-with a forward hook on its ``qkv`` projection and averages them over heads; it needs timm's
+by wrapping the forward of its ``qkv`` projection and averages them over heads; it needs timm's
 ``vision_transformer.Attention`` (refused clearly otherwise, e.g. for Eva or OpenCLIP).
 ``'tokens'`` uses the block's output tokens themselves, which works on any host. Either is
 L2-normalised, so the similarity is the cosine similarity.
@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._hooks import after_forward
 from ..config import _check_choice, _DictMixin
 from ..context import TokenLayout, in_backward
 from ._base import Compressor, register_compressor
@@ -353,7 +354,8 @@ class TokenMerging(Compressor):
         if self.config.metric == "keys":
             for layer in layers:
                 attn = blocks[layer].attn
-                handles.append(attn.qkv.register_forward_hook(_keys_hook(attn, layer, state, holder)))
+                # wrapped, not hooked: torch.compile may skip hooks of submodules (see _hooks.after_forward)
+                handles.append(after_forward(attn.qkv, _keys_hook(attn, layer, state, holder)))
         if self.config.prop_attn:
             for i in range(layers[0] + 1, len(blocks)):
                 hook = _prop_attn_hook(i, state, holder)
@@ -389,9 +391,9 @@ def _keys_hook(attn: nn.Module, layer: int, state: _MergeState, holder: Any):
     heads, head_dim = int(attn.num_heads), int(attn.head_dim)
     k_norm = getattr(attn, "k_norm", None)
 
-    def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+    def hook(out: torch.Tensor) -> torch.Tensor:
         if holder.disabled:
-            return
+            return out
         if out.shape[-1] != 3 * heads * head_dim:
             raise RuntimeError(
                 f"blocks[{layer}].attn.qkv gave width {out.shape[-1]}, "
@@ -402,6 +404,7 @@ def _keys_hook(attn: nn.Module, layer: int, state: _MergeState, holder: Any):
             if k_norm is not None:
                 k = k_norm(k)
             state.keys[layer] = k.mean(dim=-2)
+        return out
 
     return hook
 

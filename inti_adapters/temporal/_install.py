@@ -10,7 +10,7 @@ Placements of a per-block adapter ``A`` on ``blocks[i]``:
   return_residual=True)`` added, where the block's input ``x`` was stashed by a pre-hook. The
   MLP branch and the stream then see ``x_mid + A.residual(x_mid)``. That module's ``forward`` is
   wrapped per instance rather than hooked, because ``torch.compile`` guards on the former and
-  not on submodule hooks (see :class:`_ForwardThen`); its handle restores it.
+  not on submodule hooks (see :func:`inti_adapters._hooks.after_forward`); its handle restores it.
 
 On one block all ``"attn"`` adapters run first (in spec order), then the attention branch, then
 the ``"mlp"`` adapters. A global adapter collects block outputs with forward hooks into a
@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .._hooks import after_forward
 from ..context import ContextHolder, in_backward
 from ..hosts import Host
 from ._base import GlobalTemporalAdapter, TemporalAdapter, TemporalSpec, parse_spec
@@ -116,53 +117,6 @@ def _attn_hooks(block: nn.Module, adapter: TemporalAdapter, holder: ContextHolde
     return [block.register_forward_pre_hook(pre_hook, with_kwargs=True)]
 
 
-class _ForwardThen:
-    """Instance-level ``forward`` of a block's attention-branch end: its own forward, then ``fns``.
-
-    Not a forward hook on purpose: ``torch.compile`` does not guard on the hooks of submodules
-    (``torch._dynamo.config.skip_nnmodule_hook_guards``), so a block compiled without the hook
-    would be silently reused for a block that has one. It does guard on this attribute.
-    """
-
-    def __init__(self, module: nn.Module) -> None:
-        self.previous = module.__dict__.get("forward")  # an earlier instance override, if any
-        self.forward = module.forward
-        self.fns: list[Callable[[torch.Tensor], torch.Tensor]] = []
-
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = self.forward(*args, **kwargs)
-        for fn in self.fns:
-            out = fn(out)
-        return out
-
-
-class _ForwardThenHandle:
-    """Removes one function from a :class:`_ForwardThen`; the last one restores the module."""
-
-    def __init__(self, module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.module, self.fn = module, fn
-
-    def remove(self) -> None:
-        over = self.module.__dict__.get("forward")
-        if not isinstance(over, _ForwardThen) or self.fn not in over.fns:
-            return
-        over.fns.remove(self.fn)
-        if not over.fns:
-            if over.previous is None:
-                del self.module.forward
-            else:
-                self.module.forward = over.previous
-
-
-def _after_forward(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> _ForwardThenHandle:
-    over = module.__dict__.get("forward")
-    if not isinstance(over, _ForwardThen):
-        over = _ForwardThen(module)
-        module.forward = over
-    over.fns.append(fn)
-    return _ForwardThenHandle(module, fn)
-
-
 def _mlp_hooks(block: nn.Module, index: int, adapter: TemporalAdapter, holder: ContextHolder,
                host: Host) -> list[Any]:
     anchor = attention_branch_end(host, block, index)
@@ -184,7 +138,7 @@ def _mlp_hooks(block: nn.Module, index: int, adapter: TemporalAdapter, holder: C
         residual = _apply(partial(adapter, return_residual=True), x + out, holder, host, out.dtype)
         return out + residual
 
-    return [block.register_forward_pre_hook(stash, with_kwargs=True), _after_forward(anchor, after_attention)]
+    return [block.register_forward_pre_hook(stash, with_kwargs=True), after_forward(anchor, after_attention)]
 
 
 def _recomputing() -> bool:
