@@ -124,7 +124,8 @@ class DataConfig(_DictMixin):
     resampled: bool = field(
         default=False,
         metadata={"help": "Draw training shards with replacement, independently per worker (infinite "
-                          "stream cut into epochs of train_samples); works with any number of shards."},
+                          "stream cut into epochs of train_samples); works with any number of shards. "
+                          "Evaluation always reads every sample once."},
     )
     train_samples: int | None = field(
         default=None,
@@ -310,7 +311,8 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
+                            required: tuple[str, ...] = ()) -> None:
     """Add one ``--option`` per field of a flat dataclass, with its help string and default."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -321,6 +323,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, skip:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_ = f.metadata.get("help", "") + (f" (default: {default!r})" if default not in ("", None) else "")
         kw: dict[str, Any] = {"dest": f.name, "default": default, "help": help_}
+        if f.name in required:
+            kw = {"dest": f.name, "required": True, "help": f.metadata.get("help", "")}
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             continue

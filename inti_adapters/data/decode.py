@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -92,27 +93,65 @@ def _frame_count_from_header(container, stream) -> int:
     return 0
 
 
+_REFORMATTER: tuple[int, Any] | None = None  # (pid, VideoReformatter)
+
+
+def _to_rgb(frame) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB through a cached, single-threaded swscale context.
+
+    A fresh context per frame is ~10x slower. The cache is per process and the context has no
+    worker threads: a context inherited through ``fork`` (DataLoader workers) would otherwise
+    wait forever for slice threads that only exist in the parent.
+    """
+    global _REFORMATTER
+    if _REFORMATTER is None or _REFORMATTER[0] != os.getpid():
+        from av.video.reformatter import VideoReformatter
+
+        _REFORMATTER = (os.getpid(), VideoReformatter())
+    return _REFORMATTER[1].reformat(frame, format="rgb24", threads=1).to_ndarray()
+
+
 class PyAVReader:
-    """Sequential PyAV decoding that keeps only the frames asked for."""
+    """Sequential PyAV decoding that keeps only the frames asked for (one pass, stops at the last index)."""
 
     def __init__(self, data: bytes) -> None:
         self._data = data
-        with _open_av(data) as container:
-            stream = container.streams.video[0]
-            self.num_frames = _frame_count_from_header(container, stream)
-        if self.num_frames <= 0:  # no usable header: count by decoding (short clips only reach here)
-            self.num_frames = len(self._decode_all())
+        self._decoded: list[np.ndarray] | None = None
+        self._container = None
+        self._container = _open_av(data)  # kept open for the first get_frames
+        self.num_frames = _frame_count_from_header(self._container, self._container.streams.video[0])
+        if self.num_frames <= 0:  # no usable header: decode everything once (only odd containers)
+            with self._take_container() as container:
+                self._decoded = self._decode(container, None)
+            self.num_frames = len(self._decoded)
         if self.num_frames <= 0:
             raise VideoDecodeError("the video has no decodable frames")
 
-    def _decode_all(self) -> list:
+    def _take_container(self):
+        container, self._container = self._container, None
+        return container if container is not None else _open_av(self._data)
+
+    def close(self) -> None:
+        """Release the demuxer (also done by the first ``get_frames``)."""
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    @staticmethod
+    def _decode(container, wanted: set[int] | None, last_needed: int | None = None) -> list[np.ndarray]:
+        out: list[np.ndarray] = []
+        position = -1
         try:
-            with _open_av(self._data) as container:
-                return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-        except VideoDecodeError:
-            raise
+            for position, frame in enumerate(container.decode(video=0)):
+                out.append(_to_rgb(frame) if wanted is None or position in wanted else None)
+                if last_needed is not None and position >= last_needed:
+                    break
         except Exception as exc:
-            raise VideoDecodeError(f"decoding failed: {type(exc).__name__}: {exc}") from exc
+            raise VideoDecodeError(f"decoding failed at frame {position + 1}: {type(exc).__name__}: {exc}") from exc
+        return out
 
     def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
         indices = [int(i) for i in indices]
@@ -120,29 +159,18 @@ class PyAVReader:
             raise ValueError("get_frames needs at least one frame index")
         if min(indices) < 0:
             raise ValueError(f"frame indices must be >= 0, got {min(indices)}")
-        wanted, last_needed = set(indices), max(indices)
-        got: dict[int, np.ndarray] = {}
-        previous = None
-        position = -1
-        try:
-            with _open_av(self._data) as container:
-                for position, frame in enumerate(container.decode(video=0)):
-                    if position in wanted:
-                        got[position] = frame.to_ndarray(format="rgb24")
-                    if position >= last_needed:
-                        break
-                    previous = frame
-                else:  # the stream ended before the last index asked for (header over-counted)
-                    if position >= 0 and position not in got and previous is not None:
-                        got[position] = previous.to_ndarray(format="rgb24")
-        except VideoDecodeError:
-            raise
-        except Exception as exc:
-            raise VideoDecodeError(f"decoding failed at frame {position + 1}: {type(exc).__name__}: {exc}") from exc
-        if position < 0:
+        frames = self._decoded
+        if frames is None:
+            wanted = set(indices)
+            with self._take_container() as container:
+                frames = self._decode(container, wanted, max(indices))
+            if frames and frames[-1] is None:  # the stream ended early: keep its last frame for the tail
+                with self._take_container() as container:
+                    frames = self._decode(container, wanted | {len(frames) - 1}, max(indices))
+        if not frames:
             raise VideoDecodeError("the video has no decodable frames")
-        # indices past the real end repeat the last decoded frame
-        out = [got[i] if i in got else got[max(got)] for i in indices]
+        # indices past the real end (a header that over-counts, e.g. a truncated file) repeat the last frame
+        out = [frames[i] if i < len(frames) else frames[-1] for i in indices]
         return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -205,6 +233,17 @@ def probe_video(source: bytes | str | Path, *, full: bool = False) -> VideoInfo:
         raise VideoDecodeError(f"{type(exc).__name__}: {exc}") from exc
 
 
+def _x264_options(codec: str, crf: int, preset: str) -> dict[str, str]:
+    """Encoder options. x264's macroblock-tree rate control gives run-to-run different bytes for the
+    same input (measured with PyAV 18 / x264 core 165 on short clips), so it is off: re-running a
+    writer gives byte-identical shards."""
+    if codec in ("libx264", "h264"):
+        return {"crf": str(crf), "preset": preset, "x264-params": "mbtree=0"}
+    if codec == "libx265":
+        return {"crf": str(crf), "preset": preset}
+    return {}
+
+
 def _even(x: float) -> int:
     return max(2, int(round(x / 2)) * 2)
 
@@ -235,8 +274,8 @@ def encode_video(
     with av.open(buf, "w", format="mp4") as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        if codec in ("libx264", "h264", "libx265"):
-            stream.options = {"crf": str(crf), "preset": preset}
+        stream.thread_count = 1
+        stream.options = _x264_options(codec, crf, preset)
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
                 container.mux(packet)
@@ -266,14 +305,20 @@ def reencode_video(
     buf = io.BytesIO()
     written = 0
     try:
-        with _open_av(path) as src:
-            in_stream = src.streams.video[0]
-            in_fps = _stream_fps(in_stream) or 25.0
+        with _open_av(path) as src, av.open(buf, "w", format="mp4") as out:
+            in_fps = _stream_fps(src.streams.video[0]) or 25.0
             out_fps = fps or in_fps
-            out = av.open(buf, "w", format="mp4")
-            stream = None
-            next_out_time = 0.0
-            for i, frame in enumerate(src.decode(video=0)):
+            stream, last, n_in = None, None, 0
+
+            def emit(frame) -> None:
+                nonlocal written
+                img = frame.reformat(width=stream.width, height=stream.height, format="yuv420p")
+                img.pts, img.time_base = written, 1 / stream.codec_context.framerate  # constant frame rate
+                for packet in stream.encode(img):
+                    out.mux(packet)
+                written += 1
+
+            for frame in src.decode(video=0):
                 if stream is None:
                     w, h = frame.width, frame.height
                     if short_side is not None:
@@ -283,28 +328,25 @@ def reencode_video(
                         w, h = _even(w), _even(h)
                     stream = out.add_stream(codec, rate=Fraction(out_fps).limit_denominator(1001))
                     stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-                    if codec in ("libx264", "h264", "libx265"):
-                        stream.options = {"crf": str(crf), "preset": preset}
-                t = i / in_fps
-                # frame-rate change by nearest-frame selection: emit while output time <= input time
-                while fps is None or next_out_time <= t + 1e-9:
-                    img = frame.reformat(width=w, height=h, format="yuv420p")
-                    img.pts = None
-                    for packet in stream.encode(img):
-                        out.mux(packet)
-                    written += 1
-                    next_out_time = written / out_fps
-                    if fps is None:
-                        break
+                    stream.thread_count = 1  # parallelism comes from the writer's processes
+                    stream.options = _x264_options(codec, crf, preset)
+                t, n_in, last = n_in / in_fps, n_in + 1, frame
+                if fps is None:
+                    emit(frame)
+                    continue
+                while written / out_fps <= t + 1e-9:  # new frame rate: the latest input frame at each output time
+                    emit(frame)
             if stream is None:
                 raise VideoDecodeError("the video has no decodable frames")
+            while fps is not None and written / out_fps < n_in / in_fps - 1e-9:  # fill up to the input's duration
+                emit(last)
             for packet in stream.encode():
                 out.mux(packet)
-            out.close()
     except VideoDecodeError:
         raise
     except Exception as exc:
         raise VideoDecodeError(f"re-encoding failed: {type(exc).__name__}: {exc}") from exc
-    info = VideoInfo(num_frames=written, fps=float(out_fps), duration=written / out_fps, width=w, height=h,
-                     codec=codec)
-    return buf.getvalue(), info
+    data = buf.getvalue()
+    info = probe_video(data)
+    info.num_frames = written
+    return data, info

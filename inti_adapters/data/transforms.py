@@ -16,11 +16,11 @@ import torch.nn.functional as F
 
 
 def _resize(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bilinear (antialiased) resize of a uint8 ``(T, 3, H, W)`` clip."""
+    """Bilinear (antialiased) resize of a uint8 ``(T, 3, H, W)`` clip, computed in uint8 (fast on CPU)."""
     if video.shape[-2:] == (height, width):
         return video
-    out = F.interpolate(video.float(), size=(height, width), mode="bilinear", align_corners=False, antialias=True)
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+    return F.interpolate(video.contiguous(), size=(height, width), mode="bilinear", align_corners=False,
+                         antialias=True)
 
 
 def short_side_size(height: int, width: int, short_side: int) -> tuple[int, int]:

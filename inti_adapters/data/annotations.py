@@ -1,0 +1,237 @@
+"""Read a video data set description into a list of ``(path, label)`` items and a class index.
+
+Supported layouts:
+
+- **folder**: ``root/<class name>/**/<video>`` (classes sorted by name).
+- **kinetics_csv**: ``label,youtube_id,time_start,time_end,split`` rows; the video of a row is
+  ``<youtube_id>_<start:06d>_<end:06d>.mp4``, looked up in ``video_root``, ``video_root/<label>``,
+  ``video_root/<split>`` and ``video_root/<split>/<label>`` (labels also with spaces as ``_``).
+- **path_csv**: ``path,label`` rows (header optional); integer labels are used as they are,
+  names are indexed in sorted order.
+- **ssv2_json**: a list of ``{"id": ..., "template": ...}`` (or ``"label"``) entries plus a labels
+  JSON ``{class name: index}``; the template's ``[something]`` brackets are dropped, as in the
+  official files. Videos are ``<id>.webm`` or ``<id>.mp4``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import VIDEO_EXTENSIONS, ShardWriterConfig
+
+logger = logging.getLogger("inti_adapters.data")
+
+CLASS_INDEX_FILE = "classes.json"
+
+
+@dataclass(frozen=True)
+class VideoItem:
+    """One video to write: where it is, its label, and how the annotation named it."""
+
+    path: str
+    label: int
+    source: str
+
+
+@dataclass
+class Annotations:
+    items: list[VideoItem]
+    class_names: list[str]
+    unlabelled: list[str] = field(default_factory=list)
+
+
+def write_class_index(path: str | Path, class_names: list[str]) -> None:
+    """Write ``{class name: index}`` (in index order) as JSON."""
+    Path(path).write_text(json.dumps({n: i for i, n in enumerate(class_names)}, indent=1) + "\n")
+
+
+def load_class_index(path: str | Path) -> list[str]:
+    """Class names in index order from a ``{name: index}`` JSON (a ``classes.json`` or an SSv2 labels file)."""
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, list):
+        return [str(n) for n in data]
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object {{class name: index}}, got {type(data).__name__}")
+    index = {str(k): int(v) for k, v in data.items()}
+    names = sorted(index, key=index.get)
+    if sorted(index.values()) != list(range(len(index))):
+        raise ValueError(f"{path}: class indices must be 0..{len(index) - 1} without gaps or repeats")
+    return names
+
+
+def _index_labels(labels: Iterable[str], class_names: list[str] | None, where: str) -> tuple[list[str], dict]:
+    if class_names is None:
+        class_names = sorted(set(labels))
+    lookup = {n: i for i, n in enumerate(class_names)}
+    unknown = sorted(set(labels) - set(lookup))
+    if unknown:
+        raise ValueError(f"{where}: labels {unknown[:5]}{' ...' if len(unknown) > 5 else ''} are not in the "
+                         f"given class index ({len(class_names)} classes)")
+    return class_names, lookup
+
+
+def read_folder(root: str | Path, class_names: list[str] | None = None) -> Annotations:
+    """One sub-folder per class; every file with a video extension below it is a sample."""
+    root = Path(root)
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    if not folders:
+        raise ValueError(f"{root} has no class sub-folders; expected root/<class name>/<video files>")
+    names, lookup = _index_labels([p.name for p in folders], class_names, str(root))
+    items = []
+    for folder in folders:
+        for f in sorted(folder.rglob("*")):
+            if f.is_file() and f.suffix.lower().lstrip(".") in VIDEO_EXTENSIONS:
+                items.append(VideoItem(str(f), lookup[folder.name], str(f.relative_to(root))))
+    if not items:
+        raise ValueError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) under {root}")
+    return Annotations(items, names)
+
+
+def _kinetics_path(root: Path, row: dict[str, str], name: str) -> Path:
+    label, split = row.get("label", ""), row.get("split", "")
+    candidates = [root / name]
+    for lab in dict.fromkeys([label, label.replace(" ", "_")]):
+        if lab:
+            candidates.append(root / lab / name)
+            if split:
+                candidates.append(root / split / lab / name)
+    if split:
+        candidates.append(root / split / name)
+    for c in candidates:
+        if c.exists():
+            return c
+    return candidates[0]  # missing: the writer skips it and counts it
+
+
+def read_kinetics_csv(
+    path: str | Path,
+    video_root: str | Path | None = None,
+    *,
+    split: str | None = None,
+    class_names: list[str] | None = None,
+) -> Annotations:
+    """Kinetics annotation CSV (``label,youtube_id,time_start,time_end,split``)."""
+    path = Path(path)
+    root = Path(video_root) if video_root else path.parent
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    need = {"youtube_id", "time_start", "time_end"}
+    if not rows or not need <= set(rows[0]):
+        raise ValueError(f"{path}: a Kinetics CSV needs the columns label,youtube_id,time_start,time_end[,split]; "
+                         f"got {list(rows[0]) if rows else 'no rows'}")
+    if split is not None:
+        rows = [r for r in rows if r.get("split") == split]
+        if not rows:
+            raise ValueError(f"{path}: no row has split == {split!r}")
+    labelled = [r for r in rows if r.get("label")]
+    unlabelled = [r["youtube_id"] for r in rows if not r.get("label")]
+    names, lookup = _index_labels([r["label"] for r in labelled], class_names, str(path))
+    items = []
+    for r in labelled:
+        name = f"{r['youtube_id']}_{int(float(r['time_start'])):06d}_{int(float(r['time_end'])):06d}.mp4"
+        items.append(VideoItem(str(_kinetics_path(root, r, name)), lookup[r["label"]], name))
+    return Annotations(items, names, unlabelled)
+
+
+def read_path_csv(path: str | Path, video_root: str | Path | None = None, *,
+                  class_names: list[str] | None = None) -> Annotations:
+    """A ``path,label`` CSV (header optional); relative paths are taken from ``video_root``."""
+    path = Path(path)
+    root = Path(video_root) if video_root else path.parent
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
+        rows = rows[1:]
+    bad = [r for r in rows if len(r) < 2]
+    if not rows or bad:
+        raise ValueError(f"{path}: expected 'path,label' rows, got {bad[0] if bad else 'no rows'}")
+    labels = [r[1].strip() for r in rows]
+    if class_names is None and all(lab.lstrip("-").isdigit() for lab in labels):
+        ints = [int(lab) for lab in labels]
+        if min(ints) < 0:
+            raise ValueError(f"{path}: integer labels must be >= 0, got {min(ints)}")
+        names = [str(i) for i in range(max(ints) + 1)]
+        lookup = {n: i for i, n in enumerate(names)}
+    else:
+        names, lookup = _index_labels(labels, class_names, str(path))
+    items = [VideoItem(str(root / r[0].strip()), lookup[lab], r[0].strip()) for r, lab in zip(rows, labels, strict=True)]
+    return Annotations(items, names)
+
+
+def _ssv2_class(entry: dict) -> str | None:
+    if entry.get("template"):
+        return str(entry["template"]).replace("[", "").replace("]", "")
+    if entry.get("label"):
+        return str(entry["label"])
+    return None
+
+
+def read_ssv2_json(path: str | Path, video_root: str | Path | None = None, *,
+                   class_names: list[str]) -> Annotations:
+    """Something-Something list of ``{"id", "template" | "label"}`` entries."""
+    path = Path(path)
+    root = Path(video_root) if video_root else path.parent
+    entries = json.loads(path.read_text())
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and "id" in e for e in entries):
+        raise ValueError(f"{path}: expected a JSON list of objects with an 'id' (Something-Something layout)")
+    lookup = {n: i for i, n in enumerate(class_names)}
+    items, unlabelled, unknown = [], [], set()
+    for e in entries:
+        vid, cls = str(e["id"]), _ssv2_class(e)
+        if cls is None:
+            unlabelled.append(vid)
+            continue
+        if cls not in lookup:
+            unknown.add(cls)
+            continue
+        video = root / f"{vid}.webm"
+        if not video.exists() and (root / f"{vid}.mp4").exists():
+            video = root / f"{vid}.mp4"
+        items.append(VideoItem(str(video), lookup[cls], vid))
+    if unknown:
+        u = sorted(unknown)
+        raise ValueError(f"{path}: classes {u[:5]}{' ...' if len(u) > 5 else ''} are not in the labels file")
+    return Annotations(items, list(class_names), unlabelled)
+
+
+def detect_format(source: str | Path) -> str:
+    """Guess the layout of ``source`` (folder, kinetics_csv, path_csv or ssv2_json)."""
+    p = Path(source)
+    if p.is_dir():
+        return "folder"
+    if not p.exists():
+        raise FileNotFoundError(f"source {p} does not exist")
+    if p.suffix.lower() == ".csv":
+        with open(p, newline="") as f:
+            header = next(csv.reader(f), [])
+        return "kinetics_csv" if "youtube_id" in [h.strip() for h in header] else "path_csv"
+    if p.suffix.lower() == ".json":
+        return "ssv2_json"
+    raise ValueError(f"cannot tell the layout of {p}: expected a folder, a .csv or a .json; set format explicitly")
+
+
+def read_annotations(cfg: ShardWriterConfig) -> Annotations:
+    """Parse ``cfg.source`` in ``cfg.format`` (or the detected one)."""
+    fmt = detect_format(cfg.source) if cfg.format == "auto" else cfg.format
+    classes = load_class_index(cfg.classes_from) if cfg.classes_from else None
+    if fmt == "folder":
+        ann = read_folder(cfg.source, classes)
+    elif fmt == "kinetics_csv":
+        ann = read_kinetics_csv(cfg.source, cfg.video_root, split=cfg.split, class_names=classes)
+    elif fmt == "path_csv":
+        ann = read_path_csv(cfg.source, cfg.video_root, class_names=classes)
+    else:
+        if classes is None and cfg.labels_file is None:
+            raise ValueError("Something-Something JSON needs labels_file (its labels JSON, class name -> index) "
+                             "or classes_from")
+        ann = read_ssv2_json(cfg.source, cfg.video_root,
+                             class_names=classes if classes is not None else load_class_index(cfg.labels_file))
+    if ann.unlabelled:
+        logger.warning("%d entries of %s have no label and are left out (e.g. %s)", len(ann.unlabelled),
+                       cfg.source, ann.unlabelled[0])
+    return ann

@@ -1,0 +1,309 @@
+"""The WebDataset reading pipeline: shards -> samples -> decoded, sampled, augmented uint8 clips -> batches.
+
+The pipeline is an explicit list of stages (``VideoLoader.stages()``, defined in
+:mod:`inti_adapters.data.stages`), in the spirit of open_clip's ``get_wds_dataset`` but driven
+by a typed :class:`DataConfig`:
+
+========================  ======================================================================
+stage                     what it does
+========================  ======================================================================
+``ShardSource``           this reader's shards for the epoch (split by rank, then by worker)
+``ReadSamples``           tar members grouped into samples; counts them (an empty pass is an error)
+``ShuffleSamples``        (train) a seeded shuffle buffer, drained at the end of every pass
+``SkipSamples``           (train) numbers samples; drops the ones of skipped batches *before* decoding
+``DecodeClip``            decode (PyAV / torchcodec), sample frames, crop -> uint8 ``(3, T, H, W)``
+                          (test: ``(V, 3, T, H, W)``); corrupt samples are skipped and counted
+``Batch``                 stack into ``(B, 3, T, H, W)`` / ``(B, V, 3, T, H, W)`` and int64 labels
+``TakeBatches``           (train) stop after this worker's share of the epoch
+========================  ======================================================================
+
+Determinism. Every random choice is drawn from ``numpy`` generators seeded by
+``(seed, epoch, reader slot[, sample number])``, where the reader slot is
+``rank * num_workers + worker``; an epoch is therefore reproducible given
+``(seed, epoch, rank, world_size, num_workers)`` and differs from every other epoch.
+
+Splitting. With at least ``world_size * num_workers`` shards every reader slot reads its own
+shards (disjoint). With fewer shards, every slot reads all shards and keeps every
+``world_size * num_workers``-th sample (still disjoint, more I/O; a warning says so).
+
+Epochs. A training epoch is ``len(loader)`` batches on every rank:
+``train_samples // world_size // batch_size``, rounded down to a multiple of ``num_workers``
+(each worker yields the same share). A reader that exhausts its shards before its share starts
+another, reshuffled pass over them; with ``train_samples`` equal to the data set size and as
+many samples in every reader's shards, one epoch reads every sample once. ``resampled=True``
+draws shards with replacement instead. Evaluation reads every sample exactly once across ranks
+and workers, in a fixed order, keeps a last partial batch, and ranks may get different numbers
+of batches (reduce metrics after the loop, not per batch).
+
+Resuming. ``loader.skip_batches(k)`` before iterating makes the next epoch start at batch
+``k``: the skipped samples are read from the tar files but never decoded, and the batches
+that follow are identical to those of an uninterrupted epoch (unless a corrupt sample falls
+inside the skipped range, which shifts later batch boundaries by one sample).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+import torch
+from torch.utils.data import DataLoader
+from webdataset import DataPipeline
+
+from .config import DataConfig
+from .decode import resolve_decoder
+from .shards import SIZES_FILE
+from .stages import (
+    Batch,
+    DecodeClip,
+    ReaderState,
+    ReadSamples,
+    ShardSource,
+    ShuffleSamples,
+    SkipSamples,
+    TakeBatches,
+)
+
+logger = logging.getLogger("inti_adapters.data")
+
+# ---------------------------------------------------------------------------------------------------
+# shard lists
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def expand_shards(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Expand a shard spec: a brace pattern, a glob, a directory (its ``*.tar``), a path, or a list of these.
+
+    Raises:
+        ValueError: the spec names no shard.
+    """
+    if isinstance(spec, (list, tuple)):
+        out = [s for part in spec for s in expand_shards(part)]
+    elif isinstance(spec, str):
+        out = []
+        for part in braceexpand.braceexpand(spec):
+            if _is_local(part) and os.path.isdir(part):
+                out.extend(sorted(glob.glob(os.path.join(part, "*.tar"))))
+            elif _is_local(part) and any(c in part for c in "*?["):
+                out.extend(sorted(glob.glob(part)))
+            else:
+                out.append(part)
+    else:
+        raise TypeError(f"shards must be a string or a list of strings, got {type(spec).__name__}: {spec!r}")
+    if not out:
+        raise ValueError(f"the shard spec {spec!r} names no shard (empty directory or glob without matches)")
+    missing = [s for s in out if _is_local(s) and not os.path.exists(s)]
+    if missing:
+        raise ValueError(f"{len(missing)} shard(s) of {spec!r} do not exist, e.g. {missing[0]}")
+    return out
+
+
+def _count_tar_samples(path: str) -> int:
+    keys = set()
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if member.isfile():
+                name = os.path.basename(member.name)
+                keys.add(os.path.join(os.path.dirname(member.name), name.split(".", 1)[0]))
+    return len(keys)
+
+
+def read_shard_sizes(shards: list[str]) -> list[int] | None:
+    """Samples per shard, from ``sizes.json`` beside the shards or by reading local tar headers.
+
+    Returns None when some shard is remote and not listed in a ``sizes.json``.
+    """
+    listings: dict[str, dict[str, int]] = {}
+    sizes = []
+    for s in shards:
+        folder, name = os.path.split(s)
+        if folder not in listings:
+            path = os.path.join(folder, SIZES_FILE)
+            listings[folder] = json.loads(Path(path).read_text()) if _is_local(path) and os.path.exists(path) else {}
+        if name in listings[folder]:
+            sizes.append(int(listings[folder][name]))
+        elif _is_local(s):
+            sizes.append(_count_tar_samples(s))
+        else:
+            return None
+    return sizes
+
+
+# ---------------------------------------------------------------------------------------------------
+# the loader
+
+
+class VideoLoader:
+    """An iterable over batches for one rank, with ``set_epoch`` and ``skip_batches``; see the module docstring.
+
+    Training yields ``(uint8 (B, 3, T, H, W), int64 (B,))``; evaluation yields
+    ``(uint8 (B, V, 3, T, H, W), int64 (B,))`` with ``V = num_clips * num_crops``.
+    """
+
+    def __init__(self, cfg: DataConfig, *, train: bool, rank: int = 0, world_size: int = 1, epoch: int = 0) -> None:
+        if not isinstance(cfg, DataConfig):
+            raise TypeError(f"cfg must be a DataConfig, got {type(cfg).__name__}")
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
+        spec = cfg.train_shards if train else cfg.val_shards
+        if spec is None:
+            raise ValueError(f"DataConfig.{'train' if train else 'val'}_shards is None; nothing to read")
+        self.cfg, self.train, self.rank, self.world_size = cfg, train, rank, world_size
+        self.epoch = int(epoch)
+        self.decoder = resolve_decoder(cfg.decoder)
+        self.shards = expand_shards(spec)
+        self.num_workers = cfg.num_workers
+        self.batch_size = cfg.batch_size if train else (cfg.eval_batch_size or cfg.batch_size)
+        slots = world_size * max(1, self.num_workers)
+        self.shard_sizes = read_shard_sizes(self.shards)
+        if len(self.shards) < slots and not (train and cfg.resampled) and rank == 0:
+            logger.warning(
+                "%d shards for %d readers (world_size %d x %d workers): every reader reads every shard and keeps "
+                "1/%d of its samples; write more, smaller shards to avoid the extra reading",
+                len(self.shards), slots, world_size, max(1, self.num_workers), slots)
+        self._pending_skip = 0
+        self._failures = torch.zeros(max(1, self.num_workers) + 1, dtype=torch.int64).share_memory_()
+        if train:
+            total = cfg.train_samples if cfg.train_samples is not None else (
+                sum(self.shard_sizes) if self.shard_sizes is not None else None)
+            if total is None:
+                raise ValueError("cannot size the training epoch: the shards are remote and have no sizes.json; "
+                                 "set DataConfig.train_samples")
+            per_rank_batches = total // world_size // self.batch_size
+            self.batches_per_worker = per_rank_batches // max(1, self.num_workers)
+            if self.batches_per_worker < 1:
+                raise ValueError(
+                    f"an epoch of {total} samples gives {per_rank_batches} batches of {self.batch_size} per rank "
+                    f"(world_size {world_size}), fewer than one per worker ({self.num_workers} workers); lower "
+                    "batch_size or num_workers, or raise train_samples"
+                )
+            self.epoch_samples = total
+
+    # -- epoch control -------------------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch: its shard order, shuffle and augmentations follow from ``(seed, epoch)``."""
+        self.epoch = int(epoch)
+
+    def skip_batches(self, k: int) -> None:
+        """Make the next iteration start at batch ``k`` of the current epoch (training only; for resume)."""
+        if not self.train:
+            raise ValueError("skip_batches applies to training loaders; evaluation always reads everything")
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= len(self):
+            raise ValueError(f"k must be an int in [0, {len(self)}] (batches per epoch), got {k!r}")
+        self._pending_skip = k
+
+    # -- sizes -------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch (evaluation: an upper bound if samples are corrupt)."""
+        workers = max(1, self.num_workers)
+        if self.train:
+            return self.batches_per_worker * workers
+        counts = self._eval_counts()
+        if counts is None:
+            raise TypeError("the number of evaluation batches is unknown: the shards are remote and have no sizes.json")
+        return sum(-(-c // self.batch_size) for c in counts)
+
+    def _eval_counts(self) -> list[int] | None:
+        """Samples each worker of this rank reads in evaluation."""
+        if self.shard_sizes is None:
+            return None
+        workers, slots, n = max(1, self.num_workers), self.world_size * max(1, self.num_workers), len(self.shards)
+        out = []
+        for w in range(workers):
+            slot = self.rank * workers + w
+            if n >= slots:
+                out.append(sum(self.shard_sizes[slot::slots]))
+            else:
+                out.append(len(range(slot, sum(self.shard_sizes), slots)))
+        return out
+
+    @property
+    def num_samples(self) -> int | None:
+        """Samples this rank sees per epoch (training: batches x batch size; evaluation: its share)."""
+        if self.train:
+            return len(self) * self.batch_size
+        counts = self._eval_counts()
+        return None if counts is None else sum(counts)
+
+    @property
+    def corrupt_skipped(self) -> int:
+        """Samples skipped as undecodable since this loader was made (all its workers)."""
+        return int(self._failures.sum())
+
+    # -- iteration -----------------------------------------------------------------------------------------
+
+    def _state(self, worker_override: int | None = None) -> ReaderState:
+        return ReaderState(seed=self.cfg.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size,
+                            num_workers=max(1, self.num_workers), skip=self._pending_skip if self.train else 0,
+                            worker_override=worker_override, failures=self._failures)
+
+    def stages(self, state: ReaderState | None = None) -> list[Any]:
+        """The pipeline stages for one epoch (see the table in the module docstring)."""
+        st = state or self._state()
+        cfg = self.cfg
+        if not self.train:
+            return [ShardSource(self.shards, st, mode="eval", shard_shuffle=False), ReadSamples(),
+                    DecodeClip(cfg, st, train=False, decoder=self.decoder), Batch(self.batch_size, partial=True)]
+        skipper = SkipSamples(st, self.batch_size)
+        return [
+            ShardSource(self.shards, st, mode="resampled" if cfg.resampled else "train",
+                        shard_shuffle=cfg.shard_shuffle),
+            ReadSamples(),
+            ShuffleSamples(st, cfg.shuffle_buffer),
+            skipper,
+            DecodeClip(cfg, st, train=True, decoder=self.decoder),
+            Batch(self.batch_size, partial=False),
+            TakeBatches(skipper, self.batches_per_worker),
+        ]
+
+    def dataset(self) -> DataPipeline:
+        """The ``webdataset.DataPipeline`` of the current epoch (what the DataLoader workers iterate)."""
+        return DataPipeline(self.stages())
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        pipeline = self.dataset()
+        self._pending_skip = 0  # a skip applies to one iteration
+        loader = DataLoader(
+            pipeline, batch_size=None, num_workers=self.num_workers, pin_memory=self.cfg.pin_memory,
+            multiprocessing_context=self.cfg.multiprocessing_context if self.num_workers else None,
+        )
+        return iter(loader)
+
+    def iter_worker(self, worker: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Iterate, in this process, what DataLoader worker ``worker`` would yield (tests, debugging)."""
+        if not 0 <= worker < max(1, self.num_workers):
+            raise ValueError(f"worker must be in [0, {max(1, self.num_workers)}), got {worker}")
+        return iter(DataPipeline(self.stages(self._state(worker_override=worker))))
+
+    def __repr__(self) -> str:
+        kind = "train" if self.train else "eval"
+        return (f"VideoLoader({kind}, {len(self.shards)} shards, rank {self.rank}/{self.world_size}, "
+                f"{self.num_workers} workers, batch {self.batch_size}, epoch {self.epoch})")
+
+
+def build_dataloader(cfg: DataConfig, *, train: bool, rank: int = 0, world_size: int = 1,
+                     epoch: int = 0) -> VideoLoader:
+    """The loader of one rank.
+
+    ``train=True`` yields ``(video uint8 (B, 3, T, H, W), label int64 (B,))``, a fixed number of
+    batches per epoch (``len(loader)``, equal on all ranks), shuffled and augmented from
+    ``(seed, epoch)``. ``train=False`` yields ``(video uint8 (B, V, 3, T, H, W), label int64 (B,))``
+    with ``V = num_clips * num_crops``, every sample exactly once across ranks and workers, in a
+    fixed order. Resume mid-epoch with ``loader.set_epoch(e); loader.skip_batches(k)``.
+    """
+    return VideoLoader(cfg, train=train, rank=rank, world_size=world_size, epoch=epoch)
+

@@ -1,0 +1,338 @@
+"""Write video data sets as WebDataset tar shards (the ``inti-shards`` command).
+
+One sample per video: ``<key>.mp4`` (the encoded video; a copied ``.webm``/``.mkv``/... keeps its
+own extension), ``<key>.cls`` (the integer label as text) and ``<key>.json`` (source path, label,
+class name, frame count, fps, duration, size). Beside the shards the writer leaves
+``classes.json`` (class name -> index), ``sizes.json`` (shard file -> sample count, read by the
+loader to size epochs) and ``manifest.json`` (the bookkeeping that makes runs resumable).
+
+Robustness:
+
+- Videos are assigned to shards deterministically (sorted, then shuffled with ``seed``), so a
+  rerun produces the same shards. A shard is written to ``<name>.tmp`` and renamed only when
+  complete, then recorded in the manifest; rerunning an interrupted command keeps the recorded
+  shards and writes the rest, so no sample is lost or duplicated and no half shard ever has a
+  final name.
+- A video that cannot be read is skipped with one log line and counted, never stopping the run.
+
+    $ inti-shards --source videos/ --output shards/train --samples-per-shard 500 --workers 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import re
+import sys
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .annotations import CLASS_INDEX_FILE, VideoItem, read_annotations, write_class_index
+from .config import VIDEO_EXTENSIONS, ShardWriterConfig, add_dataclass_arguments, dataclass_from_namespace
+from .decode import VideoDecodeError, probe_video, reencode_video
+
+logger = logging.getLogger("inti_adapters.data")
+
+MANIFEST_FILE = "manifest.json"
+SIZES_FILE = "sizes.json"
+MANIFEST_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# writing one shard
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename (never a half-written file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+class ShardSink:
+    """A tar shard written under ``<path>.tmp`` and renamed to ``path`` by :meth:`commit`.
+
+    Used as a context manager, an exception before ``commit`` deletes the temporary file.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
+        self._file = open(self.tmp_path, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
+        self.count = 0
+        self.keys: set[str] = set()
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        """Add one sample: ``members`` maps an extension (``'mp4'``) to the member's bytes."""
+        if "." in key or "/" in key:
+            raise ValueError(f"sample keys may not contain '.' or '/', got {key!r}")
+        if key in self.keys:
+            raise ValueError(f"duplicate sample key {key!r} in {self.path.name}")
+        self.keys.add(key)
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            self._tar.addfile(info, io.BytesIO(data))
+        self.count += 1
+
+    def commit(self) -> int:
+        """Close the tar, flush it to disk and give it its final name; returns its size in bytes."""
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp_path, self.path)
+        return self.path.stat().st_size
+
+    def abort(self) -> None:
+        """Drop the temporary file."""
+        if not self._file.closed:
+            self._tar.close()
+            self._file.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardSink:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or self.tmp_path.exists():
+            self.abort()
+
+
+def sample_key(position: int, source: str) -> str:
+    """A webdataset-safe key: the sample's position in the data set plus a readable stem."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(source).stem)[:60]
+    return f"{position:08d}_{stem}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# preparing one video (runs in worker processes)
+
+
+def prepare_video(path: str, options: dict[str, Any]) -> tuple[bytes, str, dict[str, Any]]:
+    """Read (or re-encode) one video; returns ``(bytes, extension, info)``.
+
+    Raises:
+        VideoDecodeError / OSError: the video is missing or unreadable.
+    """
+    if options["reencode"]:
+        data, info = reencode_video(path, short_side=options["short_side"], fps=options["fps"],
+                                    codec=options["codec"], crf=options["crf"], preset=options["preset"])
+        return data, "mp4", info.to_dict()
+    data = Path(path).read_bytes()
+    info = probe_video(data, full=options["check"] == "full")
+    ext = Path(path).suffix.lower().lstrip(".")
+    return data, (ext if ext in VIDEO_EXTENSIONS else "mp4"), info.to_dict()
+
+
+def _prepare_safe(job: tuple[str, dict[str, Any]]) -> tuple[str, Any]:
+    path, options = job
+    try:
+        return "ok", prepare_video(path, options)
+    except FileNotFoundError:
+        return "skip", "file not found"
+    except (VideoDecodeError, OSError, ValueError) as exc:
+        return "skip", f"unreadable: {exc}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# the whole run
+
+
+@dataclass
+class ShardSummary:
+    """What a :func:`write_shards` run produced (all shards, including ones kept from an earlier run)."""
+
+    output: str
+    shards: list[str]
+    written: int
+    skipped: int
+    bytes: int
+    num_classes: int
+    resumed_shards: int = 0
+    unlabelled: int = 0
+    skipped_videos: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def pattern(self) -> str:
+        """A brace pattern naming every shard (what ``DataConfig.train_shards`` accepts)."""
+        return shard_pattern(self.shards)
+
+    def __str__(self) -> str:
+        mib = self.bytes / 2**20
+        return (f"{self.written} videos written to {len(self.shards)} shards in {self.output} ({mib:.1f} MiB), "
+                f"{self.skipped} skipped, {self.num_classes} classes"
+                + (f", {self.resumed_shards} shards kept from an earlier run" if self.resumed_shards else ""))
+
+
+def shard_pattern(shards: Sequence[str]) -> str:
+    """``dir/prefix-{000000..000009}.tar`` for consecutive shards (a single path for one shard)."""
+    if len(shards) == 1:
+        return shards[0]
+    first, last = Path(shards[0]), Path(shards[-1])
+    m1, m2 = re.match(r"(.*-)(\d{6})\.tar$", first.name), re.match(r"(.*-)(\d{6})\.tar$", last.name)
+    if not (m1 and m2) or m1.group(1) != m2.group(1):
+        raise ValueError(f"shards {first.name} .. {last.name} do not share a '<prefix>-NNNNNN.tar' name")
+    return str(first.parent / f"{m1.group(1)}{{{m1.group(2)}..{m2.group(2)}}}.tar")
+
+
+def _digest(items: Sequence[VideoItem]) -> str:
+    h = hashlib.sha256()
+    for it in items:
+        h.update(f"{it.path}\t{it.label}\n".encode())
+    return h.hexdigest()
+
+
+def _load_manifest(out: Path, cfg: ShardWriterConfig, digest: str, num_shards: int) -> dict[str, Any]:
+    path = out / MANIFEST_FILE
+    fresh = {"version": MANIFEST_VERSION, "fingerprint": cfg.fingerprint(), "items_digest": digest,
+             "num_shards": num_shards, "shards": {}, "complete": False}
+    if not path.exists():
+        return fresh
+    old = json.loads(path.read_text())
+    if cfg.overwrite:
+        for name in old.get("shards", {}):
+            (out / name).unlink(missing_ok=True)
+        return fresh
+    same = (old.get("fingerprint") == cfg.fingerprint() and old.get("items_digest") == digest
+            and old.get("num_shards") == num_shards)
+    if not same:
+        raise ValueError(
+            f"{out} holds shards of a different run (other options {old.get('fingerprint')} or other videos); "
+            "pass overwrite=True (--overwrite) to replace them, or choose another output folder"
+        )
+    return old
+
+
+def _jobs(items: Sequence[VideoItem], shard_ids: Sequence[int], per_shard: int,
+          options: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for s in shard_ids:
+        for it in items[s * per_shard:(s + 1) * per_shard]:
+            yield it.path, options
+
+
+def write_shards(config: ShardWriterConfig | None = None, **options: Any) -> ShardSummary:
+    """Turn a folder tree or an annotation file into WebDataset shards; see the module docstring.
+
+        >>> summary = write_shards(source="videos/", output="shards/", samples_per_shard=500)  # doctest: +SKIP
+        >>> summary.pattern                                                                  # doctest: +SKIP
+        'shards/shard-{000000..000011}.tar'
+
+    Pass either a :class:`ShardWriterConfig` or its fields as keyword arguments.
+    """
+    if config is None:
+        config = ShardWriterConfig(**options)
+    elif options:
+        config = dataclasses.replace(config, **options)
+    cfg = config
+    ann = read_annotations(cfg)
+    items = sorted(ann.items, key=lambda it: (it.path, it.label))
+    if cfg.shuffle:
+        order = np.random.default_rng(cfg.seed).permutation(len(items))
+        items = [items[i] for i in order]
+    per = cfg.samples_per_shard
+    num_shards = -(-len(items) // per)
+    names = [f"{cfg.prefix}-{s:06d}.tar" for s in range(num_shards)]
+
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = _load_manifest(out, cfg, _digest(items), num_shards)
+    for stale in out.glob(f"{cfg.prefix}-*.tar.tmp"):  # left by a run that was killed mid-shard
+        logger.info("removing unfinished shard %s", stale.name)
+        stale.unlink()
+    done = manifest["shards"]
+    for name in list(done):
+        if not (out / name).exists() or (out / name).stat().st_size != done[name]["bytes"]:
+            logger.warning("shard %s is listed as complete but is missing or changed; writing it again", name)
+            del done[name]
+    write_class_index(out / CLASS_INDEX_FILE, ann.class_names)
+    manifest["complete"] = False
+    write_json_atomic(out / MANIFEST_FILE, manifest)
+    resumed = len(done)
+
+    pending = [s for s in range(num_shards) if names[s] not in done]
+    job_options = {k: getattr(cfg, k) for k in ("reencode", "short_side", "fps", "codec", "crf", "preset", "check")}
+    bar = tqdm(total=len(items), initial=sum(d["count"] + len(d["skipped"]) for d in done.values()),
+               unit="video", disable=not cfg.progress, desc=f"shards -> {out}")
+    pool = multiprocessing.get_context().Pool(cfg.workers) if cfg.workers > 1 and pending else None
+    try:
+        jobs = _jobs(items, pending, per, job_options)
+        results = pool.imap(_prepare_safe, jobs, chunksize=2) if pool else map(_prepare_safe, jobs)
+        for s in pending:
+            shard_items = items[s * per:(s + 1) * per]
+            skipped: list[tuple[str, str]] = []
+            with ShardSink(out / names[s]) as sink:
+                for offset, item in enumerate(shard_items):
+                    status, payload = next(results)
+                    if status == "skip":
+                        logger.warning("skipped %s: %s", item.path, payload)
+                        skipped.append((item.source, payload))
+                    else:
+                        data, ext, info = payload
+                        meta = {"source": item.source, "path": item.path, "label": item.label,
+                                "class_name": ann.class_names[item.label], **info}
+                        sink.add(sample_key(s * per + offset, item.source),
+                                 {ext: data, "cls": str(item.label).encode(), "json": json.dumps(meta).encode()})
+                    bar.update(1)
+                count = sink.count
+                size = sink.commit()
+            done[names[s]] = {"index": s, "count": count, "bytes": size, "skipped": skipped}
+            write_json_atomic(out / MANIFEST_FILE, manifest)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+    write_json_atomic(out / SIZES_FILE, {n: done[n]["count"] for n in names})
+    manifest["complete"] = True
+    write_json_atomic(out / MANIFEST_FILE, manifest)
+    skipped_all = [tuple(x) for n in names for x in done[n]["skipped"]]
+    summary = ShardSummary(
+        output=str(out), shards=[str(out / n) for n in names], written=sum(done[n]["count"] for n in names),
+        skipped=len(skipped_all), bytes=sum(done[n]["bytes"] for n in names), num_classes=len(ann.class_names),
+        resumed_shards=resumed, unlabelled=len(ann.unlabelled), skipped_videos=skipped_all,
+    )
+    logger.info("%s", summary)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``inti-shards`` command."""
+    parser = argparse.ArgumentParser(
+        prog="inti-shards",
+        description="Write a folder tree (one sub-folder per class) or a Kinetics / Something-Something "
+                    "annotation file as WebDataset shards. Rerun the same command to resume.",
+    )
+    add_dataclass_arguments(parser, ShardWriterConfig, required=("source", "output"))
+    parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = dataclass_from_namespace(ShardWriterConfig, args)
+        summary = write_shards(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"inti-shards: error: {exc}", file=sys.stderr)
+        return 2
+    print(summary)
+    if summary.shards:
+        print(f"shards: {summary.pattern}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
