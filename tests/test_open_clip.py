@@ -4,6 +4,7 @@ poolers), TimmModel towers around a timm ViT, whole CLIP models, and zero-shot c
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("open_clip")
 
+from open_clip.coca_model import CoCa, MultimodalCfg  # noqa: E402
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg  # noqa: E402
 from open_clip.timm_model import TimmModel  # noqa: E402
 from open_clip.transformer import Transformer, VisionTransformer  # noqa: E402
@@ -41,7 +43,7 @@ VIT_VARIANTS = {
     "seq_first_avg": dict(pool_type="avg"),
 }
 TOWERS = [*VIT_VARIANTS, "timm_token", "timm_avg_trunk_proj"]
-CLIPS = ["clip_vit", "clip_seq_first", "clip_attn_pool", "clip_timm"]
+CLIPS = ["clip_vit", "clip_seq_first", "clip_attn_pool", "clip_timm", "coca"]
 
 
 def _randomise_zero_vectors(model: torch.nn.Module) -> None:
@@ -78,8 +80,15 @@ def make_tower(variant: str, seed: int = 0, **extra) -> torch.nn.Module:
     return visual.eval()
 
 
-def make_clip(variant: str = "clip_vit", seed: int = 0) -> CLIP:
+def make_clip(variant: str = "clip_vit", seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
+    if variant == "coca":  # attentional pooler with output_tokens; encode_image returns the normalised latent
+        vision = CLIPVisionCfg(layers=4, width=WIDTH, head_width=16, patch_size=8, image_size=IMG, mlp_ratio=2.0,
+                               attentional_pool=True, attn_pooler_queries=4, attn_pooler_heads=2, output_tokens=True)
+        multimodal = MultimodalCfg(context_length=CTX, width=32, heads=2, layers=1, vocab_size=100)
+        coca = CoCa(embed_dim=EMBED, multimodal_cfg=multimodal, text_cfg=TEXT, vision_cfg=vision)
+        _randomise_zero_vectors(coca)
+        return coca.eval()
     if variant == "clip_timm":
         vision = CLIPVisionCfg(timm_model_name="vit_tiny_patch16_224", timm_pool="token", timm_proj="linear",
                                image_size=IMG)
@@ -97,14 +106,20 @@ def make_clip(variant: str = "clip_vit", seed: int = 0) -> CLIP:
     return clip.eval()
 
 
-def make_model(variant: str) -> torch.nn.Module:
+@functools.cache
+def _built(variant: str) -> torch.nn.Module:
     return make_clip(variant) if variant in CLIPS else make_tower(variant)
+
+
+def make_model(variant: str) -> torch.nn.Module:
+    """A fresh copy of a tiny model (built once per session: timm's ViT-Ti init is the slow part)."""
+    return copy.deepcopy(_built(variant))
 
 
 def image_output(model: torch.nn.Module, frame: torch.Tensor) -> torch.Tensor:
     """What the image model gives for one frame: visual(image) (pooled only) or the normalised embedding."""
-    if isinstance(model, CLIP):
-        if getattr(model.visual, "output_tokens", False):  # CLIP.encode_image cannot unpack (pooled, tokens)
+    if hasattr(model, "encode_image"):
+        if isinstance(model, CLIP) and getattr(model.visual, "output_tokens", False):  # (pooled, tokens)
             return F.normalize(image_output(model.visual, frame), dim=-1)
         return model.encode_image(frame, normalize=True)
     out = model(frame)
@@ -159,10 +174,10 @@ def test_host_detection_and_basics(variant):
 
 
 def test_layout_is_read_from_the_attention_modules_without_a_batch_first_flag():
-    visual = make_tower("seq_first")
+    visual = make_model("seq_first")
     del visual.transformer.batch_first  # an OpenCLIP release without the flag
     assert resolve_host(visual).batch_first is False
-    assert resolve_host(make_tower("tok")).batch_first is True
+    assert resolve_host(make_model("tok")).batch_first is True
 
 
 # -- the image model, reproduced ------------------------------------------------------------------
@@ -268,7 +283,7 @@ def test_unload_restores_bit_identical_outputs(variant):
 
 
 def test_save_load_round_trip_on_a_clip_visual(tmp_path):
-    visual = make_tower("tok")
+    visual = make_model("tok")
     fresh = copy.deepcopy(visual)
     video_model = ia.inject(visual, layers=[1, 2])
     _perturb(video_model.compressors)
@@ -282,7 +297,7 @@ def test_save_load_round_trip_on_a_clip_visual(tmp_path):
 
 
 def test_save_load_round_trip_of_a_clip_with_a_zero_shot_head(tmp_path):
-    clip = make_clip()
+    clip = make_model("clip_vit")
     fresh = copy.deepcopy(clip)
     classifier = build_zero_shot_classifier(clip, tokenize, ["run", "jump", "swim"], ["a video of {}."])
     video_model = ia.inject(clip, layers=[1], head=ZeroShotHead(classifier, logit_scale=50.0),
@@ -307,10 +322,15 @@ def test_unknown_open_clip_tower_gets_a_clear_error():
         msg = str(err.value)
         assert "ModifiedResNet" in msg and "open_clip:" in msg and "open_clip_timm:" in msg
         assert "register_host" in msg
+    with pytest.raises(UnsupportedHostError, match=r"host 'open_clip' cannot describe .*ModifiedResNet"):
+        ia.inject(resnet_clip, layers=[1], host="open_clip")
+    cnn_tower = TimmModel("resnet10t", embed_dim=EMBED, pool="avg", proj="linear", pretrained=False)
+    with pytest.raises(UnsupportedHostError, match=r"open_clip_timm: missing trunk\.blocks"):
+        ia.inject(cnn_tower, layers=[1])
 
 
 def test_wrong_image_size_is_refused():
-    video_model = ia.inject(make_tower("tok"), layers=[1])
+    video_model = ia.inject(make_model("tok"), layers=[1])
     with pytest.raises(ValueError, match=r"frames are 40x40 .* takes 32x32 .* 4x4 patch grid"):
         video_model(torch.randn(1, 3, 2, 40, 40))
 
@@ -323,23 +343,31 @@ def test_patch_dropout_is_refused_with_inti_layers(variant):
     with pytest.raises(ValueError, match="patch dropout"):
         ia.inject(model, layers=[1])
     ia.inject(model, layers=[])  # the naive baseline does not pair tokens
-    assert not resolve_host(make_tower(variant)).patch_dropout_active()
+    assert not resolve_host(make_model(variant)).patch_dropout_active()
 
 
 # -- freezing ---------------------------------------------------------------------------------------
-def test_freeze_backbone_keeps_the_timm_tower_projection_trainable():
-    clip = make_clip("clip_timm")
-    video_model = ia.inject(clip, layers=[1], freeze_backbone=True)
+def test_lora_preset_targets_the_timm_trunk_only():
+    clip = make_model("clip_timm")
+    targets = set(ia.lora_preset(clip).target_modules)
+    names = [n for n, _ in clip.named_modules() if n.split(".")[-1] in targets]
+    assert names and all(n.startswith("visual.trunk.blocks.") for n in names)
+
+
+@pytest.mark.parametrize("variant, projection", [("clip_timm", "backbone.visual.head.proj.weight"),
+                                                  ("timm_avg_trunk_proj", "backbone.trunk.head.weight")])
+def test_freeze_backbone_keeps_the_timm_tower_projection_trainable(variant, projection):
+    video_model = ia.inject(make_model(variant), layers=[1], freeze_backbone=True)
     trainable = {n for n, p in video_model.named_parameters() if p.requires_grad}
-    assert "backbone.visual.head.proj.weight" in trainable
-    assert not any(n.startswith("backbone.visual.trunk.blocks") or n.startswith("backbone.transformer")
-                   for n in trainable)
+    heads = set(video_model.head_parameter_names())
+    assert projection in trainable and projection in heads
+    assert all(n.startswith("compressors.") or n in heads for n in trainable)
     assert any(n.startswith("compressors.") for n in trainable)
 
 
 @pytest.mark.parametrize("train_head", [True, False])
 def test_freeze_backbone_keeps_the_vit_projection_parameter_trainable(train_head):
-    video_model = ia.inject(make_clip(), layers=[1], freeze_backbone=True, train_head=train_head)
+    video_model = ia.inject(make_model("clip_vit"), layers=[1], freeze_backbone=True, train_head=train_head)
     trainable = {n for n, p in video_model.named_parameters() if p.requires_grad}
     assert ("backbone.visual.proj" in trainable) == train_head  # a bare Parameter, not a module
     assert video_model.head_parameter_names() == ["backbone.visual.proj"]
@@ -353,7 +381,7 @@ TEMPLATES = ["a video of {}.", lambda c: f"someone doing {c}", "{} in slow motio
 
 
 def test_zero_shot_classifier_matches_a_hand_computation():
-    clip = make_clip()
+    clip = make_model("clip_vit")
     classifier = build_zero_shot_classifier(clip, tokenize, CLASSES, TEMPLATES, batch_size=4)
     assert classifier.shape == (EMBED, len(CLASSES))
     torch.testing.assert_close(classifier.norm(dim=0), torch.ones(len(CLASSES)))
@@ -369,7 +397,7 @@ def test_zero_shot_classifier_matches_a_hand_computation():
 
 @pytest.mark.parametrize("variant", ["clip_vit", "clip_timm"])
 def test_zero_shot_logits_and_head_agree_with_the_hand_computation(variant):
-    clip = make_clip(variant)
+    clip = make_model(variant)
     classifier = build_zero_shot_classifier(clip, tokenize, CLASSES, TEMPLATES)
     video = torch.randn(2, 3, 3, IMG, IMG)
     with torch.no_grad():
@@ -385,7 +413,7 @@ def test_zero_shot_logits_and_head_agree_with_the_hand_computation(variant):
 
 
 def test_zero_shot_head_on_the_visual_tower_equals_the_clip_video_model():
-    clip = make_clip()
+    clip = make_model("clip_vit")
     classifier = build_zero_shot_classifier(clip, tokenize, CLASSES, TEMPLATES)
     video, _ = static_video(frames=4)
     video = video + 0.1 * torch.randn_like(video)
@@ -398,7 +426,7 @@ def test_zero_shot_head_on_the_visual_tower_equals_the_clip_video_model():
 
 
 def test_zero_shot_bad_inputs_are_refused():
-    clip = make_clip()
+    clip = make_model("clip_vit")
     with pytest.raises(ValueError, match="placeholder"):
         build_zero_shot_classifier(clip, tokenize, CLASSES, ["a video"])
     with pytest.raises(ValueError, match="class_names"):

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UnsupportedHostError
 from ._base import Host, register_host
 from .timm import TimmHost
 
@@ -68,6 +69,9 @@ class _OpenCLIPHost(Host):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
+        miss = self.missing(model)
+        if miss:  # reached when the host is forced with inject(..., host=name)
+            raise UnsupportedHostError(f"host {self.name!r} cannot describe {_describe(model)}: missing {', '.join(miss)}")
         self.is_clip = _is_full_clip(model)
         self.visual: nn.Module = _tower(model)
         self.prefix = "visual." if self.is_clip else ""
@@ -250,6 +254,7 @@ class OpenCLIPTimmHost(_OpenCLIPHost):
     trunk's pooled features to the embedding). The trunk is described by :class:`TimmHost`."""
 
     tower_class = "TimmModel"
+    lora_target_modules = TimmHost.lora_target_modules  # the trunk's attention; the text tower has none
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
