@@ -23,6 +23,7 @@ from .temporal import (
     register_temporal_adapter,
 )
 from .video import normalize_video
+from .zero_shot import ZeroShotHead, build_zero_shot_classifier, zero_shot_logits
 
 __all__ = [
     "BareBackboneCallError",
@@ -39,8 +40,10 @@ __all__ = [
     "TokenLayout",
     "UnsupportedHostError",
     "VideoContext",
+    "ZeroShotHead",
     "__version__",
     "add_lora",
+    "build_zero_shot_classifier",
     "count_gflops",
     "format_plan",
     "inject",
@@ -55,4 +58,5 @@ __all__ = [
     "register_host",
     "register_temporal_adapter",
     "save_pretrained",
+    "zero_shot_logits",
 ]

@@ -53,15 +53,16 @@ def peft_adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(out.values())
 
 
-def lora_target_modules(backbone: nn.Module) -> list[str]:
-    """Attention module names to adapt for the host of ``backbone`` (``qkv`` / ``attn``)."""
+def lora_target_modules(backbone: nn.Module) -> list[str] | str:
+    """Attention modules to adapt for the host of ``backbone``: names (timm: ``qkv``) or a regex
+    (OpenCLIP: the visual tower's ``attn``, not the text tower's)."""
     from .hosts import resolve_host
 
     host = resolve_host(unwrap_peft(backbone))
     targets = getattr(host, "lora_target_modules", None)
     if not targets:
         raise ValueError(f"host {host.name!r} has no LoRA preset; pass target_modules yourself")
-    return list(targets)
+    return targets if isinstance(targets, str) else list(targets)
 
 
 def lora_preset(backbone: nn.Module, r: int = 16, lora_alpha: int = 16, lora_dropout: float = 0.0, **kwargs: Any):

@@ -41,9 +41,9 @@ class InTIModel(nn.Module):
         config.check_depth(depth)
         if config.layers and host.patch_dropout_active():
             raise ValueError(
-                "the backbone uses patch dropout (patch_drop_rate > 0): it drops different patches in "
-                "every frame, which breaks InTI's pairing of tokens at the same position. Create the "
-                "backbone with patch_drop_rate=0."
+                "the backbone uses patch dropout (timm: patch_drop_rate > 0; OpenCLIP: patch_dropout > 0): it "
+                "drops different patches in every frame, which breaks the pairing of tokens at the same "
+                "position. Create the backbone without patch dropout."
             )
         self.backbone = backbone
         self.config = config
@@ -86,7 +86,7 @@ class InTIModel(nn.Module):
                 # peft's own adapters keep the flag peft gave them (inactive adapters stay frozen)
                 p.requires_grad_(p.requires_grad if id(p) in peft_ids else config.train_head and id(p) in head_ids)
         self._unloaded = False
-        object.__setattr__(host.model, _MARK, True)
+        object.__setattr__(host.blocks, _MARK, True)
 
     # -- hooks ----------------------------------------------------------------------------------
     def _compress_hook(self, key: str):
@@ -300,8 +300,8 @@ class InTIModel(nn.Module):
         self.compressors = nn.ModuleDict()
         self.temporal = nn.ModuleDict()
         self._feature_fuser = None
-        if hasattr(self._host.model, _MARK):
-            object.__delattr__(self._host.model, _MARK)
+        if hasattr(self._host.blocks, _MARK):
+            object.__delattr__(self._host.blocks, _MARK)
         self._unloaded = True
         return self.backbone
 
@@ -349,11 +349,6 @@ def inject(
     """
     if isinstance(unwrap_peft(model), InTIModel):
         raise ValueError("this model is already an InTIModel; inject into its backbone only once")
-    if getattr(unwrap_peft(model), _MARK, False):
-        raise ValueError(
-            f"{type(model).__name__} already has inti_adapters hooks installed; call unload() on the "
-            "existing InTIModel before injecting again"
-        )
     config = InjectConfig(
         layers=tuple(layers) if isinstance(layers, (list, tuple)) else layers,
         compressor=compressor,
@@ -364,4 +359,10 @@ def inject(
         host=host,
         temporal=tuple(temporal),
     )
-    return InTIModel(model, config, resolve_host(unwrap_peft(model), host), head=head)
+    resolved = resolve_host(unwrap_peft(model), host)
+    if getattr(resolved.blocks, _MARK, False):  # the same blocks, maybe reached through another wrapper
+        raise ValueError(
+            f"{type(model).__name__} already has inti_adapters hooks installed on its blocks; call unload() on "
+            "the existing InTIModel before injecting again"
+        )
+    return InTIModel(model, config, resolved, head=head)

@@ -111,3 +111,58 @@ def test_lora_preset():
     assert set(cfg.target_modules) == {"qkv"} and cfg.r == 8
     model = ia.inject(get_peft_model(make_vit(), cfg), layers=[1, 2])
     assert any("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+# -- OpenCLIP: LoRA on nn.MultiheadAttention ------------------------------------------------------
+def _clip():
+    from test_open_clip import make_clip
+
+    return make_clip("clip_vit").eval()
+
+
+def test_openclip_preset_targets_only_the_visual_towers_attention():
+    clip = _clip()
+    cfg = ia.lora_preset(clip, r=4)
+    peft_clip = get_peft_model(clip, cfg)
+    lora = [n for n, p in peft_clip.named_parameters() if "lora_" in n]
+    assert lora and all(".visual.transformer.resblocks." in n for n in lora)
+    assert not any(n.startswith("base_model.model.transformer.") for n in lora)  # the text tower
+
+
+@pytest.mark.parametrize("order", ["before_inject", "after_inject"])
+def test_openclip_lora_both_orders_train_and_round_trip(order, tmp_path):
+    from test_open_clip import IMG as CLIP_IMG
+
+    torch.manual_seed(0)
+    video = torch.randn(2, 3, 4, CLIP_IMG, CLIP_IMG)
+    with torch.no_grad():
+        ref_image = _clip().encode_image(video[:, :, 0], normalize=True)
+    clip = _clip()
+    if order == "before_inject":
+        model = ia.inject(get_peft_model(clip, ia.lora_preset(clip, r=4)), layers=[1, 2])
+    else:
+        model = ia.add_lora(ia.inject(clip, layers=[1, 2]), ia.lora_preset(clip, r=4))
+    with torch.no_grad():  # fresh LoRA + fresh InTI: a static video gives the image embedding
+        static = video[:, :, :1].expand(-1, -1, 4, -1, -1)
+        torch.testing.assert_close(model(static), ref_image, atol=1e-5, rtol=0)
+    trainable = _names(model, lambda n, p: p.requires_grad)
+    assert any("lora_" in n for n in trainable) and any("compressors." in n for n in trainable)
+    assert all("lora_" in n or "compressors." in n or n.endswith("visual.proj") for n in trainable)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(2):
+        opt.zero_grad()
+        model(video).pow(2).sum().backward()
+        opt.step()
+    # peft's LoRA for nn.MultiheadAttention merges into the frozen in_proj weight for each forward and
+    # unmerges afterwards, which is not bit-exact: frozen weights may move by float rounding only
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters()}
+    assert all(moved[n] > 0 for n in trainable)
+    assert max(d for n, d in moved.items() if n not in trainable) < 1e-6
+    model.eval()
+    with torch.no_grad():
+        ref = model(video)
+    ia.save_pretrained(model, tmp_path)
+    loaded = ia.load_pretrained(_clip(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(video), ref, atol=1e-6, rtol=0)  # MHA merge/unmerge rounding

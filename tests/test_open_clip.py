@@ -439,3 +439,10 @@ def test_zero_shot_bad_inputs_are_refused():
         zero_shot_logits(torch.randn(2, 16), torch.randn(32, 5))
     with pytest.raises(ValueError, match="embed_dim, num_classes"):
         ZeroShotHead(torch.randn(32))
+
+
+def test_injecting_the_tower_of_an_injected_clip_model_is_refused():
+    clip = make_clip("clip_vit")
+    ia.inject(clip, layers=[1])
+    with pytest.raises(ValueError, match="already has inti_adapters hooks"):
+        ia.inject(clip.visual, layers=[2])

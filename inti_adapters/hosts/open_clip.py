@@ -25,6 +25,8 @@ modules in the model's MRO, so importing inti_adapters never requires OpenCLIP.
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Sequence
 
 import torch
@@ -191,6 +193,12 @@ class OpenCLIPHost(_OpenCLIPHost):
 
     def head_module_names(self) -> list[str]:
         return [self.prefix + "proj"]
+
+    @property
+    def lora_target_modules(self) -> str:  # type: ignore[override]
+        """The visual tower's ``nn.MultiheadAttention`` modules only (a regex: the text tower's
+        blocks have the same relative names, and may sit under ``backbone.`` after inject)."""
+        return rf"(.*\.)?{re.escape(self.prefix)}transformer\.resblocks\.\d+\.attn"
 
     # -- computation ----------------------------------------------------------------------------
     @property
