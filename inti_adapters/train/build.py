@@ -1,0 +1,181 @@
+"""Build the video model of a recipe: backbone (timm / OpenCLIP, pretrained or a local file),
+LoRA, then ``inject`` with the recipe's compressor layers and temporal adapters."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..lora import unwrap_peft
+from ..model import InTIModel, inject
+from ..video import MEAN_STD
+from .config import ConfigError, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+_WRAPPER_KEYS = ("state_dict", "model", "module", "model_state", "state_dict_ema")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a local weights file: ``.safetensors`` or a torch file read with ``weights_only=True``.
+
+    Common wrappers (``{'state_dict': ...}``, ``{'model': ...}``) and DDP ``module.`` prefixes are
+    removed. Pickled objects other than tensors and plain containers are refused by torch.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model.checkpoint: no such file {path!r}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd: Any = load_file(path)
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle.UnpicklingError and friends
+            raise ValueError(
+                f"cannot read {path} with torch.load(weights_only=True): {e}. Only tensors and plain "
+                "containers are accepted; re-save the weights with torch.save(model.state_dict()) or safetensors."
+            ) from None
+    while isinstance(sd, dict) and not any(isinstance(v, torch.Tensor) for v in sd.values()):
+        key = next((k for k in _WRAPPER_KEYS if isinstance(sd.get(k), dict)), None)
+        if key is None:
+            raise ValueError(f"{path} holds no tensors at its top level and none of the wrappers {_WRAPPER_KEYS}; "
+                             f"found keys {list(sd)[:8]}")
+        sd = sd[key]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path} does not hold a state dict (got {type(sd).__name__})")
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike, head_names: tuple[str, ...] = ("head",)) -> None:
+    """Load a local weights file into ``backbone`` (a timm model or an OpenCLIP visual tower).
+
+    For timm models the model family's ``checkpoint_filter_fn`` runs first, so OpenAI / OpenCLIP
+    layouts and other position-table sizes convert as they do for timm's own weights. A
+    classifier of another shape (different class count) is skipped with a warning; any other
+    missing or mis-shaped tensor is an error.
+    """
+    sd = read_state_dict(path)
+    if type(backbone).__module__.startswith("timm."):
+        filter_fn = getattr(sys.modules.get(type(backbone).__module__), "checkpoint_filter_fn", None)
+        if filter_fn is not None:
+            sd = filter_fn(sd, backbone)
+    elif any(k.startswith("visual.") for k in sd):  # a whole CLIP model: keep its vision tower
+        sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+    own = backbone.state_dict()
+    is_head = tuple(f"{h}." for h in head_names)
+    if not any(k in own for k in sd):
+        raise ValueError(f"no tensor of {path} matches {type(backbone).__name__}: the file has e.g. "
+                         f"{sorted(sd)[:4]}, the model expects e.g. {sorted(own)[:4]}")
+    load = {}
+    for k, v in sd.items():
+        if k in own and own[k].shape != v.shape:
+            if k.startswith(is_head):
+                logger.warning("not loading %s from %s: shape %s != model's %s (another class count)",
+                               k, path, tuple(v.shape), tuple(own[k].shape))
+                continue
+            raise ValueError(f"{path}: tensor {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+        load[k] = v
+    result = backbone.load_state_dict(load, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(is_head)]
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} backbone tensors, e.g. {missing[:5]}")
+    if result.unexpected_keys:
+        logger.warning("ignored %d tensors of %s the model does not have, e.g. %s",
+                       len(result.unexpected_keys), path, result.unexpected_keys[:5])
+
+
+def create_backbone(cfg: ModelConfig, num_classes: int, *, lora: bool = True) -> tuple[nn.Module, nn.Module | None]:
+    """The image backbone with its weights, plus a head when the backbone has none.
+
+    timm models get ``num_classes`` outputs in their own head; an OpenCLIP visual tower gets a
+    new ``nn.Linear`` head on its projected features. With ``model.lora`` (and ``lora=True``) the
+    backbone comes back as a peft ``PeftModel`` (LoRA before ``inject``, the composition
+    :mod:`inti_adapters.lora` documents); pass ``lora=False`` to get the plain backbone that
+    :func:`inti_adapters.load_pretrained` expects (it restores a saved LoRA part itself).
+    """
+    kwargs = dict(cfg.model_kwargs)
+    head: nn.Module | None = None
+    if cfg.source == "timm":
+        import timm
+
+        backbone = timm.create_model(cfg.name, pretrained=bool(cfg.pretrained) and cfg.checkpoint is None,
+                                     num_classes=num_classes, **kwargs)
+        clf = getattr(backbone, "pretrained_cfg", {}).get("classifier") or "head"
+        head_names = (clf,) if isinstance(clf, str) else tuple(clf)
+    else:
+        import open_clip
+
+        tag = cfg.pretrained if isinstance(cfg.pretrained, str) and cfg.checkpoint is None else None
+        clip = open_clip.create_model(cfg.name, pretrained=tag, **kwargs)
+        backbone = clip.visual
+        head = nn.Linear(int(backbone.output_dim), num_classes)
+        head_names = ()
+    if cfg.checkpoint is not None:
+        load_backbone_weights(backbone, cfg.checkpoint, head_names)
+    if cfg.lora is not None and lora:
+        from peft import LoraConfig, get_peft_model
+
+        from ..lora import lora_target_modules
+
+        options = {"target_modules": None, **cfg.lora}
+        if options["target_modules"] is None:
+            options["target_modules"] = lora_target_modules(backbone)
+        try:
+            backbone = get_peft_model(backbone, LoraConfig(**options))
+        except TypeError as e:
+            raise ConfigError(f"model.lora: {e}") from None
+    return backbone, head
+
+
+def resolve_temporal(spec: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A preset name of :data:`inti_adapters.temporal.PRESETS` -> its adapter specs; lists pass through.
+
+    The temporal package is imported only when a preset name is used.
+    """
+    if not isinstance(spec, str):
+        return [dict(s) for s in spec]
+    from ..temporal import PRESETS
+
+    if spec not in PRESETS:
+        raise ConfigError(f"model.temporal: unknown preset {spec!r}; presets: {sorted(PRESETS)} (or give a list "
+                          "of adapter specs)")
+    return [dict(s) for s in PRESETS[spec]]
+
+
+def mean_std_of(cfg: ModelConfig, backbone: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalisation of uint8 clips: explicit, a named preset, or the backbone's own (``auto``)."""
+    if isinstance(cfg.mean_std, list):
+        return tuple(cfg.mean_std[0]), tuple(cfg.mean_std[1])
+    if cfg.mean_std != "auto":
+        return MEAN_STD[cfg.mean_std]
+    pcfg = getattr(backbone, "pretrained_cfg", None) or getattr(backbone, "preprocess_cfg", None) or {}
+    if pcfg.get("mean") is not None and pcfg.get("std") is not None:
+        return tuple(pcfg["mean"]), tuple(pcfg["std"])
+    return MEAN_STD["clip"]
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> tuple[InTIModel, tuple[tuple[float, ...], tuple[float, ...]]]:
+    """The video model of a recipe and the mean/std its uint8 input is normalised with.
+
+    Example:
+        >>> from inti_adapters.train import ModelConfig, build_model
+        >>> cfg = ModelConfig(name="vit_tiny_patch16_224", layers=[4, 6], model_kwargs={"img_size": 64})
+        >>> model, mean_std = build_model(cfg, num_classes=10)   # doctest: +SKIP
+    """
+    backbone, head = create_backbone(cfg, num_classes)
+    model = inject(backbone, layers=list(cfg.layers), compressor=cfg.compressor, head=head,
+                   freeze_backbone=True if cfg.freeze_backbone else None,  # None: frozen under LoRA only
+                   train_head=cfg.train_head, temporal=resolve_temporal(cfg.temporal), **cfg.compressor_config)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model, mean_std_of(cfg, unwrap_peft(backbone))

@@ -1,0 +1,199 @@
+"""Training checkpoints (DeepSpeed engine + loop state + RNG) and the ZeRO-aware adapter export.
+
+Layout under ``<output_dir>/checkpoints``::
+
+    step_00000400/          DeepSpeed's files for that step (model, optimizer shards, scheduler,
+                            client state) + rng_rank{r}.pt per rank
+    last_good               name of the newest *complete* checkpoint
+
+DeepSpeed's own ``latest`` file is not written. ``last_good`` is replaced atomically only
+after every rank finished writing, so a crash in the middle of a save leaves the previous
+checkpoint as the one a resume picks up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .distributed import barrier
+
+logger = logging.getLogger(__name__)
+
+POINTER = "last_good"
+_TAG = re.compile(r"^step_(\d{8,})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# -- RNG state, saved as tensors and plain values (readable with weights_only=True) --------------
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) generator states of this process."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "python": (py_version, torch.tensor(py_state, dtype=torch.int64), py_gauss),
+        "numpy": (np_name, torch.from_numpy(np.asarray(np_keys, dtype=np.int64)), int(np_pos), int(np_has_gauss),
+                  float(np_gauss)),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py_version, py_state, py_gauss = state["python"]
+    random.setstate((py_version, tuple(int(v) for v in py_state.tolist()), py_gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointManager:
+    """Save / find / load training checkpoints of a DeepSpeed engine under ``root``."""
+
+    def __init__(self, root: str | os.PathLike, *, rank: int, keep_last: int = 2) -> None:
+        self.root = Path(root)
+        self.rank = rank
+        self.keep_last = keep_last
+
+    def latest(self) -> str | None:
+        """Tag of the newest complete checkpoint, or None."""
+        pointer = self.root / POINTER
+        if not pointer.is_file():
+            return None
+        tag = pointer.read_text().strip()
+        return tag if (self.root / tag).is_dir() else None
+
+    def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> str:
+        """Collective: every rank calls it. Returns the tag written."""
+        tag = tag_for(step)
+        self.root.mkdir(parents=True, exist_ok=True)
+        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        rng_path = self.root / tag / f"rng_rank{self.rank}.pt"
+        tmp = rng_path.with_suffix(".pt.tmp")
+        torch.save(rng_state(), tmp)
+        os.replace(tmp, rng_path)
+        barrier()  # every rank's files are complete before the pointer moves
+        if self.rank == 0:
+            _atomic_write_text(self.root / POINTER, tag + "\n")
+            self._prune(keep=tag)
+        barrier()
+        return tag
+
+    def _prune(self, keep: str) -> None:
+        tags = sorted(p.name for p in self.root.iterdir() if p.is_dir() and _TAG.match(p.name))
+        complete = [t for t in tags if t <= keep]
+        for tag in complete[: -self.keep_last]:
+            shutil.rmtree(self.root / tag, ignore_errors=True)
+
+    def load(self, engine: Any, tag: str | None = None) -> dict[str, Any]:
+        """Restore engine (model, optimizer, scheduler) and this rank's RNG; return the client state."""
+        tag = tag or self.latest()
+        if tag is None:
+            raise FileNotFoundError(f"no complete checkpoint under {self.root} (no {POINTER} file)")
+        path, client_state = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
+        if path is None or client_state is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root / tag}")
+        rng_path = self.root / tag / f"rng_rank{self.rank}.pt"
+        if rng_path.is_file():
+            set_rng_state(torch.load(rng_path, weights_only=True))
+        else:
+            logger.warning("no RNG state for rank %d in %s (different world size?); RNG not restored",
+                           self.rank, self.root / tag)
+        return client_state
+
+
+def resolve_resume(resume: str, checkpoints: Path) -> tuple[Path, str] | None:
+    """``train.resume`` -> (checkpoints root, tag) to load, or None to start fresh."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        tag = CheckpointManager(checkpoints, rank=0).latest()
+        return (checkpoints, tag) if tag else None
+    path = Path(resume).expanduser()
+    if (path / POINTER).is_file():
+        tag = CheckpointManager(path, rank=0).latest()
+        if tag is None:
+            raise FileNotFoundError(f"train.resume={resume}: {POINTER} points to a missing checkpoint")
+        return path, tag
+    if path.is_dir() and _TAG.match(path.name):
+        return path.parent, path.name
+    raise FileNotFoundError(f"train.resume={resume!r}: expected 'auto', 'never', a checkpoints directory "
+                            f"(with a {POINTER} file) or one of its step_* directories")
+
+
+# -- export ---------------------------------------------------------------------------------------
+def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
+    """The full state dict of ``engine.module`` in float32 on rank 0 (None on other ranks).
+
+    Collective. Under ZeRO-3 every partitioned parameter is gathered (one at a time, so the peak
+    memory stays one tensor); under bf16 the trainable parameters come from the optimizer's
+    fp32 master copies rather than the bf16 working weights.
+    """
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    mixed = engine.bfloat16_enabled() or engine.fp16_enabled()
+    out: dict[str, torch.Tensor] = {}
+    for key, t in engine.module.state_dict(keep_vars=True).items():
+        full = None
+        if isinstance(t, nn.Parameter) and mixed and t.requires_grad:
+            full = safe_get_full_fp32_param(t)
+        if full is None:
+            gather = hasattr(t, "ds_id") and isinstance(t, nn.Parameter)
+            with deepspeed.zero.GatheredParameters([t], modifier_rank=None) if gather else nullcontext():
+                full = t.detach().clone() if rank0 else None
+        if rank0:
+            full = full.detach().cpu()
+            out[key] = full.float() if full.is_floating_point() else full
+    return out if rank0 else None
+
+
+def export_adapter(engine: Any, directory: str | os.PathLike) -> None:
+    """Collective: gather the weights and write ``save_pretrained`` files on rank 0.
+
+    A peft part (LoRA) is written by peft from the live modules, so under ZeRO-3 its parameters
+    are gathered around the save as well.
+    """
+    import deepspeed
+
+    from ..lora import peft_adapter_parameters
+
+    state = consolidated_state_dict(engine)
+    peft = peft_adapter_parameters(engine.module) if engine.zero_optimization_partition_weights() else []
+    with deepspeed.zero.GatheredParameters(peft, modifier_rank=None) if peft else nullcontext():
+        if state is not None:
+            engine.module.save_pretrained(str(directory), state_dict=state)
+    barrier()

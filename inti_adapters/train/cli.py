@@ -1,0 +1,145 @@
+"""``inti-train`` and ``inti-eval``.
+
+    inti-train --config recipes/k400_vitb16_inti.yaml [section.key=value ...] [--smoke]
+    inti-eval  --config recipes/k400_vitb16_inti.yaml [--checkpoint runs/k400_vitb16_inti/final]
+
+Launch on GPUs with ``deepspeed --module inti_adapters.train --config ...`` (``--hostfile`` for
+several nodes) or ``torchrun --nproc_per_node 8 -m inti_adapters.train --config ...``; on a CPU
+machine ``inti-train`` alone runs a single gloo process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, help_text, load_config
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", help="YAML recipe (see recipes/)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="override recipe values, e.g. optim.lr=1e-5 train.output_dir=runs/x")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny backbone of the same family + synthetic data, one step: checks a recipe runs")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its help and exit")
+    # the deepspeed launcher appends --local_rank=N; the rank is read from the environment instead
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _load(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    if args.help_config:
+        print(help_text())
+        raise SystemExit(0)
+    if args.config is None:
+        parser.error("--config is required (a recipe such as recipes/digits_cpu.yaml)")
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as e:
+        parser.error(str(e))
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``inti-train``."""
+    parser = _parser("inti-train", "Train a video model with InTI / temporal adapters / LoRA under DeepSpeed.")
+    args = parser.parse_args(argv)
+    cfg = _load(parser, args)
+    factory = None
+    if args.smoke:
+        from .smoke import smoke_config, smoke_loader_factory
+
+        cfg = smoke_config(cfg)
+        factory = smoke_loader_factory(cfg)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    _setup_logging()
+    from .engine import Trainer
+
+    try:
+        result = Trainer(cfg, loader_factory=factory).fit()
+    except ConfigError as e:
+        parser.error(str(e))
+    if int(os.environ.get("RANK", "0")) == 0:
+        last = f", loss {result.history[-1][1]:.4f}" if result.history else ""
+        val = f", val {result.eval.summary()}" if result.eval else ""
+        print(f"inti-train: done at step {result.step}{last}{val}; adapter saved to {result.export_dir}")
+    return 0
+
+
+def _eval_model(cfg, num_classes: int, checkpoint: str | None, smoke: bool):
+    """The model ``inti-eval`` scores: the saved adapter (+ backbone) or, with ``--smoke``, a fresh one."""
+    from ..serialization import load_pretrained
+    from .build import build_model, create_backbone, mean_std_of
+
+    if smoke:  # nothing was trained: a fresh tiny model checks the pipeline
+        return build_model(cfg.model, num_classes)
+    ckpt = Path(checkpoint or cfg.eval.checkpoint or Path(cfg.train.output_dir) / "final").expanduser()
+    backbone, head = create_backbone(cfg.model, num_classes, lora=False)  # a saved LoRA part loads itself
+    return load_pretrained(backbone, ckpt, head=head, is_trainable=False), mean_std_of(cfg.model, backbone)
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``inti-eval``: multi-view top-1 / top-5 and GFLOPs per view."""
+    parser = _parser("inti-eval", "Multi-view evaluation (clips x crops, averaged softmax) of a saved adapter.")
+    parser.add_argument("--checkpoint", help="directory written by save_pretrained (default: eval.checkpoint, "
+                                             "else <train.output_dir>/final)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    cfg = _load(parser, args)
+    _setup_logging()
+    from ..flops import count_gflops
+    from .distributed import setup_distributed
+    from .engine import data_value, real_data
+    from .evaluate import evaluate
+
+    factory, data_cfg, num_classes = None, None, cfg.model.num_classes
+    if args.smoke:
+        from .smoke import smoke_config, smoke_loader_factory
+
+        cfg = smoke_config(cfg)
+        factory, num_classes = smoke_loader_factory(cfg), cfg.model.num_classes
+    info = setup_distributed(cfg.train.backend, use_deepspeed=False)
+    try:
+        if factory is None:
+            data = real_data(cfg, info)
+            factory, data_cfg, num_classes = data.factory, data.data_config, num_classes or data.num_classes
+        if not num_classes:
+            raise ConfigError("model.num_classes is null and no built-in data set gives it; set model.num_classes")
+        model, mean_std = _eval_model(cfg, num_classes, args.checkpoint, args.smoke)
+        frames, size = data_value(cfg, data_cfg, "num_frames"), data_value(cfg, data_cfg, "crop_size")
+    except (ConfigError, FileNotFoundError) as e:
+        parser.error(str(e))
+    model = model.to(info.device).eval()
+    loader = factory(False, info.rank, info.world_size, 0)
+    if loader is None:
+        parser.error("the recipe has no evaluation data (data.val_shards)")
+    bf16 = cfg.train.bf16 and info.device.type == "cuda"
+    with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=bf16):
+        view = torch.zeros(1, 3, frames, size, size, device=info.device)
+        gflops = count_gflops(model, view) if cfg.eval.flops else None
+        result = evaluate(model, loader, device=info.device, mean_std=mean_std,
+                          clips_per_forward=cfg.eval.clips_per_forward, max_batches=cfg.eval.max_batches)
+    result.gflops_per_view = gflops
+    if info.is_main:
+        clips, crops = data_value(cfg, data_cfg, "num_clips", 1), data_value(cfg, data_cfg, "num_crops", 1)
+        print(f"inti-eval: {result.summary()} [{clips} clips x {crops} crops]")
+        if args.json:
+            Path(args.json).write_text(json.dumps(vars(result), indent=2) + "\n")
+    return 0

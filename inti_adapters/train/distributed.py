@@ -1,0 +1,113 @@
+"""Process-group setup that works under ``deepspeed``, ``torchrun`` and as a lone process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+TORCH_EXTENSIONS_DIR = os.path.join("~", ".cache", "inti_adapters", "torch_extensions")
+_MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def set_env_defaults() -> None:
+    """Fill in what a launcher would set, for a single process started without one.
+
+    Also points ``TORCH_EXTENSIONS_DIR`` at a persistent cache, so DeepSpeed's CPU
+    communication op is compiled once (~30 s) and reused by later runs.
+    """
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser(TORCH_EXTENSIONS_DIR))
+    if any(k in os.environ for k in _MPI_VARS):
+        return  # an MPI launch: deepspeed.init_distributed discovers ranks and the master itself
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("LOCAL_RANK", "0")
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def setup_distributed(backend: str | None = None, *, use_deepspeed: bool = True) -> DistInfo:
+    """Initialise ``torch.distributed`` once (reused if already initialised) and pick the device.
+
+    Args:
+        backend: ``nccl`` / ``gloo`` / ...; None picks nccl with CUDA, gloo without.
+        use_deepspeed: Initialise through ``deepspeed.init_distributed`` (also discovers MPI
+            launches); otherwise plain ``torch.distributed.init_process_group``.
+    """
+    set_env_defaults()
+    backend = backend or default_backend()
+    if not dist.is_initialized():
+        if use_deepspeed:
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend=backend)
+        else:
+            dist.init_process_group(backend=backend)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def _distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum a few numbers over all ranks (float64)."""
+    if not _distributed():
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_reduce_max(values: list[int]) -> list[int]:
+    """Element-wise maximum of a few integers over all ranks."""
+    if not _distributed():
+        return [int(v) for v in values]
+    t = torch.tensor(values, dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [int(v) for v in t.tolist()]
+
+
+def barrier() -> None:
+    if _distributed():
+        dist.barrier()

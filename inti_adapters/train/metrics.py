@@ -1,0 +1,85 @@
+"""Metrics on rank 0: a CSV file (always) and TensorBoard (when it is installed)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+FIELDS = ("step", "epoch", "split", "loss", "lr", "clips_per_s", "top1", "top5")
+
+
+class MetricsLogger:
+    """Append rows to ``<out>/metrics.csv`` and mirror scalars to TensorBoard.
+
+    On resume from step ``s``, rows written after ``s`` by the interrupted run are dropped, so
+    the file holds one continuous curve.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, *, enabled: bool, tensorboard: bool = True,
+                 resume_step: int | None = None) -> None:
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.csv"
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and resume_step is not None:
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+            self._write(rows, mode="w")
+        elif not self.path.exists() or resume_step is None:
+            self._write([], mode="w")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                logger.info("tensorboard is not installed; metrics go to %s only", self.path)
+            else:
+                self._tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"), purge_step=resume_step)
+
+    def _write(self, rows: list[dict[str, Any]], mode: str) -> None:
+        with open(self.path, mode, newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            if mode == "w":
+                writer.writeheader()
+            writer.writerows(rows)
+
+    def log(self, step: int, epoch: int, split: str, **values: float) -> None:
+        """One row; ``values`` are any of loss, lr, clips_per_s, top1, top5."""
+        if not self.enabled:
+            return
+        unknown = set(values) - set(FIELDS)
+        if unknown:
+            raise ValueError(f"unknown metrics {sorted(unknown)}; known: {FIELDS[3:]}")
+        self._write([{"step": step, "epoch": epoch, "split": split, **values}], mode="a")
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(f"{split}/{k}", v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a metrics CSV with numbers parsed (empty cells -> None)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for r in rows:
+        parsed: dict[str, Any] = {}
+        for k, v in r.items():
+            if k == "split":
+                parsed[k] = v
+            elif v in ("", None):
+                parsed[k] = None
+            else:
+                parsed[k] = int(v) if k in ("step", "epoch") else float(v)
+        out.append(parsed)
+    return out
