@@ -110,6 +110,7 @@ def save_pretrained(
     peft_inner = model.backbone if is_peft_model(model.backbone) else None
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
+    outer_state_dict = state_dict
     if state_dict is not None and peft_outer is not None:
         prefix = "base_model.model."
         state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
@@ -136,7 +137,11 @@ def save_pretrained(
     if peft_model is not None:
         config["peft"] = {"order": "after_inject" if peft_outer is not None else "before_inject",
                           "subfolder": PEFT_SUBFOLDER}
-        peft_model.save_pretrained(str(out / PEFT_SUBFOLDER))
+        peft_sd = None  # a given (e.g. ZeRO-3-gathered) state dict must feed peft's file too
+        if outer_state_dict is not None:
+            peft_sd = outer_state_dict if peft_outer is not None else {
+                k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+        peft_model.save_pretrained(str(out / PEFT_SUBFOLDER), state_dict=peft_sd)
     meta = {"format": "pt", "inti_adapters_version": __version__}
     _atomic_write(out / ADAPTER_WEIGHTS_NAME,
                   lambda p: save_file(_saveable({k: sd[k] for k in keys}), p, metadata=meta))

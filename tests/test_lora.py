@@ -166,3 +166,23 @@ def test_openclip_lora_both_orders_train_and_round_trip(order, tmp_path):
     loaded = ia.load_pretrained(_clip(), tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(video), ref, atol=1e-6, rtol=0)  # MHA merge/unmerge rounding
+
+
+@pytest.mark.parametrize("order", ["before_inject", "after_inject"])
+def test_given_state_dict_feeds_the_peft_file_too(order, tmp_path):
+    """What a ZeRO-3 export does: the live modules are empty, the gathered state dict is not."""
+    if order == "before_inject":
+        model = ia.inject(get_peft_model(make_vit(), LoraConfig(**LORA)), layers=[1, 2])
+    else:
+        model = ia.add_lora(ia.inject(make_vit(), layers=[1, 2]), LoraConfig(**LORA))
+    model.train()
+    _train_two_steps(model, VIDEO, TARGET)
+    gathered = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = model.eval()(VIDEO)
+        for p in model.parameters():  # what the live modules look like when partitioned
+            p.zero_()
+    ia.save_pretrained(model, tmp_path, state_dict=gathered)
+    loaded = ia.load_pretrained(make_vit(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(VIDEO), ref, atol=0, rtol=0)
