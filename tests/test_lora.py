@@ -186,3 +186,22 @@ def test_given_state_dict_feeds_the_peft_file_too(order, tmp_path):
     loaded = ia.load_pretrained(make_vit(), tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(VIDEO), ref, atol=0, rtol=0)
+
+
+def test_composed_model_under_compile_and_bf16_autocast():
+    """InTI + temporal adapters + LoRA together: torch.compile equals eager, bf16 autocast runs."""
+    model = ia.inject(get_peft_model(make_vit(), LoraConfig(**LORA)), layers=[1, 2], temporal=[
+        {"name": "local_mhra", "blocks": "all"}, {"name": "global_mhra", "blocks": {"last": 2}}])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # non-trivial adapters and LoRA
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    model.eval()
+    with torch.no_grad():
+        ref = model(VIDEO)
+        out = torch.compile(model, backend="aot_eager")(VIDEO)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(VIDEO)
+    torch.testing.assert_close(low.float(), ref, atol=0.1, rtol=0.1)
