@@ -55,7 +55,7 @@ def plot(rows: dict[str, dict], path: Path) -> None:
         if a > best:
             front.append((g, a))
             best = a
-    ax.plot(*zip(*front), "k--", lw=0.8, label="Pareto front")
+    ax.plot([g for g, _ in front], [a for _, a in front], "k--", lw=0.8, label="Pareto front")
     ax.set_xlabel("GFLOPs per clip (8 x 64^2)")
     ax.set_ylabel("top-1 (40 classes)")
     ax.set_title("Built-in moving digits: accuracy vs cost")

@@ -159,8 +159,8 @@ def main(argv: list[str] | None = None) -> None:
                            steps_per_epoch=args.steps_per_epoch, lr=args.lr)
 
     naive = rows["naive"]
-    head = (f"| variant | top-1 | digit | direction | axis | GFLOPs/clip | vs naive | train time |\n"
-            f"|---|---|---|---|---|---|---|---|")
+    head = ("| variant | top-1 | digit | direction | axis | GFLOPs/clip | vs naive | train time |\n"
+            "|---|---|---|---|---|---|---|---|")
     lines = [head]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['accuracy']:.1%} | {r['digit']:.1%} | {r['direction']:.1%} | {r['axis']:.1%} | "

@@ -194,7 +194,7 @@ def test_composed_model_under_compile_and_bf16_autocast():
         {"name": "local_mhra", "blocks": "all"}, {"name": "global_mhra", "blocks": {"last": 2}}])
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # non-trivial adapters and LoRA
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
     model.eval()

@@ -26,7 +26,6 @@ modules in the model's MRO, so importing inti_adapters never requires OpenCLIP.
 from __future__ import annotations
 
 import re
-
 from collections.abc import Sequence
 
 import torch
