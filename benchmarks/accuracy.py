@@ -28,7 +28,7 @@ VARIANTS = {
     "InTI [2, 3]": dict(layers=[2, 3], temporal=[]),
     "linear_pool [1, 2]": dict(layers=[1, 2], temporal=[], compressor="linear_pool"),
     "conv_pool [1, 2]": dict(layers=[1, 2], temporal=[], compressor="conv_pool"),
-    "tome r=16 [0..3]": dict(layers=[0, 1, 2, 3], temporal=[], compressor="tome", compressor_config={"r": 16}),
+    "tome r=9 [0, 1, 2]": dict(layers=[0, 1, 2], temporal=[], compressor="tome", compressor_config={"r": 9}),
     "InTI [1, 2] + local temporal": dict(layers=[1, 2], temporal=LOCAL),
 }
 

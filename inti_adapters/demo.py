@@ -117,7 +117,9 @@ def adapt(name: str, spec: dict, *, checkpoint: Path, ds, run_dir: Path, epochs:
         f"model.temporal={json.dumps(spec['temporal'])}", f"model.model_kwargs={json.dumps(MODEL_KWARGS)}",
         f"model.mean_std={MEAN_STD}", f"builtin_data.root={ds.root}", f"train.output_dir={run_dir}",
         f"train.epochs={epochs}", f"train.steps_per_epoch={steps_per_epoch}", "train.resume=never",
-        "train.eval_every_epochs=0", f"train.save_every={10 ** 9}", f"optim.lr={lr}",
+        "train.eval_every_epochs=0", f"train.save_every={10 ** 9}", f"optim.lr={lr}", f"train.seed={seed}",
+        f"model.compressor={spec.get('compressor', 'inti')}",
+        f"model.compressor_config={json.dumps(spec.get('compressor_config', {}))}",
     ]
     cfg = load_config(RECIPE, overrides)
     t0 = time.perf_counter()
@@ -127,6 +129,9 @@ def adapt(name: str, spec: dict, *, checkpoint: Path, ds, run_dir: Path, epochs:
     print(f"{name}: trained {result.step} steps in {seconds:.0f} s; evaluating")
     acc = evaluate_digits(model, ds)
     gflops = ia.count_gflops(model, torch.zeros(1, 3, ds.num_frames, ds.image_size, ds.image_size))
+    if model.config.compressor != spec.get("compressor", "inti"):  # never report one variant as another
+        raise RuntimeError(f"{name}: trained with compressor {model.config.compressor!r}, "
+                           f"asked for {spec.get('compressor', 'inti')!r}")
     loss = result.history[-1][1] if result.history else float("nan")
     return {**acc, "gflops": gflops, "seconds": seconds, "final_loss": loss}
 
