@@ -107,21 +107,30 @@ def evaluate_digits(model, ds) -> dict[str, float]:
     return label_accuracies(torch.cat(preds), torch.cat(labels))
 
 
-def adapt(name: str, spec: dict, *, checkpoint: Path, ds, run_dir: Path, epochs: int, steps_per_epoch: int,
-          lr: float, seed: int = 0) -> dict[str, float]:
-    """Train one video variant with the engine from the CPU recipe; evaluate; count GFLOPs."""
-    from .train import Trainer, load_config
+def variant_config(spec: dict, *, checkpoint: Path, data_root: str | Path, run_dir: Path, epochs: int,
+                   steps_per_epoch: int, lr: float, seed: int = 0):
+    """The engine config of one demo variant: the CPU recipe with the variant's overrides."""
+    from .train import load_config
 
     overrides = [
         f"model.checkpoint={checkpoint}", f"model.layers={json.dumps(spec['layers'])}",
         f"model.temporal={json.dumps(spec['temporal'])}", f"model.model_kwargs={json.dumps(MODEL_KWARGS)}",
-        f"model.mean_std={MEAN_STD}", f"builtin_data.root={ds.root}", f"train.output_dir={run_dir}",
+        f"model.mean_std={MEAN_STD}", f"builtin_data.root={data_root}", f"train.output_dir={run_dir}",
         f"train.epochs={epochs}", f"train.steps_per_epoch={steps_per_epoch}", "train.resume=never",
         "train.eval_every_epochs=0", f"train.save_every={10 ** 9}", f"optim.lr={lr}", f"train.seed={seed}",
         f"model.compressor={spec.get('compressor', 'inti')}",
         f"model.compressor_config={json.dumps(spec.get('compressor_config', {}))}",
     ]
-    cfg = load_config(RECIPE, overrides)
+    return load_config(RECIPE, overrides)
+
+
+def adapt(name: str, spec: dict, *, checkpoint: Path, ds, run_dir: Path, epochs: int, steps_per_epoch: int,
+          lr: float, seed: int = 0) -> dict[str, float]:
+    """Train one video variant with the engine from the CPU recipe; evaluate; count GFLOPs."""
+    from .train import Trainer
+
+    cfg = variant_config(spec, checkpoint=checkpoint, data_root=ds.root, run_dir=run_dir, epochs=epochs,
+                         steps_per_epoch=steps_per_epoch, lr=lr, seed=seed)
     t0 = time.perf_counter()
     result = Trainer(cfg).fit()
     seconds = time.perf_counter() - t0
