@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .._registry import Registry
 from ..context import TokenLayout
 
 
@@ -44,19 +45,14 @@ class Compressor(nn.Module):
         return []
 
 
-_COMPRESSORS: dict[str, type[Compressor]] = {}
+_COMPRESSORS = Registry("compressor", Compressor, "register_compressor")
 
 
 def register_compressor(name: str) -> Callable[[type[Compressor]], type[Compressor]]:
     """Class decorator: make a compressor available to ``inject(..., compressor=name)``."""
 
     def deco(cls: type[Compressor]) -> type[Compressor]:
-        if name in _COMPRESSORS:
-            raise ValueError(f"a compressor named {name!r} is already registered ({_COMPRESSORS[name].__name__})")
-        if not (isinstance(cls, type) and issubclass(cls, Compressor)):
-            raise TypeError(f"register_compressor expects a Compressor subclass, got {cls!r}")
-        _COMPRESSORS[name] = cls
-        return cls
+        return _COMPRESSORS.add(name, cls)
 
     return deco
 
@@ -66,10 +62,7 @@ def list_compressors() -> list[str]:
 
 
 def get_compressor(name: str) -> type[Compressor]:
-    try:
-        return _COMPRESSORS[name]
-    except KeyError:
-        raise ValueError(f"unknown compressor {name!r}; registered compressors: {list_compressors()}") from None
+    return _COMPRESSORS.lookup(name, list_compressors())
 
 
 def make_compressor_config(name: str, options: dict[str, Any] | Any) -> Any:

@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from .._registry import Registry
 from ..errors import UnsupportedHostError
 
 
@@ -113,19 +114,15 @@ class Host:
         raise NotImplementedError(f"host {self.name!r} does not support gradient checkpointing")
 
 
-_HOSTS: dict[str, type[Host]] = {}
+_HOSTS = Registry("host", Host, "register_host")
 
 
 def register_host(name: str) -> Callable[[type[Host]], type[Host]]:
     """Class decorator: make a :class:`Host` subclass available by ``name`` and to detection."""
 
     def deco(cls: type[Host]) -> type[Host]:
-        if name in _HOSTS:
-            raise ValueError(f"a host named {name!r} is already registered ({_HOSTS[name].__name__})")
-        if not (isinstance(cls, type) and issubclass(cls, Host)):
-            raise TypeError(f"register_host expects a Host subclass, got {cls!r}")
+        _HOSTS.add(name, cls)
         cls.name = name
-        _HOSTS[name] = cls
         return cls
 
     return deco

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .._registry import Registry
 from ..context import TokenLayout
 
 PLACEMENTS = ("attn", "mlp")
@@ -93,7 +94,7 @@ class GlobalTemporalAdapter(nn.Module):
 
 
 AdapterClass = type[TemporalAdapter] | type[GlobalTemporalAdapter]
-_ADAPTERS: dict[str, AdapterClass] = {}
+_ADAPTERS = Registry("temporal adapter", (TemporalAdapter, GlobalTemporalAdapter), "register_temporal_adapter")
 
 
 def register_temporal_adapter(name: str) -> Callable[[AdapterClass], AdapterClass]:
@@ -102,16 +103,11 @@ def register_temporal_adapter(name: str) -> Callable[[AdapterClass], AdapterClas
     def deco(cls: AdapterClass) -> AdapterClass:
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"a temporal adapter name must be a non-empty string without '.', got {name!r}")
-        if name in _ADAPTERS:
-            raise ValueError(f"a temporal adapter named {name!r} is already registered ({_ADAPTERS[name].__name__})")
-        if not (isinstance(cls, type) and issubclass(cls, (TemporalAdapter, GlobalTemporalAdapter))):
-            raise TypeError(
-                f"register_temporal_adapter expects a TemporalAdapter or GlobalTemporalAdapter subclass, got {cls!r}"
-            )
+        _ADAPTERS.add(name, cls)
         if not dataclasses.is_dataclass(getattr(cls, "config_class", None)):
+            del _ADAPTERS[name]
             raise TypeError(f"{cls.__name__}.config_class must be a dataclass of the adapter's options")
         cls.registered_name = name
-        _ADAPTERS[name] = cls
         return cls
 
     return deco
@@ -122,12 +118,7 @@ def list_temporal_adapters() -> list[str]:
 
 
 def get_temporal_adapter(name: str) -> AdapterClass:
-    try:
-        return _ADAPTERS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown temporal adapter {name!r}; registered temporal adapters: {list_temporal_adapters()}"
-        ) from None
+    return _ADAPTERS.lookup(name, list_temporal_adapters())
 
 
 @dataclass(frozen=True)
