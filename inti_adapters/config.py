@@ -7,11 +7,11 @@ silently dropped.
 
 from __future__ import annotations
 
-import dataclasses
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
+
+from ._config import Config, check_choice
 
 CONTEXTS = ("token", "cube", "frame", "global")
 FUSIONS = ("sep", "add", "cat")
@@ -20,35 +20,8 @@ ODD_FRAME_POLICIES = ("repeat_last", "error")
 LAYOUTS = ("NCTHW", "NTCHW")
 
 
-def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
-
-
-class _DictMixin:
-    """JSON round trip for flat dataclasses, warning on keys this version does not know."""
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            v = getattr(self, f.name)
-            out[f.name] = list(v) if isinstance(v, tuple) else v
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]):
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - names)
-        if unknown:
-            warnings.warn(
-                f"{cls.__name__}: ignoring unknown keys {unknown} (saved by a newer inti_adapters?)",
-                stacklevel=2,
-            )
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-
 @dataclass
-class InTIConfig(_DictMixin):
+class InTIConfig(Config):
     """Configuration of one InTI (inter-frame token interpolation) layer.
 
     The defaults are the paper's best setting: all four contexts, "Sep" fusion, softmax head,
@@ -98,14 +71,14 @@ class InTIConfig(_DictMixin):
         if not self.contexts:
             raise ValueError(f"contexts must name at least one of {list(CONTEXTS)}, got an empty list")
         for c in self.contexts:
-            _check_choice("each entry of contexts", c, CONTEXTS)
+            check_choice("each entry of contexts", c, CONTEXTS)
         if len(set(self.contexts)) != len(self.contexts):
             raise ValueError(f"contexts has duplicates: {list(self.contexts)}")
         # canonical order, so configs compare and serialise the same way
         self.contexts = tuple(c for c in CONTEXTS if c in self.contexts)
-        _check_choice("fusion", self.fusion, FUSIONS)
-        _check_choice("head", self.head, HEADS)
-        _check_choice("odd_frames", self.odd_frames, ODD_FRAME_POLICIES)
+        check_choice("fusion", self.fusion, FUSIONS)
+        check_choice("head", self.head, HEADS)
+        check_choice("odd_frames", self.odd_frames, ODD_FRAME_POLICIES)
         if self.hidden_dim is not None and (not isinstance(self.hidden_dim, int) or self.hidden_dim < 1):
             raise ValueError(f"hidden_dim must be a positive int or None, got {self.hidden_dim!r}")
         if not isinstance(self.max_frames, int) or self.max_frames < 1:
@@ -115,10 +88,8 @@ class InTIConfig(_DictMixin):
 
 
 @dataclass
-class InjectConfig(_DictMixin):
+class InjectConfig(Config):
     """What ``inject`` does to a backbone: where compressors go and how the video model behaves."""
-
-    FORMAT_VERSION: ClassVar[int] = 1
 
     layers: tuple[int, ...] = field(
         default=(),
@@ -165,7 +136,7 @@ class InjectConfig(_DictMixin):
         if list(layers) != sorted(layers):
             raise ValueError(f"layers must be sorted ascending, got {list(layers)} (did you mean {sorted(layers)}?)")
         self.layers = tuple(layers)
-        _check_choice("input_layout", self.input_layout, LAYOUTS)
+        check_choice("input_layout", self.input_layout, LAYOUTS)
         if isinstance(self.temporal, dict):
             self.temporal = (self.temporal,)
         self.temporal = tuple(dict(t) for t in self.temporal)

@@ -28,6 +28,8 @@ from tqdm.auto import tqdm
 
 import inti_adapters as ia
 
+from ._io import atomic_write
+
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "digits_cpu.yaml"
 MODEL_KWARGS = dict(img_size=64, patch_size=8, depth=4, embed_dim=64, num_heads=2, class_token=False,
@@ -88,9 +90,8 @@ def pretrain_image_model(ds, out_dir: Path, *, steps: int, lr: float = 2e-3, bat
                 break
     bar.close()
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in vit.state_dict().items() if not k.startswith("head.")}, str(tmp))
-    os.replace(tmp, path)
+    weights = {k: v.contiguous() for k, v in vit.state_dict().items() if not k.startswith("head.")}
+    atomic_write(path, lambda p: save_file(weights, p))
     return path
 
 

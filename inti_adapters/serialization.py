@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ._io import atomic_write
 from ._version import __version__
 from .config import InjectConfig
 from .lora import is_peft_model, peft_adapter_parameters, unwrap_peft
@@ -64,18 +64,6 @@ def _peft_keys(model: InTIModel) -> set[str]:
 def _backbone_trainable(model: InTIModel) -> bool:
     skip = set(model.head_parameter_names()) | _peft_keys(model)
     return any(p.requires_grad for n, p in model.named_parameters() if n.startswith("backbone.") and n not in skip)
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _saveable(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -143,22 +131,17 @@ def save_pretrained(
                 k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
         peft_model.save_pretrained(str(out / PEFT_SUBFOLDER), state_dict=peft_sd)
     meta = {"format": "pt", "inti_adapters_version": __version__}
-    _atomic_write(out / ADAPTER_WEIGHTS_NAME,
+    atomic_write(out / ADAPTER_WEIGHTS_NAME,
                   lambda p: save_file(_saveable({k: sd[k] for k in keys}), p, metadata=meta))
     if save_backbone:
         skip = set(keys) | _peft_keys(model)
         bb = {k: v for k, v in sd.items() if k.startswith("backbone.") and k not in skip}
-        _atomic_write(out / BACKBONE_WEIGHTS_NAME, lambda p: save_file(_saveable(bb), p, metadata=meta))
+        atomic_write(out / BACKBONE_WEIGHTS_NAME, lambda p: save_file(_saveable(bb), p, metadata=meta))
         logger.info("saved backbone weights too (the backbone was trainable): %s", out / BACKBONE_WEIGHTS_NAME)
     elif (out / BACKBONE_WEIGHTS_NAME).exists():
         os.unlink(out / BACKBONE_WEIGHTS_NAME)  # stale file from an earlier save would mislead the loader
 
-    def write_json(p: str) -> None:
-        with open(p, "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    _atomic_write(out / CONFIG_NAME, write_json)
+    atomic_write(out / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:

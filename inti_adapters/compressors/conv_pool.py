@@ -38,13 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ODD_FRAME_POLICIES, _check_choice, _DictMixin
+from .._config import Config, check_choice
+from ..config import ODD_FRAME_POLICIES
 from ..context import TokenLayout
 from ._base import Compressor, register_compressor
 
 
 @dataclass
-class ConvPoolConfig(_DictMixin):
+class ConvPoolConfig(Config):
     """Options of the ``conv_pool`` compressor."""
 
     kernel_size: int = field(
@@ -66,7 +67,7 @@ class ConvPoolConfig(_DictMixin):
         k = self.kernel_size
         if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int (1, 3, 5, ...), got {k!r}")
-        _check_choice("odd_frames", self.odd_frames, ODD_FRAME_POLICIES)
+        check_choice("odd_frames", self.odd_frames, ODD_FRAME_POLICIES)
 
 
 @register_compressor("conv_pool")

@@ -23,14 +23,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import ODD_FRAME_POLICIES, _check_choice, _DictMixin
+from .._config import Config, check_choice
+from ..config import ODD_FRAME_POLICIES
 from ..context import TokenLayout
 from ..inti import pair_frames
 from ._base import Compressor, register_compressor
 
 
 @dataclass
-class LinearPoolConfig(_DictMixin):
+class LinearPoolConfig(Config):
     """Options of the ``linear_pool`` compressor."""
 
     odd_frames: str = field(
@@ -42,7 +43,7 @@ class LinearPoolConfig(_DictMixin):
     )
 
     def __post_init__(self) -> None:
-        _check_choice("odd_frames", self.odd_frames, ODD_FRAME_POLICIES)
+        check_choice("odd_frames", self.odd_frames, ODD_FRAME_POLICIES)
 
 
 @register_compressor("linear_pool")

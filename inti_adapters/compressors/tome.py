@@ -59,8 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._config import Config, check_choice
 from .._hooks import after_forward
-from ..config import _check_choice, _DictMixin
 from ..context import TokenLayout, in_backward
 from ._base import Compressor, register_compressor
 
@@ -68,7 +68,7 @@ METRICS = ("keys", "tokens")
 
 
 @dataclass
-class ToMeConfig(_DictMixin):
+class ToMeConfig(Config):
     """Options of the ``tome`` compressor."""
 
     r: int | tuple[int, ...] = field(
@@ -103,7 +103,7 @@ class ToMeConfig(_DictMixin):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"r must be a non-negative int or a list of them, got {self.r!r}")
         self.r = r
-        _check_choice("metric", self.metric, METRICS)
+        check_choice("metric", self.metric, METRICS)
         if not isinstance(self.prop_attn, bool):
             raise TypeError(f"prop_attn must be a bool, got {self.prop_attn!r}")
 

@@ -2,19 +2,16 @@
 
 Both are flat dataclasses with a help string per field and checks in ``__post_init__``; both
 round-trip through ``to_dict`` / ``from_dict`` (recipes are YAML) and both can be turned into
-command-line options with :func:`add_dataclass_arguments`.
+command-line options with :func:`inti_adapters._config.add_config_arguments`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
-from ..config import _DictMixin
+from .._config import Config, check_choice, check_int
 
 SAMPLING_MODES = ("uniform", "dense")
 DECODERS = ("auto", "pyav", "torchcodec")
@@ -22,19 +19,6 @@ CORRUPT_POLICIES = ("skip", "raise")
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
 ANNOTATION_FORMATS = ("auto", "folder", "kinetics_csv", "path_csv", "ssv2_json")
 CHECK_MODES = ("probe", "full")
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
-
-
-def _check_int(name: str, value: Any, minimum: int, *, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        extra = " or None" if optional else ""
-        raise ValueError(f"{name} must be an int >= {minimum}{extra}, got {value!r}")
 
 
 def _check_shards(name: str, value: Any) -> Any:
@@ -61,7 +45,7 @@ def _check_pair(name: str, value: Any, low: float, high: float | None) -> tuple[
 
 
 @dataclass
-class DataConfig(_DictMixin):
+class DataConfig(Config):
     """How video shards are read, sampled, augmented and batched.
 
     The reader yields uint8 clips; normalisation happens on the device
@@ -157,11 +141,11 @@ class DataConfig(_DictMixin):
     def __post_init__(self) -> None:
         self.train_shards = _check_shards("train_shards", self.train_shards)
         self.val_shards = _check_shards("val_shards", self.val_shards)
-        _check_int("num_frames", self.num_frames, 1)
-        _check_choice("sampling", self.sampling, SAMPLING_MODES)
-        _check_int("frame_stride", self.frame_stride, 1)
-        _check_int("crop_size", self.crop_size, 1)
-        _check_int("short_side", self.short_side, 1, optional=True)
+        check_int("num_frames", self.num_frames, 1)
+        check_choice("sampling", self.sampling, SAMPLING_MODES)
+        check_int("frame_stride", self.frame_stride, 1)
+        check_int("crop_size", self.crop_size, 1)
+        check_int("short_side", self.short_side, 1, optional=True)
         if self.short_side is not None and self.short_side < self.crop_size:
             raise ValueError(f"short_side ({self.short_side}) must be >= crop_size ({self.crop_size}) "
                              "so that test crops fit inside the frame")
@@ -169,18 +153,18 @@ class DataConfig(_DictMixin):
         self.ratio = _check_pair("ratio", self.ratio, 0.0, None)
         if not isinstance(self.hflip, bool):
             raise TypeError(f"hflip must be a bool, got {self.hflip!r}")
-        _check_int("num_clips", self.num_clips, 1)
+        check_int("num_clips", self.num_clips, 1)
         if self.num_crops not in (1, 3):
             raise ValueError(f"num_crops must be 1 (centre) or 3 (left/centre/right), got {self.num_crops!r}")
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("eval_batch_size", self.eval_batch_size, 1, optional=True)
-        _check_int("num_workers", self.num_workers, 0)
-        _check_int("shuffle_buffer", self.shuffle_buffer, 0)
-        _check_int("seed", self.seed, 0)
-        _check_int("train_samples", self.train_samples, 1, optional=True)
-        _check_choice("decoder", self.decoder, DECODERS)
-        _check_choice("on_corrupt", self.on_corrupt, CORRUPT_POLICIES)
-        _check_int("max_consecutive_failures", self.max_consecutive_failures, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("eval_batch_size", self.eval_batch_size, 1, optional=True)
+        check_int("num_workers", self.num_workers, 0)
+        check_int("shuffle_buffer", self.shuffle_buffer, 0)
+        check_int("seed", self.seed, 0)
+        check_int("train_samples", self.train_samples, 1, optional=True)
+        check_choice("decoder", self.decoder, DECODERS)
+        check_choice("on_corrupt", self.on_corrupt, CORRUPT_POLICIES)
+        check_int("max_consecutive_failures", self.max_consecutive_failures, 1)
         if isinstance(self.video_extensions, str):
             self.video_extensions = (self.video_extensions,)
         self.video_extensions = tuple(e.lstrip(".").lower() for e in self.video_extensions)
@@ -203,7 +187,7 @@ class DataConfig(_DictMixin):
 
 
 @dataclass
-class ShardWriterConfig(_DictMixin):
+class ShardWriterConfig(Config):
     """Options of :func:`inti_adapters.data.write_shards` and the ``inti-shards`` command.
 
     Rerunning the same command on the same output resumes an interrupted run: shards listed in
@@ -273,13 +257,13 @@ class ShardWriterConfig(_DictMixin):
         for name in ("source", "output"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty path, got {getattr(self, name)!r}")
-        _check_choice("format", self.format, ANNOTATION_FORMATS)
-        _check_int("samples_per_shard", self.samples_per_shard, 1)
-        _check_int("seed", self.seed, 0)
-        _check_int("short_side", self.short_side, 2, optional=True)
-        _check_int("workers", self.workers, 1)
-        _check_int("crf", self.crf, 0)
-        _check_choice("check", self.check, CHECK_MODES)
+        check_choice("format", self.format, ANNOTATION_FORMATS)
+        check_int("samples_per_shard", self.samples_per_shard, 1)
+        check_int("seed", self.seed, 0)
+        check_int("short_side", self.short_side, 2, optional=True)
+        check_int("workers", self.workers, 1)
+        check_int("crf", self.crf, 0)
+        check_choice("check", self.check, CHECK_MODES)
         if self.fps is not None and not self.fps > 0:
             raise ValueError(f"fps must be > 0 or None, got {self.fps!r}")
         if not self.reencode and (self.short_side is not None or self.fps is not None):
@@ -295,60 +279,3 @@ class ShardWriterConfig(_DictMixin):
         keys = ("samples_per_shard", "shuffle", "seed", "reencode", "short_side", "fps", "codec", "crf",
                 "preset", "prefix")
         return {k: getattr(self, k) for k in keys}
-
-
-# ---------------------------------------------------------------------------------------------------
-# dataclass -> argparse
-
-
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-        return args, True
-    return tp, False
-
-
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
-                            required: tuple[str, ...] = ()) -> None:
-    """Add one ``--option`` per field of a flat dataclass, with its help string and default."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        tp, optional = _unwrap_optional(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_ = f.metadata.get("help", "") + (f" (default: {default!r})" if default not in ("", None) else "")
-        kw: dict[str, Any] = {"dest": f.name, "default": default, "help": help_}
-        if f.name in required:
-            kw = {"dest": f.name, "required": True, "help": f.metadata.get("help", "")}
-        if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-            continue
-        if typing.get_origin(tp) is tuple:
-            args = typing.get_args(tp)
-            item = args[0]
-            nargs: Any = "+" if len(args) == 2 and args[1] is Ellipsis else len(args)
-            parser.add_argument(flag, nargs=nargs, type=item, **kw)
-            continue
-        if isinstance(tp, list):  # e.g. str | list[str] | None: take one or more strings
-            parser.add_argument(flag, nargs="+", type=str, **kw)
-            continue
-        conv = tp if tp in (int, float, str) else str
-        if optional:
-            def conv(value: str, _base=conv) -> Any:  # noqa: E306 - "none" on the command line means None
-                return None if value.lower() == "none" else _base(value)
-        parser.add_argument(flag, type=conv, **kw)
-
-
-def dataclass_from_namespace(cls: type, ns: argparse.Namespace) -> Any:
-    """Build ``cls`` from the attributes of an argparse namespace that name its fields."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in vars(ns).items() if k in names}
-    for k, v in values.items():
-        if isinstance(v, list) and len(v) == 1 and k.endswith("shards"):
-            values[k] = v[0]
-    return cls(**values)

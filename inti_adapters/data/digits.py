@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import _DictMixin
+from .._config import Config
 from .annotations import CLASS_INDEX_FILE, write_class_index
 from .config import DataConfig
 from .decode import encode_video
@@ -91,7 +91,7 @@ def label_accuracies(predicted: torch.Tensor, target: torch.Tensor) -> dict[str,
 
 
 @dataclass
-class DigitsOptions(_DictMixin):
+class DigitsOptions(Config):
     """What the generated data set looks like; changing any field regenerates it."""
 
     num_train: int = field(default=4000, metadata={"help": "Training clips."})

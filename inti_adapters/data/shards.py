@@ -9,7 +9,7 @@ loader to size epochs) and ``manifest.json`` (the bookkeeping that makes runs re
 Robustness:
 
 - Videos are assigned to shards deterministically (sorted, then shuffled with ``seed``), so a
-  rerun produces the same shards. A shard is written to ``<name>.tmp`` and renamed only when
+  rerun produces the same shards. A shard is written to a temporary ``.<name>.*.tmp`` and renamed only when
   complete, then recorded in the manifest; rerunning an interrupted command keeps the recorded
   shards and writes the rest, so no sample is lost or duplicated and no half shard ever has a
   final name.
@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import multiprocessing
-import os
 import re
 import sys
 import tarfile
@@ -39,8 +38,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from .._config import add_config_arguments, config_from_namespace
+from .._io import AtomicFile, atomic_write, temporary_name_pattern
 from .annotations import CLASS_INDEX_FILE, VideoItem, read_annotations, write_class_index
-from .config import VIDEO_EXTENSIONS, ShardWriterConfig, add_dataclass_arguments, dataclass_from_namespace
+from .config import VIDEO_EXTENSIONS, ShardWriterConfig
 from .decode import VideoDecodeError, probe_video, reencode_video
 
 logger = logging.getLogger("inti_adapters.data")
@@ -55,26 +56,26 @@ MANIFEST_VERSION = 1
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename (never a half-written file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """Write JSON to ``path`` atomically (see :mod:`inti_adapters._io`)."""
+    atomic_write(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 class ShardSink:
-    """A tar shard written under ``<path>.tmp`` and renamed to ``path`` by :meth:`commit`.
+    """A tar shard written under a temporary name and renamed to ``path`` by :meth:`commit`.
 
     Used as a context manager, an exception before ``commit`` deletes the temporary file.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
-        self._file = open(self.tmp_path, "wb")
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
+        self._atomic = AtomicFile(self.path, "wb")
+        self._tar = tarfile.open(fileobj=self._atomic.file, mode="w", format=tarfile.PAX_FORMAT)
         self.count = 0
         self.keys: set[str] = set()
+
+    @property
+    def tmp_path(self) -> Path:
+        return self._atomic.tmp_path
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
         """Add one sample: ``members`` maps an extension (``'mp4'``) to the member's bytes."""
@@ -92,18 +93,14 @@ class ShardSink:
     def commit(self) -> int:
         """Close the tar, flush it to disk and give it its final name; returns its size in bytes."""
         self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.tmp_path, self.path)
+        self._atomic.commit()
         return self.path.stat().st_size
 
     def abort(self) -> None:
         """Drop the temporary file."""
-        if not self._file.closed:
+        if not self._atomic.file.closed:
             self._tar.close()
-            self._file.close()
-        self.tmp_path.unlink(missing_ok=True)
+        self._atomic.abort()
 
     def __enter__(self) -> ShardSink:
         return self
@@ -251,7 +248,8 @@ def write_shards(config: ShardWriterConfig | None = None, **options: Any) -> Sha
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     manifest = _load_manifest(out, cfg, _digest(items), num_shards)
-    for stale in out.glob(f"{cfg.prefix}-*.tar.tmp"):  # left by a run that was killed mid-shard
+    for stale in [*out.glob(f"{cfg.prefix}-*.tar.tmp"), *out.glob(temporary_name_pattern(f"{cfg.prefix}-*.tar"))]:
+        # left by a run that was killed mid-shard (older versions named them <shard>.tmp)
         logger.info("removing unfinished shard %s", stale.name)
         stale.unlink()
     done = manifest["shards"]
@@ -318,12 +316,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Write a folder tree (one sub-folder per class) or a Kinetics / Something-Something "
                     "annotation file as WebDataset shards. Rerun the same command to resume.",
     )
-    add_dataclass_arguments(parser, ShardWriterConfig, required=("source", "output"))
+    add_config_arguments(parser, ShardWriterConfig, required=("source", "output"))
     parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = dataclass_from_namespace(ShardWriterConfig, args)
+        cfg = config_from_namespace(ShardWriterConfig, args)
         summary = write_shards(cfg)
     except (ValueError, FileNotFoundError) as exc:
         print(f"inti-shards: error: {exc}", file=sys.stderr)

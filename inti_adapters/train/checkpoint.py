@@ -18,7 +18,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._io import atomic_write
 from .distributed import barrier
 
 logger = logging.getLogger(__name__)
@@ -37,20 +37,6 @@ _TAG = re.compile(r"^step_(\d{8,})$")
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # -- RNG state, saved as tensors and plain values (readable with weights_only=True) --------------
@@ -99,12 +85,10 @@ class CheckpointManager:
         self.root.mkdir(parents=True, exist_ok=True)
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
         rng_path = self.root / tag / f"rng_rank{self.rank}.pt"
-        tmp = rng_path.with_suffix(".pt.tmp")
-        torch.save(rng_state(), tmp)
-        os.replace(tmp, rng_path)
+        atomic_write(rng_path, lambda p: torch.save(rng_state(), p))
         barrier()  # every rank's files are complete before the pointer moves
         if self.rank == 0:
-            _atomic_write_text(self.root / POINTER, tag + "\n")
+            atomic_write(self.root / POINTER, tag + "\n")
             self._prune(keep=tag)
         barrier()
         return tag

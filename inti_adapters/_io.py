@@ -1,0 +1,157 @@
+"""Crash-safe file writes: a file appears under its final name complete, or not at all.
+
+Every writer of the package (adapters, checkpoints, shards, manifests, caches) goes through
+:func:`atomic_open` / :func:`atomic_write`: the data goes to a temporary file in the same
+directory (``.<name>.<random>.tmp``), is flushed and ``fsync``-ed, then renamed over the final
+name with ``os.replace`` (atomic on POSIX and Windows). A crash or an exception at any point
+leaves either the old file or the new one, never a half-written file; the temporary is removed
+on exceptions, and :func:`remove_stale_temporaries` clears those left by a killed process.
+
+Example:
+    >>> import json, pathlib, tempfile
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> atomic_write(d / "a.json", json.dumps({"x": 1}))
+    >>> (d / "a.json").read_text()
+    '{"x": 1}'
+    >>> with atomic_open(d / "b.bin", "wb") as f:
+    ...     _ = f.write(b"\\x00\\x01")
+    >>> sorted(p.name for p in d.iterdir())
+    ['a.json', 'b.bin']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["AtomicFile", "atomic_open", "atomic_write", "remove_stale_temporaries", "temporary_name_pattern"]
+
+
+def temporary_name_pattern(name: str) -> str:
+    """Glob pattern of the temporaries :func:`atomic_open` creates for a final file ``name``."""
+    return f".{name}.*.tmp"
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Persist a rename (POSIX); a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platform dependent
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+class AtomicFile:
+    """A file written under a temporary name beside ``path``; :meth:`commit` gives it its name.
+
+    For writers that stream into an open file over a long time (tar shards). :meth:`abort`
+    (or leaving a ``with`` block by an exception, or without committing) removes the temporary.
+    """
+
+    def __init__(self, path: str | os.PathLike, mode: str = "wb", *, fsync: bool = True) -> None:
+        if mode not in ("wb", "w"):
+            raise ValueError(f"atomic files are written anew: mode must be 'wb' or 'w', got {mode!r}")
+        self.path = Path(path)
+        self.fsync = fsync
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self.tmp_path = Path(tmp)
+        self.file: IO[Any] = os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {}))
+
+    def commit(self) -> None:
+        """Flush (and fsync) the data, close the file and rename it to its final name."""
+        try:
+            self.file.flush()
+            if self.fsync:
+                os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp_path, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        if self.fsync:
+            _fsync_directory(self.path.parent)
+
+    def abort(self) -> None:
+        """Close and delete the temporary; the final name is left as it was."""
+        if not self.file.closed:
+            self.file.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self.tmp_path.exists():
+            self.abort()
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb", *, fsync: bool = True) -> Iterator[IO[Any]]:
+    """Open a temporary beside ``path`` for writing; rename it to ``path`` when the block ends.
+
+    Args:
+        path: Final file name. Its directory must exist.
+        mode: ``"wb"`` or ``"w"`` (text, UTF-8).
+        fsync: Flush the data and the directory entry to disk before returning.
+
+    Raises:
+        ValueError: For a mode that does not write a new file.
+    """
+    with AtomicFile(path, mode, fsync=fsync) as f:
+        yield f.file
+        f.commit()
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[str], None], *,
+                 fsync: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically.
+
+    Args:
+        path: Final file name.
+        data: Bytes, text, or a function that writes the file given a temporary path (for
+            writers that take a file name, e.g. ``safetensors.torch.save_file``).
+        fsync: As in :func:`atomic_open`.
+    """
+    if callable(data):
+        final = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            data(tmp)
+            if fsync:
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        if fsync:
+            _fsync_directory(final.parent)
+        return
+    if not isinstance(data, (bytes, bytearray, str)):
+        raise TypeError(f"atomic_write takes bytes, str or a writer function, got {type(data).__name__}")
+    with atomic_open(path, "w" if isinstance(data, str) else "wb", fsync=fsync) as f:
+        f.write(data)
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, name_glob: str = "*") -> list[Path]:
+    """Delete temporaries left in ``directory`` by writers that were killed; returns what was removed.
+
+    Only call this when no other process is writing into ``directory``.
+    """
+    removed = []
+    for p in Path(directory).glob(temporary_name_pattern(name_glob)):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed.append(p)
+    return removed
