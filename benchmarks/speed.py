@@ -128,9 +128,9 @@ def count_gflops(args: argparse.Namespace, variant: Variant, meta_backbone: nn.M
             model(meta_video)
     finally:
         model.unload()
-    by_module = counter.gmacs_by_module()
+    by_module = counter.gflops_by_module()
     comp = sum(v for k, v in by_module.items() if re.fullmatch(r"[^.]+\.compressors\.\d+", k))
-    return counter.gmacs / args.batch, comp / args.batch
+    return counter.gflops / args.batch, comp / args.batch
 
 
 def match_tome(args: argparse.Namespace, variant: Variant, target: float, meta_backbone: nn.Module,

@@ -40,6 +40,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "add_config_arguments",
+    "as_dict",
     "check_choice",
     "check_int",
     "config_from_namespace",
@@ -84,6 +85,15 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+def as_dict(config: Any) -> dict[str, Any]:
+    """Plain values of a config dataclass (a :class:`Config`, or any dataclass a user wrote)."""
+    if isinstance(config, Config):
+        return config.to_dict()
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    raise TypeError(f"expected a config dataclass, got {type(config).__name__}")
 
 
 class Config:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._config import Config, check_choice
+from ._config import Config, ConfigError, check_choice
 
 CONTEXTS = ("token", "cube", "frame", "global")
 FUSIONS = ("sep", "add", "cat")
@@ -113,10 +113,11 @@ class InjectConfig(Config):
         default=True, metadata={"help": "With freeze_backbone, keep the classifier head trainable."}
     )
     host: str | None = field(default=None, metadata={"help": "Force a registered host; None = detect."})
-    temporal: tuple[dict[str, Any], ...] = field(
+    temporal: str | tuple[dict[str, Any], ...] = field(
         default=(),
-        metadata={"help": "Temporal adapters, each a dict with 'name' (registered adapter), 'blocks' "
-                          "(indices or 'all') and 'placement', plus the adapter's options."},
+        metadata={"help": "Temporal adapters: a preset name of inti_adapters.temporal.PRESETS (e.g. "
+                          "'uniformerv2_b'), or specs, each a dict with 'name' (registered adapter), 'blocks' "
+                          "(indices, 'all' or {'last': k}) and 'placement', plus the adapter's options."},
     )
 
     def __post_init__(self) -> None:
@@ -137,14 +138,21 @@ class InjectConfig(Config):
             raise ValueError(f"layers must be sorted ascending, got {list(layers)} (did you mean {sorted(layers)}?)")
         self.layers = tuple(layers)
         check_choice("input_layout", self.input_layout, LAYOUTS)
+        self._check_temporal()
+        if not isinstance(self.compressor_config, dict):
+            raise TypeError(f"compressor_config must be a dict, got {type(self.compressor_config).__name__}")
+
+    def _check_temporal(self) -> None:
+        if isinstance(self.temporal, str):  # a preset name, resolved by the video model
+            if not self.temporal:
+                raise ConfigError("temporal must be a preset name, a list of adapter specs or [], got ''")
+            return
         if isinstance(self.temporal, dict):
             self.temporal = (self.temporal,)
         self.temporal = tuple(dict(t) for t in self.temporal)
         for spec in self.temporal:
             if "name" not in spec:
                 raise ValueError(f"each temporal adapter spec needs a 'name', got {spec!r}")
-        if not isinstance(self.compressor_config, dict):
-            raise TypeError(f"compressor_config must be a dict, got {type(self.compressor_config).__name__}")
 
     def check_depth(self, depth: int) -> None:
         """Refuse layer indices the backbone does not have."""

@@ -29,6 +29,8 @@ from tqdm.auto import tqdm
 import inti_adapters as ia
 
 from ._io import atomic_write
+from .data import build_dataloader, ensure_builtin_dataset, label_accuracies
+from .train import Trainer, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "digits_cpu.yaml"
@@ -55,8 +57,6 @@ def _vit(num_classes: int):
 def pretrain_image_model(ds, out_dir: Path, *, steps: int, lr: float = 2e-3, batch: int = 16, seed: int = 0) -> Path:
     """Train the ViT to recognise the digit in single frames; cached by its settings."""
     from safetensors.torch import save_file
-
-    from .data import build_dataloader
 
     key = hashlib.sha256(json.dumps([MODEL_KWARGS, steps, lr, batch, seed, ds.options.to_dict()],
                                     sort_keys=True).encode()).hexdigest()[:12]
@@ -98,8 +98,6 @@ def pretrain_image_model(ds, out_dir: Path, *, steps: int, lr: float = 2e-3, bat
 @torch.no_grad()
 def evaluate_digits(model, ds) -> dict[str, float]:
     """Top-1 / digit / direction / axis accuracy on the validation clips (one view each)."""
-    from .data import build_dataloader, label_accuracies
-
     model.eval()
     preds, labels = [], []
     for video, label in build_dataloader(ds.to_data_config(batch_size=32, num_clips=1, num_crops=1), train=False):
@@ -111,8 +109,6 @@ def evaluate_digits(model, ds) -> dict[str, float]:
 def variant_config(spec: dict, *, checkpoint: Path, data_root: str | Path, run_dir: Path, epochs: int,
                    steps_per_epoch: int, lr: float, seed: int = 0):
     """The engine config of one demo variant: the CPU recipe with the variant's overrides."""
-    from .train import load_config
-
     overrides = [
         f"model.checkpoint={checkpoint}", f"model.layers={json.dumps(spec['layers'])}",
         f"model.temporal={json.dumps(spec['temporal'])}", f"model.model_kwargs={json.dumps(MODEL_KWARGS)}",
@@ -128,8 +124,6 @@ def variant_config(spec: dict, *, checkpoint: Path, data_root: str | Path, run_d
 def adapt(name: str, spec: dict, *, checkpoint: Path, ds, run_dir: Path, epochs: int, steps_per_epoch: int,
           lr: float, seed: int = 0) -> dict[str, float]:
     """Train one video variant with the engine from the CPU recipe; evaluate; count GFLOPs."""
-    from .train import Trainer
-
     cfg = variant_config(spec, checkpoint=checkpoint, data_root=ds.root, run_dir=run_dir, epochs=epochs,
                          steps_per_epoch=steps_per_epoch, lr=lr, seed=seed)
     t0 = time.perf_counter()
@@ -155,8 +149,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--out", default=None, help="also write the table as markdown here")
     args = ap.parse_args(argv)
-
-    from .data import ensure_builtin_dataset
 
     start = time.perf_counter()
     root = _cache_root(args.cache)

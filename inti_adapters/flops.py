@@ -36,7 +36,11 @@ def _custom_mapping() -> dict[Any, Any]:
 
 
 class FlopCounter(FlopCounterMode):
-    """``FlopCounterMode`` that also counts CPU-fused attention. ``gmacs`` gives the total."""
+    """``FlopCounterMode`` that also counts CPU-fused attention.
+
+    ``gflops`` gives the total in the paper's convention (billions of multiply-adds), the unit of
+    :func:`count_gflops`; torch's own ``get_total_flops()`` counts 2 FLOPs per multiply-add.
+    """
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("display", False)
@@ -45,10 +49,12 @@ class FlopCounter(FlopCounterMode):
         super().__init__(custom_mapping=mapping, **kwargs)
 
     @property
-    def gmacs(self) -> float:
+    def gflops(self) -> float:
+        """Total so far, paper convention (billions of multiply-adds)."""
         return self.get_total_flops() / 2 / 1e9
 
-    def gmacs_by_module(self) -> dict[str, float]:
+    def gflops_by_module(self) -> dict[str, float]:
+        """Per module path, paper convention."""
         return {k: sum(v.values()) / 2 / 1e9 for k, v in self.get_flop_counts().items()}
 
 
@@ -76,4 +82,4 @@ def count_gflops(model: nn.Module, inputs: torch.Tensor | tuple[Any, ...], **kwa
     counter = FlopCounter()
     with torch.no_grad(), counter:
         model(*args, **kwargs)
-    return counter.gmacs
+    return counter.gflops

@@ -3,7 +3,8 @@
 Pure tensor code with no knowledge of hosts: it takes the tokens of a clip ``(B, T, N, C)``,
 pairs neighbouring frames (1,2), (3,4), ... and returns ``(B, ceil(T/2), N, C)`` where every
 token is ``w_a * a_k + w_b * b_k`` with weights predicted per token from four contexts
-(token, cube, frame, global). See ``DESIGN.md`` section 2 for the exact definition.
+(token, cube, frame, global), as defined in section 3.2 and appendix B of the paper
+(*Dynamic and Compressive Adaptation of Transformers From Images to Videos*).
 
 Example:
     >>> import torch
@@ -25,22 +26,7 @@ from torch import nn
 
 from .compressors._base import Compressor, register_compressor
 from .config import InTIConfig
-from .context import TokenLayout
-
-
-def pair_frames(x: torch.Tensor, odd_frames: str = "repeat_last") -> tuple[torch.Tensor, torch.Tensor]:
-    """Split ``(B, T, ...)`` into the first and second frames of each pair.
-
-    With odd ``T`` the last frame is paired with a copy of itself (``odd_frames='repeat_last'``).
-    """
-    t = x.shape[1]
-    if t % 2 and odd_frames == "error":
-        raise ValueError(f"odd_frames='error' but the clip has an odd number of frames ({t})")
-    a = x[:, 0::2]
-    b = x[:, 1::2]
-    if t % 2:
-        b = torch.cat([b, x[:, -1:]], dim=1)
-    return a, b
+from .tokens import TokenLayout, pair_frames
 
 
 class _Proj(nn.Sequential):
@@ -140,6 +126,9 @@ class InTILayer(Compressor):
 
     def output_frames(self, num_frames: int) -> int:
         return (num_frames + 1) // 2
+
+    def no_weight_decay(self) -> set[str]:
+        return {n for n in ("time_embed", "alpha", "query") if getattr(self, n, None) is not None}
 
     def extra_repr(self) -> str:
         c = self.config

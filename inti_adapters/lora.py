@@ -14,52 +14,22 @@ timm, ``attn`` for OpenCLIP) with rank 16.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
-if TYPE_CHECKING:
-    from .model import InTIModel
+from ._peft import is_peft_model, peft_adapter_parameters, unwrap_peft
+from .hosts import resolve_host
+from .model import InTIModel
 
-
-def is_peft_model(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is optional
-        return False
-    return isinstance(model, PeftModel)
-
-
-def unwrap_peft(model: nn.Module) -> nn.Module:
-    """The user's model inside a ``PeftModel`` (``model.get_base_model()``), else ``model``."""
-    return model.get_base_model() if is_peft_model(model) else model
-
-
-def peft_adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters that peft tuner layers added (LoRA A/B, DoRA magnitudes, ...)."""
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # pragma: no cover
-        return []
-    out: dict[int, nn.Parameter] = {}
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            for name in module.adapter_layer_names:
-                sub = getattr(module, name, None)
-                if isinstance(sub, (nn.Module,)):
-                    out.update({id(p): p for p in sub.parameters()})
-                elif isinstance(sub, nn.ParameterDict):  # pragma: no cover - covered by nn.Module
-                    out.update({id(p): p for p in sub.values()})
-    return list(out.values())
+__all__ = ["add_lora", "is_peft_model", "lora_preset", "lora_target_modules", "peft_adapter_parameters", "unwrap_peft"]
 
 
 def lora_target_modules(backbone: nn.Module) -> list[str] | str:
     """Attention modules to adapt for the host of ``backbone``: names (timm: ``qkv``) or a regex
     (OpenCLIP: the visual tower's ``attn``, not the text tower's)."""
-    from .hosts import resolve_host
-
     host = resolve_host(unwrap_peft(backbone))
-    targets = getattr(host, "lora_target_modules", None)
+    targets = host.lora_targets()
     if not targets:
         raise ValueError(f"host {host.name!r} has no LoRA preset; pass target_modules yourself")
     return targets if isinstance(targets, str) else list(targets)
@@ -80,8 +50,6 @@ def add_lora(model: InTIModel, lora_config: Any, *, train_head: bool = True) -> 
     Returns the ``PeftModel``; its ``print_trainable_parameters()`` counts LoRA + InTI (+ head).
     """
     from peft import get_peft_model
-
-    from .model import InTIModel
 
     if not isinstance(model, InTIModel):
         raise TypeError(f"add_lora expects an InTIModel (from inject), got {type(model).__name__}")

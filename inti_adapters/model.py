@@ -1,29 +1,74 @@
-"""``InTIModel``: the video model that owns the hooks, the per-forward context, save/load/unload.
+"""``InTIModel``: the video model around an image backbone. Build it with :func:`inject`.
 
-``inject(backbone, layers=[4, 6])`` leaves the backbone's own modules and state dict untouched:
-the compressors live in the wrapper and run from forward hooks on ``backbone.blocks[i]``.
-``unload()`` removes every hook and returns the backbone exactly as it was.
+``inject(backbone, layers=[4, 6])`` keeps the backbone's modules and state dict: the compressors
+and temporal adapters live in the video model (``model.compressors``, ``model.temporal``) and
+are wired into the backbone's forward by the surgery layer (:class:`~inti_adapters.surgery.Site`),
+which overrides the ``forward`` of the blocks (and modules inside them) per instance.
+``unload()`` removes every override and returns the backbone exactly as it was.
+
+The life of one call ``model(video)``: the video is checked and flattened to frames; the context
+(batch size, frame count, token layout) is set; the host runs the backbone on the frames, where
+the sites run the temporal adapters and compressors on ``(B, T, N, C)`` clips; the remaining
+frames are pooled by the host, averaged, changed by global adapters and classified.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import warnings
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._config import as_dict
+from ._format import (
+    ADAPTER_WEIGHTS_NAME,
+    BACKBONE_WEIGHTS_NAME,
+    CONFIG_NAME,
+    PEFT_SUBFOLDER,
+    write_config,
+    write_tensors,
+)
+from ._peft import is_peft_model, peft_adapter_parameters, unwrap_peft
 from .compressors import build_compressor, make_compressor_config
 from .config import InjectConfig
-from .context import ContextHolder, TokenLayout, VideoContext
+from .context import ContextHolder, VideoContext
 from .hosts import Host, resolve_host
-from .lora import is_peft_model, peft_adapter_parameters, unwrap_peft
+from .surgery import Site
+from .temporal import PRESETS, attach_temporal_adapters, build_temporal_adapters
+from .tokens import TokenLayout, frame_schedule
+
+__all__ = ["InTIModel", "build_video_model", "inject"]
 
 logger = logging.getLogger(__name__)
 
 _MARK = "_inti_adapters_injected"
+
+
+def _added_module(build: Any, reference: nn.Module) -> nn.Module:
+    """Build added modules on the CPU (the same init on every device) or, to count parameters
+    without allocating them, on the meta device; then move them to the backbone's device and
+    floating dtype."""
+    ref = next(reference.parameters(), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    with torch.device("meta" if device.type == "meta" else "cpu"):
+        module = build()
+    return module.to(device=device, dtype=ref.dtype if ref is not None and ref.is_floating_point() else None)
+
+
+def _resolve_temporal(spec: str | tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], ...]:
+    """A preset name of :data:`inti_adapters.temporal.PRESETS` -> its adapter specs; specs pass through."""
+    if not isinstance(spec, str):
+        return tuple(dict(s) for s in spec)
+    if spec not in PRESETS:
+        raise ValueError(f"temporal={spec!r} is not a preset of inti_adapters.temporal.PRESETS ({sorted(PRESETS)}); "
+                         "give a preset name or a list of adapter specs")
+    return tuple(dict(s) for s in PRESETS[spec])
 
 
 class InTIModel(nn.Module):
@@ -37,92 +82,56 @@ class InTIModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, config: InjectConfig, host: Host, head: nn.Module | None = None):
         super().__init__()
-        depth = len(host.blocks)
-        config.check_depth(depth)
+        config.check_depth(len(host.blocks))
         if config.layers and host.patch_dropout_active():
             raise ValueError(
                 "the backbone uses patch dropout (timm: patch_drop_rate > 0; OpenCLIP: patch_dropout > 0): it "
                 "drops different patches in every frame, which breaks the pairing of tokens at the same "
                 "position. Create the backbone without patch dropout."
             )
-        self.backbone = backbone
+        # validated options and resolved presets, in a copy: the caller's config is never changed
+        options = as_dict(make_compressor_config(config.compressor, config.compressor_config))
+        config = dataclasses.replace(config, compressor_config=options, temporal=_resolve_temporal(config.temporal))
         self.config = config
+        self.backbone = backbone
         self.head = head
         self._host = host
         self._holder = ContextHolder()
-        # validate the compressor options even when no layer uses them (layers=[])
-        config.compressor_config = make_compressor_config(config.compressor, config.compressor_config).to_dict()
-        self.compressors = nn.ModuleDict(
-            {str(i): build_compressor(config.compressor, host.embed_dim, config.compressor_config)
-             for i in config.layers}
-        )
-        ref = next(backbone.parameters(), None)
-        if ref is not None:  # match the backbone: device (cuda, meta, ...) and floating dtype
-            self.compressors.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
-        self._handles: list[Any] = []
-        # temporal adapters first: on a compressed block the adapter sees the frames before compression
-        self.temporal = nn.ModuleDict()
-        self._feature_fuser = None
-        try:
-            if config.temporal:
-                from .temporal import install_temporal_adapters
-
-                installed = install_temporal_adapters(self, config.temporal)
-                self.temporal, self._feature_fuser = installed.modules, installed.fuse
-                self._handles += installed.handles
+        self._site = Site(host, self._holder, self.config.layers)
+        self.compressors = _added_module(lambda: nn.ModuleDict(
+            {str(i): build_compressor(config.compressor, host.embed_dim, options) for i in config.layers}), backbone)
+        self.temporal = _added_module(lambda: build_temporal_adapters(
+            config.temporal, host.embed_dim, host.num_features, len(host.blocks)), backbone)
+        try:  # temporal adapters first: on a compressed block the adapter sees the frames before compression
+            attach_temporal_adapters(self.temporal, self._site)
             for i in config.layers:
-                self._handles.append(host.blocks[i].register_forward_hook(self._compress_hook(str(i))))
-                self._handles += self.compressors[str(i)].attach(self, i)
+                self.compressors[str(i)].attach(self._site, i)
         except BaseException:  # a refused option must not leave hooks behind on the user's backbone
-            for h in self._handles:
-                h.remove()
+            self._site.remove()
             raise
         self._requires_grad = {n: p.requires_grad for n, p in backbone.named_parameters()}
-        freeze = config.freeze_backbone if config.freeze_backbone is not None else is_peft_model(backbone)
-        if freeze:
-            peft_ids = {id(p) for p in peft_adapter_parameters(backbone)}
-            head_ids = {id(p) for p in host.head_parameters()}
-            for p in backbone.parameters():
-                # peft's own adapters keep the flag peft gave them (inactive adapters stay frozen)
-                p.requires_grad_(p.requires_grad if id(p) in peft_ids else config.train_head and id(p) in head_ids)
+        self._freeze(config)
         self._unloaded = False
+        self._peft_checked = False
+        self._frozen_added = False
         object.__setattr__(host.blocks, _MARK, True)
 
-    # -- hooks ----------------------------------------------------------------------------------
-    def _compress_hook(self, key: str):
-        compressors, holder, host = self.compressors, self._holder, self._host
+    def _freeze(self, config: InjectConfig) -> None:
+        freeze = config.freeze_backbone if config.freeze_backbone is not None else is_peft_model(self.backbone)
+        if not freeze:
+            return
+        peft_ids = {id(p) for p in peft_adapter_parameters(self.backbone)}
+        head_ids = {id(p) for p in self._host.head_parameters()}
+        for p in self.backbone.parameters():
+            # peft's own adapters keep the flag peft gave them (inactive adapters stay frozen)
+            p.requires_grad_(p.requires_grad if id(p) in peft_ids else config.train_head and id(p) in head_ids)
 
-        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
-            if holder.disabled:
-                return None
-            ctx = holder.require()
-            x = host.to_bnc(output)
-            bt, n, c = x.shape
-            t = ctx.frames_of(bt)
-            y = compressors[key](x.reshape(ctx.batch_size, t, n, c), ctx.tokens)
-            return host.from_bnc(y.flatten(0, 1))
-
-        return hook
-
-    @property
-    def adapters_disabled(self) -> bool:
-        """True inside ``disable_adapters()``: hooks must pass their input through unchanged."""
-        return self._holder.disabled
-
-    @property
-    def context(self) -> ContextHolder:
-        """The per-forward context slot the hooks read (for compressors and adapters)."""
-        return self._holder
-
+    # -- context ------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator[None]:
-        """Run without compressors: the backbone may then be called directly on images."""
-        prev = self._holder.disabled
-        self._holder.disabled = True
-        try:
+        """Run without compressors and adapters: the backbone may then be called directly on images."""
+        with self._holder.disable():
             yield
-        finally:
-            self._holder.disabled = prev
 
     # -- input ----------------------------------------------------------------------------------
     def _frames(self, video: Any, layout: str | None) -> tuple[torch.Tensor, int, int]:
@@ -146,7 +155,6 @@ class InTIModel(nn.Module):
             )
         b = video.shape[0]
         c, t = (video.shape[1], video.shape[2]) if layout == "NCTHW" else (video.shape[2], video.shape[1])
-        h, w = video.shape[3], video.shape[4]
         if c != self._host.in_chans:
             other = "NTCHW" if layout == "NCTHW" else "NCTHW"
             raise ValueError(
@@ -157,9 +165,9 @@ class InTIModel(nn.Module):
             raise ValueError(f"got an empty batch: video of shape {tuple(video.shape)}")
         if t == 0:
             raise ValueError(f"got a video with 0 frames: shape {tuple(video.shape)}")
-        self._host.check_image_size(h, w)
+        self._host.check_image_size(*video.shape[3:])
         frames = video.transpose(1, 2) if layout == "NCTHW" else video
-        return frames.reshape(b * t, c, h, w), b, t
+        return frames.reshape(b * t, c, *video.shape[3:]), b, t
 
     def _check_alive(self) -> None:
         if self._unloaded:
@@ -171,30 +179,44 @@ class InTIModel(nn.Module):
         self._check_alive()
         frames, b, t = self._frames(video, layout)
         host = self._host
+        if not self._peft_checked and self.training and torch.is_grad_enabled():
+            self._warn_if_peft_froze_added_modules()
         ctx = VideoContext(
             batch_size=b,
             num_frames=t,
             tokens=TokenLayout(host.num_prefix_tokens, host.cls_index, host.grid_size(*frames.shape[-2:])),
+            grad_forward=torch.is_grad_enabled(),
         )
-        self._holder.enter(ctx)
-        try:
+        with self._holder.forward(ctx):
             tokens = host.forward_features(frames)
-        finally:
-            self._holder.exit()
         return tokens.unflatten(0, (b, -1))
 
     def forward_head(self, tokens: torch.Tensor, *, pre_logits: bool = False) -> torch.Tensor:
         """Pool each remaining frame, average over frames, apply the head: ``(B, T', N, C) -> (B, K)``."""
         b, t = tokens.shape[:2]
         feats = self._host.pool(tokens.flatten(0, 1)).unflatten(0, (b, t)).mean(dim=1)
-        if self._feature_fuser is not None:  # e.g. a UniFormerV2-style global temporal module
-            feats = self._feature_fuser(feats)
+        feats = self._site.apply_features(feats)  # e.g. a UniFormerV2-style global temporal module
         if pre_logits:
             return feats
-        return self.head(feats) if self.head is not None else self._host.head(feats)
+        return self.head(feats) if self.head is not None else self._host.classify(feats)
 
     def forward(self, video: torch.Tensor, *, layout: str | None = None) -> torch.Tensor:
         return self.forward_head(self.forward_features(video, layout=layout))
+
+    def _warn_if_peft_froze_added_modules(self) -> None:
+        """``get_peft_model(inject(...), LoraConfig(...))`` freezes the InTI layers: say so, once."""
+        self._peft_checked = True
+        added = list(self.compressors.parameters()) + list(self.temporal.parameters())
+        tuned = [p for p in peft_adapter_parameters(self) if p.requires_grad]
+        if added and tuned and not any(p.requires_grad for p in added) and not self._frozen_added:
+            warnings.warn(
+                f"every parameter of the InTI layers / temporal adapters ({sum(p.numel() for p in added):,}) is "
+                "frozen while peft adapters train: peft's get_peft_model freezes all modules it did not add. "
+                "Use inti_adapters.add_lora(model, lora_config) instead of get_peft_model, or call "
+                "model.mark_added_modules_trainable() and build the optimizer afterwards. If they are frozen "
+                "on purpose, call model.freeze_added_modules() first.",
+                stacklevel=3,
+            )
 
     # -- introspection --------------------------------------------------------------------------
     @property
@@ -207,23 +229,47 @@ class InTIModel(nn.Module):
 
     def frame_schedule(self, num_frames: int) -> list[int]:
         """Frames each block sees for a clip of ``num_frames`` (e.g. 16 -> [16]*5 + [8]*2 + [4]*5)."""
-        out, t = [], num_frames
-        for i in range(len(self._host.blocks)):
-            out.append(t)
-            if str(i) in self.compressors:
-                t = self.compressors[str(i)].output_frames(t)
-        return out
+        fns = {int(i): c.output_frames for i, c in self.compressors.items()}
+        return frame_schedule(num_frames, len(self._host.blocks), fns)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Activation checkpointing of the backbone's blocks (hooks are safe to recompute)."""
+        """Activation checkpointing of the backbone's blocks (every site is safe to recompute)."""
         self._host.set_grad_checkpointing(enable)
+
+    def _names_of(self, params: Sequence[nn.Parameter]) -> list[str]:
+        ids = {id(p) for p in params}
+        return [n for n, p in self.named_parameters() if id(p) in ids]
 
     def head_parameter_names(self) -> list[str]:
         """Names (in this model's state dict) of the classifier head's parameters."""
         if self.head is not None:
             return [f"head.{n}" for n, _ in self.head.named_parameters()]
-        ids = {id(p) for p in self._host.head_parameters()}
-        return [n for n, p in self.named_parameters() if id(p) in ids]
+        return self._names_of(self._host.head_parameters())
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names that never get weight decay (timm convention): the host's tokens and
+        position tables and what the added modules declare; 1-D parameters never do either."""
+        host_names = self._host.no_weight_decay_names()
+        out = set(self._names_of([p for n, p in self._host.model.named_parameters() if n in host_names]))
+        for prefix, tree in (("compressors", self.compressors), ("temporal", self.temporal)):
+            for name, module in tree.named_modules():
+                declare = getattr(module, "no_weight_decay", None)
+                if callable(declare) and module is not tree:
+                    out |= {f"{prefix}.{name}.{n}" for n in declare()}
+        return out
+
+    def layer_ids(self) -> dict[str, int]:
+        """Depth of each parameter for layer-wise lr decay: 0 for the embeddings (host facts),
+        ``i + 1`` inside ``blocks[i]``, ``depth + 1`` for everything after and for added modules."""
+        depth = len(self._host.blocks)
+        by_id: dict[int, int] = {}
+        for i, block in enumerate(self._host.blocks):
+            by_id.update({id(p): i + 1 for p in block.parameters()})
+        embed = set(self._host.embedding_names())
+        for name, p in self._host.model.named_parameters():
+            if any(name == e or name.startswith(e + ".") for e in embed):
+                by_id[id(p)] = 0
+        return {n: by_id.get(id(p), depth + 1) for n, p in self.named_parameters()}
 
     def _param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Parameters by role: compressors, temporal adapters, peft adapters, head, backbone."""
@@ -248,6 +294,7 @@ class InTIModel(nn.Module):
     def mark_added_modules_trainable(self, *, train_head: bool = True) -> None:
         """Make the InTI layers and temporal adapters (and the head) trainable, e.g. after peft
         froze them (see :func:`inti_adapters.add_lora`)."""
+        self._frozen_added = False
         for p in list(self.compressors.parameters()) + list(self.temporal.parameters()):
             p.requires_grad_(True)
         if train_head:
@@ -255,6 +302,12 @@ class InTIModel(nn.Module):
             for n, p in self.named_parameters():
                 if n in heads:
                     p.requires_grad_(True)
+
+    def freeze_added_modules(self) -> None:
+        """Freeze the InTI layers and temporal adapters on purpose (e.g. to train only LoRA)."""
+        self._frozen_added = True
+        for p in list(self.compressors.parameters()) + list(self.temporal.parameters()):
+            p.requires_grad_(False)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts, as in peft."""
@@ -272,38 +325,108 @@ class InTIModel(nn.Module):
             f"trainable%: {100 * trainable / max(total, 1):.4f} ({parts})"
         )
 
-    # -- save / load / unload -------------------------------------------------------------------
-    def adapter_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Added weights (compressors) plus the head when it trains or is a custom head."""
-        from .serialization import adapter_keys
+    # -- save / unload ------------------------------------------------------------------------
+    def adapter_keys(self) -> list[str]:
+        """State-dict keys that belong in the adapter file: compressors, temporal adapters, and the
+        head when it is custom or trains."""
+        sd_keys = list(self.state_dict())
+        keys = [k for k in sd_keys if k.startswith(("compressors.", "temporal."))]
+        params = dict(self.named_parameters())
+        if self.head is not None:
+            keys += [k for k in sd_keys if k.startswith("head.")]
+        elif any(params[k].requires_grad for k in self.head_parameter_names()):
+            keys += self.head_parameter_names()
+        return sorted(keys)
 
+    def backbone_trained(self) -> bool:
+        """True if a backbone parameter (not the head, not peft's) is trainable: full fine-tuning."""
+        skip = set(self.head_parameter_names()) | set(self._names_of(peft_adapter_parameters(self)))
+        return any(p.requires_grad for n, p in self.named_parameters() if n.startswith("backbone.") and n not in skip)
+
+    def save_pretrained(self, save_directory: str | Any, *, save_backbone: bool | None = None,
+                        state_dict: dict[str, torch.Tensor] | None = None, peft_outer: nn.Module | None = None,
+                        peft_state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write ``inti_config.json`` + ``adapter_model.safetensors`` (and the backbone / peft parts).
+
+        Args:
+            save_directory: Created if missing.
+            save_backbone: Also write the backbone weights; ``None`` does so only when the backbone
+                trains (full fine-tuning), so that no trained weight is silently lost.
+            state_dict: A full state dict of this model to save from (e.g. gathered from ZeRO-3).
+            peft_outer: The ``PeftModel`` around this model (LoRA after ``inject``); use
+                :func:`inti_adapters.save_pretrained`, which passes it.
+            peft_state_dict: The state dict that feeds peft's own file (ZeRO-3 gathered).
+        """
+        self._check_alive()
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
         sd = self.state_dict() if state_dict is None else state_dict
-        keys = adapter_keys(self)
-        return {k: sd[k] for k in keys}
+        keys = self.adapter_keys()
+        missing = [k for k in keys if k not in sd]
+        if missing:
+            raise KeyError(f"state_dict lacks adapter keys {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        save_backbone = self.backbone_trained() if save_backbone is None else save_backbone
+        peft_model = peft_outer if peft_outer is not None else (self.backbone if is_peft_model(self.backbone) else None)
+        peft_info = None
+        if peft_model is not None:
+            peft_info = {"order": "after_inject" if peft_outer is not None else "before_inject",
+                         "subfolder": PEFT_SUBFOLDER}
+            if peft_state_dict is None and state_dict is not None and peft_outer is None:
+                peft_state_dict = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+            peft_model.save_pretrained(str(out / PEFT_SUBFOLDER), state_dict=peft_state_dict)
+        write_tensors(out / ADAPTER_WEIGHTS_NAME, {k: sd[k] for k in keys})
+        if save_backbone:
+            skip = set(keys) | set(self._names_of(peft_adapter_parameters(self)))
+            write_tensors(out / BACKBONE_WEIGHTS_NAME,
+                          {k: v for k, v in sd.items() if k.startswith("backbone.") and k not in skip})
+            logger.info("saved backbone weights too (the backbone was trainable): %s", out / BACKBONE_WEIGHTS_NAME)
+        elif (out / BACKBONE_WEIGHTS_NAME).exists():
+            (out / BACKBONE_WEIGHTS_NAME).unlink()  # stale file from an earlier save would mislead the loader
+        write_config(out / CONFIG_NAME, self._saved_config(bool(save_backbone), peft_info))
 
-    def save_pretrained(self, save_directory: str, *, save_backbone: bool | None = None,
-                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Write ``inti_config.json`` + ``adapter_model.safetensors`` (see :mod:`.serialization`)."""
-        from .serialization import save_pretrained
-
-        save_pretrained(self, save_directory, save_backbone=save_backbone, state_dict=state_dict)
+    def _saved_config(self, saved_backbone: bool, peft_info: dict[str, str] | None) -> dict[str, Any]:
+        return {
+            "host": self._host.name,
+            "backbone_class": f"{type(self.backbone).__module__}.{type(self.backbone).__qualname__}",
+            "embed_dim": self._host.embed_dim,
+            "depth": len(self._host.blocks),
+            "inject": self.config.to_dict(),
+            "custom_head": self.head is not None,
+            "saved_backbone": saved_backbone,
+            "peft": peft_info,
+        }
 
     def unload(self) -> nn.Module:
         """Remove every hook and added module; return the backbone, bit-identical to before ``inject``."""
         self._check_alive()
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._site.remove()
         for n, p in self.backbone.named_parameters():
             if n in self._requires_grad:
                 p.requires_grad_(self._requires_grad[n])
         self.compressors = nn.ModuleDict()
         self.temporal = nn.ModuleDict()
-        self._feature_fuser = None
         if hasattr(self._host.blocks, _MARK):
             object.__delattr__(self._host.blocks, _MARK)
         self._unloaded = True
         return self.backbone
+
+
+def build_video_model(backbone: nn.Module, config: InjectConfig, *, head: nn.Module | None = None) -> InTIModel:
+    """The one construction path of an :class:`InTIModel` (``inject`` and ``load_pretrained``), with its guards."""
+    if isinstance(unwrap_peft(backbone), InTIModel):
+        raise ValueError("this model is already an InTIModel; inject into its backbone only once")
+    if isinstance(head, str):
+        raise TypeError(
+            f"head={head!r}: head is the classifier module applied to the video feature; the kind of InTI "
+            "weight head is the compressor option weight_head (softmax | sigmoid | attention)"
+        )
+    host = resolve_host(unwrap_peft(backbone), config.host)
+    if getattr(host.blocks, _MARK, False):  # the same blocks, maybe reached through another wrapper
+        raise ValueError(
+            f"{type(backbone).__name__} already has inti_adapters hooks installed on its blocks; call unload() on "
+            "the existing InTIModel before injecting again"
+        )
+    return InTIModel(backbone, config, host, head=head)
 
 
 def inject(
@@ -316,7 +439,7 @@ def inject(
     train_head: bool = True,
     head: nn.Module | None = None,
     host: str | None = None,
-    temporal: Sequence[dict[str, Any]] = (),
+    temporal: str | Sequence[dict[str, Any]] = (),
     **compressor_options: Any,
 ) -> InTIModel:
     """Turn an image ViT into a video model with compressors after ``blocks[i]`` for ``i in layers``.
@@ -332,13 +455,14 @@ def inject(
             a plain backbone (full fine-tuning, as in the paper), True for a peft model (LoRA + InTI).
         head: Optional module replacing the backbone's head on the averaged video feature.
         host: Force a registered host description instead of detecting it.
-        temporal: Temporal adapters to add, e.g. ``[{"name": "local_mhra", "blocks": "all"}]``.
+        temporal: Temporal adapters to add, e.g. ``[{"name": "local_mhra", "blocks": "all"}]``, or a
+            preset name of :data:`inti_adapters.temporal.PRESETS` such as ``"uniformerv2_b"``.
         **compressor_options: Options of the compressor, e.g. ``contexts=("token", "frame")``,
-            ``fusion="add"``, ``head="sigmoid"``, ``hidden_dim=256`` for InTI.
+            ``fusion="add"``, ``weight_head="sigmoid"``, ``hidden_dim=256`` for InTI.
 
     Returns:
-        The :class:`InTIModel`. The backbone's modules are not replaced; hooks are added to its
-        blocks (``unload()`` removes them).
+        The :class:`InTIModel`. The backbone's modules are not replaced; their ``forward`` is
+        overridden per instance where a site is used (``unload()`` restores them).
 
     Example:
         >>> import timm, torch, inti_adapters as ia
@@ -347,8 +471,6 @@ def inject(
         >>> model(torch.randn(1, 3, 8, 64, 64)).shape
         torch.Size([1, 10])
     """
-    if isinstance(unwrap_peft(model), InTIModel):
-        raise ValueError("this model is already an InTIModel; inject into its backbone only once")
     config = InjectConfig(
         layers=tuple(layers) if isinstance(layers, (list, tuple)) else layers,
         compressor=compressor,
@@ -357,12 +479,6 @@ def inject(
         freeze_backbone=freeze_backbone,
         train_head=train_head,
         host=host,
-        temporal=tuple(temporal),
+        temporal=temporal if isinstance(temporal, str) else tuple(temporal),
     )
-    resolved = resolve_host(unwrap_peft(model), host)
-    if getattr(resolved.blocks, _MARK, False):  # the same blocks, maybe reached through another wrapper
-        raise ValueError(
-            f"{type(model).__name__} already has inti_adapters hooks installed on its blocks; call unload() on "
-            "the existing InTIModel before injecting again"
-        )
-    return InTIModel(model, config, resolved, head=head)
+    return build_video_model(model, config, head=head)

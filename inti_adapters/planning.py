@@ -8,12 +8,15 @@ of the naive model (at ``num_frames`` and at one frame) give a cost model:
 
 Everything is counted under ``FakeTensorMode`` (shapes only, no arithmetic), so planning for
 ViT-L at 16x224^2 takes seconds. The figures equal ``count_gflops`` of the injected model (tested).
-Frame-halving compressors only (``inti``, ``linear_pool``, ``conv_pool``).
+Frame compressors only (``inti``, ``linear_pool``, ``conv_pool``); the frames after each one come
+from its ``output_frames``. For token merging, :func:`r_for_budget` finds the ``r`` that meets a
+budget.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +25,12 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .compressors import build_compressor
-from .context import TokenLayout
-from .flops import FlopCounter
+from .flops import FlopCounter, count_gflops
+from .model import InTIModel, inject
+from .surgery import probe
+from .tokens import TokenLayout, frame_schedule
+
+__all__ = ["CostModel", "PlanEntry", "cost_model", "format_plan", "plan", "r_for_budget"]
 
 
 @dataclass(frozen=True)
@@ -46,20 +53,16 @@ class CostModel:
     pool_per_frame: float
     head: float
     compressor: dict[int, float]  # input frames -> cost of one compressor
+    output_frames: Callable[[int], int]  # the compressor's frames out for frames in
 
     def schedule(self, layers: tuple[int, ...]) -> list[int]:
-        out, t = [], self.num_frames
-        for i in range(len(self.block_per_frame)):
-            out.append(t)
-            if i in layers:
-                t = (t + 1) // 2
-        return out
+        return frame_schedule(self.num_frames, len(self.block_per_frame), dict.fromkeys(layers, self.output_frames))
 
     def total(self, layers: tuple[int, ...]) -> float:
         frames = self.schedule(layers)
         cost = self.stem + sum(b * f for b, f in zip(self.block_per_frame, frames, strict=False))
         cost += sum(self.compressor[frames[i]] for i in layers)
-        last = (frames[-1] + 1) // 2 if len(frames) - 1 in layers else frames[-1]
+        last = self.output_frames(frames[-1]) if len(frames) - 1 in layers else frames[-1]
         return cost + self.pool_per_frame * last + self.head
 
 
@@ -67,20 +70,19 @@ def _count_naive(model: Any, video: torch.Tensor) -> tuple[float, list[float], f
     """(stem, per-block costs, after-blocks cost) of one naive forward, in GMACs."""
     counter = FlopCounter()
     marks: dict[tuple[int, str], float] = {}
-    handles = []
-    for i, blk in enumerate(model.host.blocks):
-        handles.append(blk.register_forward_pre_hook(
-            lambda m, a, i=i: marks.__setitem__((i, "in"), counter.gmacs), prepend=True))
-        handles.append(blk.register_forward_hook(lambda m, a, o, i=i: marks.__setitem__((i, "out"), counter.gmacs)))
-    try:
-        with model.disable_adapters(), torch.no_grad(), counter:
-            model(video)
-    finally:
-        for h in handles:
-            h.remove()
+    index = {id(b): i for i, b in enumerate(model.host.blocks)}
+
+    def before(m: nn.Module, args: tuple, kwargs: dict) -> None:
+        marks[(index[id(m)], "in")] = counter.gflops
+
+    def after(m: nn.Module, out: Any) -> None:
+        marks[(index[id(m)], "out")] = counter.gflops
+
+    with probe(model.host.blocks, before=before, after=after), model.disable_adapters(), torch.no_grad(), counter:
+        model(video)
     depth = len(model.host.blocks)
     blocks = [marks[(i, "out")] - marks[(i, "in")] for i in range(depth)]
-    return marks[(0, "in")], blocks, counter.gmacs - marks[(depth - 1, "out")]
+    return marks[(0, "in")], blocks, counter.gflops - marks[(depth - 1, "out")]
 
 
 def cost_model(model: nn.Module, num_frames: int = 16, image_size: int | tuple[int, int] | None = None,
@@ -89,16 +91,13 @@ def cost_model(model: nn.Module, num_frames: int = 16, image_size: int | tuple[i
 
     ``compressor``/``compressor_options`` default to the InTIModel's own, else InTI's defaults.
     """
-    from .model import InTIModel, inject
-
     video_model = model if isinstance(model, InTIModel) else inject(model, layers=[])
     try:
         host = video_model.host
         if image_size is None:
-            img = getattr(host.model.patch_embed, "img_size", None) if hasattr(host.model, "patch_embed") else None
-            if img is None:
+            image_size = host.image_size
+            if image_size is None:
                 raise ValueError("pass image_size: the backbone does not say which size it was built for")
-            image_size = tuple(img)
         h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
         if compressor is None:
             compressor = video_model.config.compressor
@@ -119,15 +118,15 @@ def cost_model(model: nn.Module, num_frames: int = 16, image_size: int | tuple[i
                     y = comp(torch.empty(1, t, n, host.embed_dim), layout)
                 if y.shape[2] != n:
                     raise ValueError(f"plan supports frame compressors only; {compressor!r} changes the token count")
-                costs[t] = counter.gmacs
-                if t == 1:
+                costs[t] = counter.gflops
+                if t == 1 or comp.output_frames(t) == t:
                     break
-                t = (t + 1) // 2
+                t = comp.output_frames(t)
     finally:
         if video_model is not model:
             video_model.unload()
     pool = (post_t - post_1) / (num_frames - 1) if num_frames > 1 else 0.0
-    return CostModel(num_frames, stem, [b / num_frames for b in blocks], pool, post_1 - pool, costs)
+    return CostModel(num_frames, stem, [b / num_frames for b in blocks], pool, post_1 - pool, costs, comp.output_frames)
 
 
 def plan(
@@ -181,3 +180,66 @@ def format_plan(entries: list[PlanEntry], top: int = 10) -> str:
     lines = [f"{'layers':<12} {'GFLOPs':>9} {'of naive':>9}"]
     lines += [f"{str(list(e.layers)):<12} {e.gflops:9.1f} {e.fraction:9.1%}" for e in entries[:top]]
     return "\n".join(lines)
+
+
+def _largest_feasible(cost: Callable[[int], float | None], lo: int, hi: int) -> int:
+    """Largest ``r`` in ``[lo, hi)`` whose cost is not None (``cost(lo)`` is feasible or ``lo == 0``)."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if cost(mid) is None:
+            hi = mid
+        else:
+            lo = mid
+    return lo
+
+
+def r_for_budget(
+    backbone: nn.Module, video: torch.Tensor, layers: Sequence[int], target_gflops: float, **options: Any
+) -> int:
+    """The smallest ``r`` (the same at every merging layer) whose clip cost is at most ``target_gflops``.
+
+    Injects ``tome`` into ``backbone`` for each candidate, counts with
+    :func:`inti_adapters.count_gflops` and unloads again (the backbone is left as it was). Works on
+    the ``meta`` device for large models.
+
+    Args:
+        backbone: A host not already injected.
+        video: An input of the size to budget for, ``(B, 3, T, H, W)``.
+        layers: Merging block indices, as for ``inject``.
+        target_gflops: Budget for the whole ``video`` batch.
+        **options: Other ``tome`` options (``metric``, ``prop_attn``).
+
+    Raises:
+        ValueError: If even the largest feasible ``r`` exceeds the budget.
+    """
+    if "r" in options:
+        raise TypeError("r_for_budget chooses r itself; do not pass r")
+
+    def cost(r: int) -> float | None:
+        model = inject(backbone, layers, compressor="tome", r=r, **options)
+        try:
+            return count_gflops(model, video)
+        except ValueError as e:  # r larger than the tokens allow is infeasible; any other error is real
+            if r == 0 or "can be merged" not in str(e):
+                raise
+            return None
+        finally:
+            model.unload()
+
+    if cost(0) <= target_gflops:
+        return 0
+    lo, hi = 1, 1  # find the feasible range, then bisect (cost falls as r grows)
+    while (c := cost(hi)) is not None and c > target_gflops:
+        lo, hi = hi + 1, hi * 2
+    if c is None:  # hi is infeasible: the largest feasible r bounds the search
+        top = _largest_feasible(cost, lo - 1, hi)
+        best = cost(top) if top >= 1 else None
+        if best is None or best > target_gflops:
+            raise ValueError(f"no r reaches {target_gflops} GFLOPs with layers {list(layers)}: the largest "
+                             f"feasible r={top} costs {best} GFLOPs")
+        hi = top
+    while lo < hi:
+        mid = (lo + hi) // 2
+        c = cost(mid)
+        lo, hi = (lo, mid) if c is not None and c <= target_gflops else (mid + 1, hi)
+    return lo

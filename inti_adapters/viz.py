@@ -33,9 +33,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from ._format import ADAPTER_WEIGHTS_NAME
+from ._io import atomic_write
+from ._peft import unwrap_peft
+from .hosts import resolve_host
 from .inti import InTILayer
 from .model import InTIModel
+from .serialization import load_pretrained, read_config
+from .surgery import probe
+from .video import MEAN_STD, normalize_video
 
 __all__ = ["cascaded_weights", "frame_groups", "main", "plot_cascaded_weights", "read_clip", "weighted_frames"]
 
@@ -72,7 +81,7 @@ def cascaded_weights(model: InTIModel, video: torch.Tensor, *, layout: str | Non
     """Cascaded interpolation weight of every patch token of every frame: ``(B, T, H_grid, W_grid)``.
 
     Runs one forward of ``model`` (in eval mode, without gradients; the training mode is restored
-    afterwards) and captures the weights of each InTI layer through hooks on
+    afterwards) and captures the weights of each InTI layer by probing
     ``model.compressors[str(i)]``. Output frame ``o`` is made from frames
     ``frame_groups(T, len(model.layers))[o]``; for a softmax head their weights sum to 1 per token.
 
@@ -82,8 +91,6 @@ def cascaded_weights(model: InTIModel, video: torch.Tensor, *, layout: str | Non
         video: A float video, ``(B, 3, T, H, W)`` (or the layout given / configured).
         layout: ``'NCTHW'`` or ``'NTCHW'``; defaults to the model's ``input_layout``.
     """
-    from .lora import unwrap_peft
-
     model = unwrap_peft(model)  # a PeftModel around an InTIModel (LoRA after inject)
     if not isinstance(model, InTIModel):
         raise TypeError(f"cascaded_weights expects an InTIModel, got {type(model).__name__}")
@@ -100,38 +107,7 @@ def cascaded_weights(model: InTIModel, video: torch.Tensor, *, layout: str | Non
     layout = layout or model.config.input_layout
     b = video.shape[0]
     t = video.shape[2] if layout == "NCTHW" else video.shape[1]
-
-    captured: dict[str, list[tuple[torch.Tensor, Any]]] = {k: [] for k in keys}  # (weights, token layout)
-    pending: dict[str, Any] = {}
-
-    def pre_hook(key: str):  # ask the layer for its weights too
-        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
-            pending[key] = args[1] if len(args) > 1 else kwargs.get("layout")
-            return args, {**kwargs, "return_weights": True}
-
-        return hook
-
-    def post_hook(key: str):  # keep the weights, hand only the tokens on to the model
-        def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor:
-            y, w = output
-            captured[key].append((w.detach().float(), pending.pop(key, None)))
-            return y
-
-        return hook
-
-    handles = []
-    was_training = model.training
-    try:
-        for k in keys:
-            handles.append(model.compressors[k].register_forward_pre_hook(pre_hook(k), with_kwargs=True))
-            handles.append(model.compressors[k].register_forward_hook(post_hook(k)))
-        model.eval()
-        model.forward_features(video, layout=layout)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-
+    captured = _capture_weights(model, video, keys, layout)
     grid = model.host.grid_size(*video.shape[-2:])
     if grid is None:
         raise ValueError(f"{model.host.name} has no patch grid for frames of size {tuple(video.shape[-2:])}")
@@ -153,6 +129,33 @@ def cascaded_weights(model: InTIModel, video: torch.Tensor, *, layout: str | Non
         cascade = cascade * g[:, index // 2**level]
         frames_in = w.shape[1]
     return cascade.reshape(b, t, gh, gw)
+
+
+def _capture_weights(model: InTIModel, video: torch.Tensor, keys: list[str],
+                     layout: str) -> dict[str, list[tuple[torch.Tensor, Any]]]:
+    """One eval forward; the pair weights ``(B, T', N, 2)`` and token layout each InTI layer saw."""
+    captured: dict[str, list[tuple[torch.Tensor, Any]]] = {k: [] for k in keys}
+    pending: dict[str, Any] = {}
+    key_of = {id(model.compressors[k]): k for k in keys}
+
+    def before(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        pending[key_of[id(module)]] = args[1] if len(args) > 1 else kwargs.get("layout")
+        return args, {**kwargs, "return_weights": True}  # ask the layer for its weights too
+
+    def after(module: torch.nn.Module, output: Any) -> torch.Tensor:
+        y, w = output  # keep the weights, hand only the tokens on to the model
+        key = key_of[id(module)]
+        captured[key].append((w.detach().float(), pending.pop(key, None)))
+        return y
+
+    was_training = model.training
+    try:
+        with probe([model.compressors[k] for k in keys], before=before, after=after):
+            model.eval()
+            model.forward_features(video, layout=layout)
+    finally:
+        model.train(was_training)
+    return captured
 
 
 def weighted_frames(frames: torch.Tensor, weights: torch.Tensor, groups: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -222,9 +225,6 @@ def plot_cascaded_weights(
     Returns:
         The path written.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if video.dim() == 5:
         video = video[sample]
     if weights.dim() == 4:
@@ -241,9 +241,25 @@ def plot_cascaded_weights(
     levels = _infer_layers(weights) if num_layers is None else num_layers
     groups = frame_groups(t, levels)
     recon = weighted_frames(frames, weights, groups).clamp(0, 1)
-    height, width = frames.shape[-2:]
     top = float(weights.max()) if vmax is None else vmax
 
+    fig = _draw(frames, weights, recon, groups, top, cmap=cmap, alpha=alpha, title=title)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    return out
+
+
+# -- command line ---------------------------------------------------------------------------------
+def _draw(frames: torch.Tensor, weights: torch.Tensor, recon: torch.Tensor, groups: list[list[int]], top: float, *,
+          cmap: str, alpha: float, title: str | None) -> Any:
+    """The figure: one row per output frame, its source frames with weights, then the reconstruction."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    height, width = frames.shape[-2:]
     cols = max(len(g) for g in groups) + 1
     fig = Figure(figsize=(2.1 * cols + 0.8, 2.2 * len(groups) + (0.5 if title else 0.2)))
     FigureCanvasAgg(fig)
@@ -267,15 +283,9 @@ def plot_cascaded_weights(
                 ax.axis("off")
     if image is not None:
         fig.colorbar(image, ax=[a for r in axes for a in r], fraction=0.02, pad=0.01, label="cascaded weight")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
-    return out
+    return fig
 
 
-# -- command line ---------------------------------------------------------------------------------
 def read_clip(path: str | Path, num_frames: int, size: int) -> torch.Tensor:
     """Decode ``num_frames`` uniformly spaced frames (segment centres) with PyAV, resize the short
     side to ``size`` and centre-crop: uint8 ``(3, num_frames, size, size)``."""
@@ -315,17 +325,17 @@ def read_clip(path: str | Path, num_frames: int, size: int) -> torch.Tensor:
     return clip.permute(1, 0, 2, 3).contiguous()
 
 
-def _head_classes(checkpoint: Path) -> int | None:
-    """Classes of the head saved in an adapter directory, if one was saved."""
-    from safetensors import safe_open
-
-    from .serialization import ADAPTER_WEIGHTS_NAME
+def _head_classes(checkpoint: Path, backbone_name: str, img_size: int) -> int | None:
+    """Classes of the head saved in an adapter directory, if one was saved (its names: the host's)."""
+    import timm
 
     file = checkpoint / ADAPTER_WEIGHTS_NAME
     if not file.is_file():
         return None
+    with torch.device("meta"):
+        heads = resolve_host(timm.create_model(backbone_name, img_size=img_size)).head_module_names()
     with safe_open(str(file), framework="pt") as f:
-        for key in ("backbone.head.weight", "backbone.head.fc.weight"):
+        for key in (f"backbone.{h}.weight" for h in heads):
             if key in f.keys():
                 return int(f.get_slice(key).get_shape()[0])
     return None
@@ -361,10 +371,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import timm
 
-    from .lora import unwrap_peft
-    from .serialization import load_pretrained, read_config
-    from .video import MEAN_STD, normalize_video
-
     try:
         ckpt = Path(args.checkpoint)
         cfg = read_config(ckpt)
@@ -372,14 +378,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"{ckpt} was saved with a custom head; load it in Python and call "
                              "inti_adapters.viz.cascaded_weights / plot_cascaded_weights")
         kwargs: dict[str, Any] = {"img_size": args.img_size or args.size}
-        num_classes = args.num_classes if args.num_classes is not None else _head_classes(ckpt)
+        num_classes = args.num_classes if args.num_classes is not None else _head_classes(
+            ckpt, args.backbone, kwargs["img_size"])
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
         backbone = timm.create_model(args.backbone, pretrained=args.pretrained, **kwargs)
         model = load_pretrained(backbone, ckpt, is_trainable=False)
         if args.mean_std == "auto":
-            pcfg = getattr(backbone, "pretrained_cfg", None) or {}
-            mean_std = (pcfg["mean"], pcfg["std"]) if "mean" in pcfg and "std" in pcfg else MEAN_STD["clip"]
+            mean_std = resolve_host(backbone).mean_std() or MEAN_STD["clip"]
         elif args.mean_std in MEAN_STD:
             mean_std = MEAN_STD[args.mean_std]
         else:
@@ -392,11 +398,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                  f"{args.frames} frames")
         out = plot_cascaded_weights(clip, weights, args.out, num_layers=len(model.layers), title=title)
         if args.save_weights:
-            from safetensors.torch import save_file
-
             Path(args.save_weights).parent.mkdir(parents=True, exist_ok=True)
-            save_file({"weights": weights.contiguous(), "clip": clip}, args.save_weights,
-                      metadata={"layers": json.dumps(list(model.layers)), "video": str(args.video)})
+            meta = {"layers": json.dumps(list(model.layers)), "video": str(args.video)}
+            atomic_write(args.save_weights, lambda p: save_file(
+                {"weights": weights.contiguous(), "clip": clip}, p, metadata=meta))
     except (ValueError, TypeError, FileNotFoundError, json.JSONDecodeError) as exc:
         print(f"inti-viz: error: {exc}", file=sys.stderr)
         return 2

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .model import InTIModel
+
 Template = str | Callable[[str], str]
 
 
@@ -45,8 +47,6 @@ def _fill(template: Template, name: str) -> str:
 
 
 def _text_model(clip_model: nn.Module) -> nn.Module:
-    from .model import InTIModel
-
     model = clip_model.backbone if isinstance(clip_model, InTIModel) else clip_model
     if not callable(getattr(model, "encode_text", None)):
         raise TypeError(

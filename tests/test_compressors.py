@@ -18,10 +18,11 @@ from inti_adapters.compressors.tome import (
     ToMeConfig,
     max_merge,
     merge_frames,
-    r_for_budget,
     size_bias,
 )
 from inti_adapters.hosts.timm import TimmHost
+from inti_adapters.planning import r_for_budget
+from inti_adapters.surgery import probe
 
 # conftest's tiny ViT: width 32, 2 heads, 4 blocks, 4x4 patch grid + class token = 17 tokens
 C, N, P, GRID = 32, 17, 1, (4, 4)
@@ -120,7 +121,7 @@ def test_conv_pool_refuses_tokens_and_hosts_without_grid():
     x = torch.randn(1, 2, N, C)
     with pytest.raises(ValueError, match="needs the patch grid"):
         pool(x, ia.TokenLayout(1, 0, None))
-    with pytest.raises(ValueError, match="needs the patch grid"):
+    with pytest.raises(ValueError, match="merged or dropped"):
         pool(x[:, :, :-3], LAYOUT)  # merged tokens: 14 do not match 1 + 4x4
 
     @ia.register_host("test_compressors_gridless")
@@ -260,13 +261,14 @@ def test_tome_keeps_class_token_and_merges_on_keys():
     vit = make_vit()
     captured = {}
     vit.blocks[0].register_forward_pre_hook(lambda m, a: captured.__setitem__("in", a[0]))
-    vit.blocks[0].register_forward_hook(lambda m, a, out: captured.__setitem__("out", out))
     vit.blocks[1].register_forward_pre_hook(lambda m, a: captured.__setitem__("merged", a[0]))
-    model = ia.inject(vit, layers=[0], compressor="tome", r=5)  # hooks above run before tome's
+    model = ia.inject(vit, layers=[0], compressor="tome", r=5)  # module pre-hooks run before the sites
     with torch.no_grad():
         model(_video())
-        attn = vit.blocks[0].attn
-        qkv = attn.qkv(vit.blocks[0].norm1(captured["in"]))
+        with model.disable_adapters():
+            captured["out"] = vit.blocks[0](captured["in"])  # the block's own output, before merging
+            attn = vit.blocks[0].attn
+            qkv = attn.qkv(vit.blocks[0].norm1(captured["in"]))
         keys = qkv.unflatten(-1, (3, attn.num_heads, attn.head_dim))[:, :, 1].mean(dim=-2)
         expected, _ = merge_frames(captured["out"], 5, P, metric=keys[:, P:])
     assert torch.equal(captured["merged"][:, 0], captured["out"][:, 0])
@@ -277,12 +279,11 @@ def test_tome_proportional_attention_masks():
     vit = make_vit()
     model = ia.inject(vit, layers=[1], compressor="tome", r=4)
     masks = {}
-    for i, blk in enumerate(vit.blocks):  # registered after tome's hooks: sees the kwargs they set
-        blk.attn.register_forward_pre_hook(
-            lambda m, a, kw, i=i: masks.__setitem__(i, kw.get("attn_mask")), with_kwargs=True
-        )
+    index = {id(blk.attn): i for i, blk in enumerate(vit.blocks)}
     video = _video()
-    with torch.no_grad():
+    # probed after inject: runs after tome's sites and sees the keyword arguments they set
+    with torch.no_grad(), probe([b.attn for b in vit.blocks],
+                                before=lambda m, a, kw: masks.__setitem__(index[id(m)], kw.get("attn_mask"))):
         out = model(video)
     assert masks[0] is None and masks[1] is None
     sizes = model.compressors["1"].token_sizes

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from inti_adapters import InTIConfig, InTILayer, TokenLayout
-from inti_adapters.inti import frame_tokens, pair_frames
+from inti_adapters.inti import frame_tokens
+from inti_adapters.tokens import pair_frames
 
 DIM = 16
 LAYOUT = TokenLayout(num_prefix_tokens=1, cls_index=0, grid=(3, 3))

@@ -101,7 +101,7 @@ def test_failed_save_leaves_previous_files_intact(tmp_path, monkeypatch):
     model = ia.inject(make_vit(), layers=[1], freeze_backbone=True)
     model.save_pretrained(tmp_path)
     before = (tmp_path / "adapter_model.safetensors").read_bytes()
-    import inti_adapters.serialization as ser
+    import inti_adapters._format as ser
 
     def boom(*a, **k):
         raise OSError("disk full")

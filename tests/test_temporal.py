@@ -213,11 +213,8 @@ def test_mlp_placement_on_open_clip_blocks(seq_first):
     xs = x.transpose(0, 1) if seq_first else x  # the block's own layout
     ctx = VideoContext(batch_size=b, num_frames=t, tokens=LAYOUT)
     with torch.no_grad():
-        model._holder.enter(ctx)
-        try:
+        with model._holder.forward(ctx):
             got = blk(xs)
-        finally:
-            model._holder.exit()
         with model.disable_adapters():
             x_mid = xs + blk.ls_1(blk.attention(blk.ln_1(xs)))
             bnc = x_mid.transpose(0, 1) if seq_first else x_mid

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from inti_adapters.temporal import PRESETS
 from inti_adapters.train import (
     ConfigError,
     ModelConfig,
@@ -24,7 +25,6 @@ from inti_adapters.train import (
     load_config,
     param_groups,
 )
-from inti_adapters.train.build import resolve_temporal
 
 TINY_KW = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "num_heads": 2, "depth": 4}
 TINY = ["model.name=vit_base_patch16_clip_224", f"model.model_kwargs={json.dumps(TINY_KW)}", "model.num_classes=5"]
@@ -48,7 +48,7 @@ def test_yaml_base_and_overrides(tmp_path):
     assert cfg.optim.betas == [0.9, 0.98] and cfg.optim.weight_decay == 0.1
     assert cfg.train.epochs == 7  # the recipe wins over its base
     assert cfg.train.bf16 is True and cfg.train.clip_grad is None
-    assert cfg.model.layers == [4, 6] and cfg.model.model_kwargs == {"drop_path_rate": 0.1}
+    assert cfg.model.layers == (4, 6) and cfg.model.model_kwargs == {"drop_path_rate": 0.1}
     assert cfg.data == {"batch_size": 4}
     # a path in a base file is relative to that file, not to the recipe or the cwd
     assert cfg.train.deepspeed_config == str((tmp_path / "ds" / "z.json").resolve())
@@ -70,7 +70,7 @@ def test_yaml_base_and_overrides(tmp_path):
         ("train.zero_stage=4", "train.zero_stage must be one of [0, 1, 2, 3], got 4"),
         ("optim.lr=-1", "optim.lr must be > 0, got -1.0"),
         ("optim.betas=[0.9]", "optim.betas must be two numbers in [0, 1), got [0.9]"),
-        ("model.layers=[6, 4]", "model.layers must be distinct ascending block indices >= 0, got [6, 4]"),
+        ("model.layers=[6, 4]", "model: layers must be sorted ascending, got [6, 4] (did you mean [4, 6]?)"),
         ("model.source=torchvision", "model.source must be one of ['timm', 'open_clip'], got 'torchvision'"),
         ("train.resume.x=1", "train.resume: expected str, got {'x': 1} (dict)"),
         ("train.epochs", "overrides look like section.key=value"),
@@ -226,9 +226,11 @@ def test_build_model_lora_temporal_and_mean_std():
     model, mean_std = build_model(cfg, 5)
     assert mean_std[0] == (0.485, 0.456, 0.406) and len(model.temporal) > 0
     assert model(torch.randn(1, 3, 4, 32, 32)).shape == (1, 5)
-    assert resolve_temporal([{"name": "temporal_shift", "blocks": "all"}]) == [{"name": "temporal_shift", "blocks": "all"}]
+    assert model.config.temporal == tuple(PRESETS["uniformerv2_b"])  # the preset, resolved by the model
+    assert ModelConfig(temporal=[{"name": "temporal_shift", "blocks": "all"}]).temporal == (
+        {"name": "temporal_shift", "blocks": "all"},)
     with pytest.raises(ConfigError, match="unknown preset 'uniformerv9'"):
-        resolve_temporal("uniformerv9")
+        ModelConfig(temporal="uniformerv9")
 
 
 # -- optimizer groups and schedule ---------------------------------------------------------------

@@ -49,9 +49,9 @@ def test_paper_recipes_hold_the_paper_settings(path):
     assert cfg.model.name == ("vit_large_patch14_clip_224.openai" if big else "vit_base_patch16_clip_224.openai")
     assert cfg.model.pretrained is True
     variant = path.stem.split("_", 2)[2]
-    assert cfg.model.layers == {"naive": [], "inti": [9, 13] if big else [4, 6],
-                                "inti_temporal": [9, 13] if big else [4, 6]}[variant]
-    assert cfg.model.temporal == (("uniformerv2_l" if big else "uniformerv2_b") if variant == "inti_temporal" else [])
+    assert list(cfg.model.layers) == {"naive": [], "inti": [9, 13] if big else [4, 6],
+                                      "inti_temporal": [9, 13] if big else [4, 6]}[variant]
+    assert cfg.model.temporal == (("uniformerv2_l" if big else "uniformerv2_b") if variant == "inti_temporal" else ())
     if path.stem.startswith("k400"):
         assert cfg.model.num_classes == 400 and (data.num_clips, data.num_crops) == (4, 3)
         assert cfg.optim.lr == 2.2e-5 and cfg.train.global_batch_size == 512 and data.hflip
@@ -68,7 +68,7 @@ def test_every_recipe_runs_one_smoke_step(path, tmp_path, capsys):
     rows = read_metrics(tmp_path / "metrics.csv")
     assert [r["split"] for r in rows] == ["train", "val"] and rows[0]["loss"] > 0
     saved = json.loads((tmp_path / "final" / "inti_config.json").read_text())
-    assert saved["inject"]["layers"] == load_config(path).model.layers
+    assert saved["inject"]["layers"] == list(load_config(path).model.layers)
 
 
 def test_openclip_source_and_eval_smoke(tmp_path, capsys):

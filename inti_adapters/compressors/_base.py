@@ -1,8 +1,21 @@
 """The compressor interface and its registry.
 
 A compressor runs between two transformer blocks on the tokens of a whole clip,
-``(B, T, N, C) -> (B, T', N', C)``. InTI halves ``T``; token merging shrinks ``N``. The tensor
-math lives in the compressor; the hooks that wire it into a backbone live in ``model.py``.
+``(B, T, N, C) -> (B, T', N', C)``. InTI halves ``T``; token merging shrinks ``N``.
+
+The contract of a new compressor (everything the library relies on):
+
+- ``config_class``: a :class:`~inti_adapters._config.Config` dataclass of its options (the
+  ``**options`` of ``inject(..., compressor=name)``); ``__init__(dim, config)``.
+- ``forward(x, layout)``: pure tensor code on ``(B, T, N, C)`` tokens; ``layout`` is the
+  :class:`~inti_adapters.TokenLayout` of the input video (prefix tokens, class token, grid).
+- ``output_frames(t)``: frames out for ``t`` frames in (the frame schedule and ``plan()`` use it).
+- ``attach(site, block_index)``: called once when injected after ``blocks[block_index]``; the
+  default runs the compressor on that block's output. A compressor that needs more (token
+  merging: the attention keys, a bias on later blocks' attention, sizes shared between its
+  layers) asks the :class:`~inti_adapters.surgery.Site` for it there, and keeps state only in
+  ``site.store(...)``. It never reads the video model or other modules' attributes.
+- ``no_weight_decay()``: names of its own parameters that must not be decayed.
 """
 
 from __future__ import annotations
@@ -15,7 +28,9 @@ import torch
 from torch import nn
 
 from .._registry import Registry
-from ..context import TokenLayout
+from ..context import VideoContext
+from ..surgery import Site
+from ..tokens import TokenLayout
 
 
 class Compressor(nn.Module):
@@ -32,17 +47,19 @@ class Compressor(nn.Module):
         raise NotImplementedError
 
     def output_frames(self, num_frames: int) -> int:
-        """Frames after this compressor for ``num_frames`` frames in (used by planners)."""
+        """Frames after this compressor for ``num_frames`` frames in (frame schedule, ``plan()``)."""
         return num_frames
 
-    def attach(self, model: Any, block_index: int) -> list[Any]:
-        """Called once by ``InTIModel`` after the compressor is built for ``blocks[block_index]``.
+    def attach(self, site: Site, block_index: int) -> None:
+        """Wire this compressor in after ``blocks[block_index]``: by default, run it on the block's output."""
+        site.on_block_output(block_index, self._on_tokens)
 
-        Compressors that must also change later blocks (e.g. token merging's size-weighted
-        attention) install their extra hooks here and return the handles; ``unload()`` removes
-        them. The default installs nothing.
-        """
-        return []
+    def _on_tokens(self, tokens: torch.Tensor, ctx: VideoContext) -> torch.Tensor:
+        return self(tokens, ctx.tokens)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (relative to this module) of parameters that never get weight decay; 1-D ones never do."""
+        return set()
 
 
 _COMPRESSORS = Registry("compressor", Compressor, "register_compressor")
@@ -52,6 +69,9 @@ def register_compressor(name: str) -> Callable[[type[Compressor]], type[Compress
     """Class decorator: make a compressor available to ``inject(..., compressor=name)``."""
 
     def deco(cls: type[Compressor]) -> type[Compressor]:
+        if not dataclasses.is_dataclass(getattr(cls, "config_class", None)):
+            raise TypeError(f"{getattr(cls, '__name__', cls)}.config_class must be a dataclass of the compressor's "
+                            "options (e.g. deriving from inti_adapters.config.Config)")
         return _COMPRESSORS.add(name, cls)
 
     return deco

@@ -39,8 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._config import Config, check_choice
-from ..config import ODD_FRAME_POLICIES
-from ..context import TokenLayout
+from ..tokens import ODD_FRAME_POLICIES, TokenLayout, pair_frames, patch_volume
 from ._base import Compressor, register_compressor
 
 
@@ -105,38 +104,37 @@ class ConvPool(Compressor):
         return f"dim={self.dim}, kernel_size={self.config.kernel_size}, odd_frames={self.config.odd_frames}"
 
     def forward(self, x: torch.Tensor, layout: TokenLayout | None = None) -> torch.Tensor:
-        """``(B, T, P + H*W, C) -> (B, ceil(T/2), P + H*W, C)``; needs ``layout.grid``."""
+        """``(B, T, P + H*W, C) -> (B, ceil(T/2), P + H*W, C)``; needs ``layout.grid``.
+
+        The stride-2 kernel sees the two frames of each pair: ``conv(a; W[:, :, 0]) + conv(b; W[:, :, 1])``.
+        """
         if x.dim() != 4 or x.shape[-1] != self.dim:
             raise ValueError(f"ConvPool expects tokens of shape (B, T, N, {self.dim}), got {tuple(x.shape)}")
-        b, t, n, c = x.shape
-        if t < 1:
+        if x.shape[1] < 1:
             raise ValueError("ConvPool got a clip with 0 frames")
-        grid = layout.grid_for(n) if layout is not None else None
-        if grid is None:
-            got = (
-                "no layout"
-                if layout is None
-                else f"{layout.num_prefix_tokens} prefix tokens + grid {layout.grid}"
-            )
-            raise ValueError(
-                f"conv_pool needs the patch grid of the tokens, but {n} tokens per frame do not match "
-                f"({got}); it works on hosts with a spatial patch grid and not after token merging"
-            )
-        if t % 2:
-            if self.config.odd_frames == "error":
-                raise ValueError(f"odd_frames='error' but the clip has an odd number of frames ({t})")
-            x = torch.cat([x, x[:, -1:]], dim=1)
-            t += 1
-        p = layout.num_prefix_tokens
-        gh, gw = grid
-        vol = x[:, :, p:].permute(0, 3, 1, 2).reshape(b, c, t, gh, gw)
-        out = self.conv(vol).reshape(b, c, t // 2, gh * gw).permute(0, 2, 3, 1)  # (B, T', HW, C)
-        if not p:
-            return out
+        layout = layout if layout is not None else TokenLayout(0, None, None)
+        a, b = pair_frames(x, self.config.odd_frames)  # (B, T', N, C)
         k = self.config.kernel_size // 2
         w = self.conv.weight
-        prefix = x[:, :, :p]
-        y = F.linear(prefix[:, 0::2], w[:, :, 0, k, k], self.conv.bias) + F.linear(
-            prefix[:, 1::2], w[:, :, 1, k, k]
-        )
-        return torch.cat([y, out], dim=2)
+        out = self._conv_pairs(a, b, layout)
+        p = layout.num_prefix_tokens
+        if not p:
+            return out
+        # prefix tokens: the centre taps, as for a 1x1 "image" with zero padding
+        prefix = F.linear(a[:, :, :p], w[:, :, 0, k, k], self.conv.bias) + F.linear(b[:, :, :p], w[:, :, 1, k, k])
+        return torch.cat([prefix, out], dim=2)
+
+    def _conv_pairs(self, a: torch.Tensor, b: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """The patch tokens of each pair through the (2, k, k) kernel: ``(B, T', H*W, C)``."""
+        who = "conv_pool"
+        va = patch_volume(a, layout, who=who, hint="it works on hosts with a spatial patch grid")
+        vb = patch_volume(b, layout, who=who, hint="it works on hosts with a spatial patch grid")
+        bsz, t2, gh, gw, c = va.shape
+        pad = self.config.kernel_size // 2
+        w = self.conv.weight
+
+        def frames(v: torch.Tensor) -> torch.Tensor:  # (B, T', H, W, C) -> (B*T', C, H, W)
+            return v.reshape(bsz * t2, gh, gw, c).permute(0, 3, 1, 2)
+
+        y = F.conv2d(frames(va), w[:, :, 0], self.conv.bias, padding=pad) + F.conv2d(frames(vb), w[:, :, 1], padding=pad)
+        return y.permute(0, 2, 3, 1).reshape(bsz, t2, gh * gw, c)

@@ -24,9 +24,7 @@ import torch
 from torch import nn
 
 from .._config import Config, check_choice
-from ..config import ODD_FRAME_POLICIES
-from ..context import TokenLayout
-from ..inti import pair_frames
+from ..tokens import ODD_FRAME_POLICIES, TokenLayout, pair_frames
 from ._base import Compressor, register_compressor
 
 

@@ -24,9 +24,10 @@ merge runs on the block's output (the compressor interface), so ``layers=[i]`` f
 the tokens of ``blocks[i + 1]``; the keys used for matching are still those computed by
 ``blocks[i].attn``, as in ToMe.
 
-Metric (``metric``): ``'keys'`` (default, ToMe's choice) captures the keys of ``blocks[i].attn``
-by wrapping the forward of its ``qkv`` projection and averages them over heads; it needs timm's
-``vision_transformer.Attention`` (refused clearly otherwise, e.g. for Eva or OpenCLIP).
+Metric (``metric``): ``'keys'`` (default, ToMe's choice) reads the keys of ``blocks[i]``'s
+attention (``Site.attention_keys``) and averages them over heads; it needs a host that knows the
+block's fused ``qkv`` projection (timm's ``vision_transformer.Attention``; refused clearly
+otherwise, e.g. for Eva or OpenCLIP).
 ``'tokens'`` uses the block's output tokens themselves, which works on any host. Either is
 L2-normalised, so the similarity is the cosine similarity.
 
@@ -34,11 +35,12 @@ FLOPs: per frame, a ViT block with ``N`` tokens of width ``C`` (MLP ratio 4) cos
 ``12 N C^2 + 2 N^2 C`` multiply-adds. Merging ``r`` tokens after ``blocks[i]`` removes, from every
 later block, ``12 r C^2 + 2 (N^2 - (N - r)^2) C``; the matching itself costs
 ``ceil(M/2) * floor(M/2) * D`` (a matmul, counted by :func:`inti_adapters.count_gflops`, ``D`` the
-head width for keys). Use :func:`r_for_budget` to find the ``r`` that meets a GFLOPs target.
+head width for keys). Use :func:`inti_adapters.r_for_budget` to find the ``r`` that meets a GFLOPs
+target.
 
-Activation checkpointing: token sizes live in a per-model state keyed by the merging layer,
-written during the forward and only read (never reset) while autograd recomputes blocks, so
-recomputation in any order sees the sizes of the forward being differentiated. As with the
+Activation checkpointing: token sizes live in the video model's per-forward store
+(``Site.store('tome')``), keyed by the merging layer; a recompute writes the same values again,
+so recomputation in any order sees the sizes of the forward being differentiated. As with the
 video context, run the backward of a forward before the next forward of the same model.
 
 Example:
@@ -51,17 +53,18 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .._config import Config, check_choice
-from .._hooks import after_forward
-from ..context import TokenLayout, in_backward
+from ..surgery import Site
+from ..tokens import TokenLayout
 from ._base import Compressor, register_compressor
 
 METRICS = ("keys", "tokens")
@@ -203,37 +206,23 @@ def size_bias(sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # -- wiring ----------------------------------------------------------------------------------------
-class _MergeState:
-    """Token sizes and captured keys of one model, keyed by merging block index."""
+class _Sizes:
+    """Token sizes and captured keys of one model's merging layers, in its per-forward store."""
 
-    def __init__(self, layers: tuple[int, ...]) -> None:
-        self.layers = layers
-        self.sizes: dict[int, torch.Tensor | None] = {}  # sizes after merging layer l (None: all 1)
-        self.keys: dict[int, torch.Tensor] = {}
+    def __init__(self, store: dict, layers: tuple[int, ...]) -> None:
+        self.store, self.layers = store, layers
 
-    def clear(self) -> None:
-        self.sizes.clear()
-        self.keys.clear()
-
-    def sizes_before(self, block_index: int) -> torch.Tensor | None:
-        """Sizes of the tokens entering ``blocks[block_index]`` (None: no merge yet)."""
+    def before(self, block_index: int) -> torch.Tensor | None:
+        """Sizes of the tokens entering ``blocks[block_index]`` (None: nothing merged before it)."""
         earlier = [layer for layer in self.layers if layer < block_index]
         if not earlier:
             return None
-        if earlier[-1] not in self.sizes:
+        if ("sizes", earlier[-1]) not in self.store:
             raise RuntimeError(
                 f"token sizes of merging layer {earlier[-1]} are missing at blocks[{block_index}]; "
                 "was the backbone run without the video model's forward?"
             )
-        return self.sizes[earlier[-1]]
-
-
-def _timm_attention_class() -> type | None:
-    try:
-        from timm.models.vision_transformer import Attention
-    except ImportError:  # pragma: no cover
-        return None
-    return Attention
+        return self.store[("sizes", earlier[-1])]
 
 
 @register_compressor("tome")
@@ -246,14 +235,16 @@ class TokenMerging(Compressor):
 
     Used standalone (not injected), it needs ``metric='tokens'`` and an int ``r``; the keys and
     the proportional attention of later blocks need :meth:`attach` (which ``inject`` calls).
+    Its state (token sizes, keys) lives in the video model's per-forward store.
     """
 
     config_class = ToMeConfig
 
     def __init__(self, dim: int, config: ToMeConfig | None = None) -> None:
         super().__init__(dim, config or ToMeConfig())
-        self._state: _MergeState | None = None
+        self._sizes: _Sizes | None = None
         self._layer: int | None = None
+        self._r: int | None = None
 
     def extra_repr(self) -> str:
         c = self.config
@@ -262,29 +253,26 @@ class TokenMerging(Compressor):
     @property
     def token_sizes(self) -> torch.Tensor | None:
         """Token sizes ``(B*T, N')`` after this layer in the last forward (None: nothing merged yet)."""
-        if self._state is None or self._layer not in self._state.sizes:
+        if self._sizes is None:
             return None
-        return self._state.sizes[self._layer]
+        return self._sizes.store.get(("sizes", self._layer))
 
     def merge_count(self) -> int:
         """``r`` of this layer."""
-        r = self.config.r
-        if isinstance(r, int):
-            return r
-        if self._state is None or self._layer is None:
-            raise ValueError(
-                f"r={list(r)} gives one value per merging layer, but this layer is not attached to a model; "
-                "use an int r standalone"
-            )
-        return r[self._state.layers.index(self._layer)]
+        if self._r is not None:
+            return self._r
+        if isinstance(self.config.r, int):
+            return self.config.r
+        raise ValueError(
+            f"r={list(self.config.r)} gives one value per merging layer, but this layer is not attached to a "
+            "model; use an int r standalone"
+        )
 
     def forward(self, x: torch.Tensor, layout: TokenLayout | None = None) -> torch.Tensor:
         """``(B, T, N, C) -> (B, T, N - r, C)``; prefix tokens (``layout``) are never merged."""
         if x.dim() != 4 or x.shape[-1] != self.dim:
-            raise ValueError(
-                f"TokenMerging expects tokens of shape (B, T, N, {self.dim}), got {tuple(x.shape)}"
-            )
-        b, t, n, c = x.shape
+            raise ValueError(f"TokenMerging expects tokens of shape (B, T, N, {self.dim}), got {tuple(x.shape)}")
+        b, t, n, _ = x.shape
         p = layout.num_prefix_tokens if layout is not None else 0
         r = self.merge_count()
         where = f"blocks[{self._layer}]" if self._layer is not None else "this layer"
@@ -293,208 +281,81 @@ class TokenMerging(Compressor):
                 f"tome got r={r} at {where}, but the frames there have {n - p} patch tokens (+{p} prefix), "
                 f"so at most r={max_merge(n - p)} can be merged (the size of the alternate set A)"
             )
-        state, layer = self._state, self._layer
-        sizes = state.sizes_before(layer) if state is not None else None
+        sizes = self._sizes.before(self._layer) if self._sizes is not None else None
         if sizes is not None and tuple(sizes.shape) != (b * t, n):
-            raise RuntimeError(
-                f"tome state holds sizes {tuple(sizes.shape)} for tokens {(b * t, n)} at {where}"
-            )
-        keys = None
-        if self.config.metric == "keys":
-            if state is None:
-                raise ValueError(
-                    "tome metric='keys' needs the compressor injected into a model; use metric='tokens'"
-                )
-            keys = state.keys.pop(layer, None)
-            if keys is None:
-                raise RuntimeError(
-                    f"tome metric='keys' found no keys from {where}.attn.qkv: was attn.qkv replaced after "
-                    "inject (apply peft/LoRA before inject)? Otherwise use metric='tokens'"
-                )
-            keys = keys[:, p:]
+            raise RuntimeError(f"tome state holds sizes {tuple(sizes.shape)} for tokens {(b * t, n)} at {where}")
+        keys = self._take_keys(where)
+        keys = keys[:, p:] if keys is not None else None
         if r == 0:
-            if state is not None:
-                state.sizes[layer] = sizes
-            return x
-        y, new_sizes = merge_frames(x.flatten(0, 1), r, p, sizes=sizes, metric=keys)
-        if state is not None:
-            state.sizes[layer] = new_sizes
-        return y.unflatten(0, (b, t))
+            new_sizes, y = sizes, x
+        else:
+            y, new_sizes = merge_frames(x.flatten(0, 1), r, p, sizes=sizes, metric=keys)
+            y = y.unflatten(0, (b, t))
+        if self._sizes is not None:
+            self._sizes.store[("sizes", self._layer)] = new_sizes
+        return y
 
-    # -- hooks on the host ------------------------------------------------------------------------
-    def attach(self, model: Any, block_index: int) -> list[Any]:
-        """Share one size state among the model's ``tome`` layers; the first installs the hooks."""
-        merging = {int(k): c for k, c in model.compressors.items() if isinstance(c, TokenMerging)}
-        layers = tuple(sorted(merging))
-        if isinstance(self.config.r, tuple) and len(self.config.r) != len(layers):
+    def _take_keys(self, where: str) -> torch.Tensor | None:
+        if self.config.metric != "keys":
+            return None
+        if self._sizes is None:
+            raise ValueError("tome metric='keys' needs the compressor injected into a model; use metric='tokens'")
+        keys = self._sizes.store.pop(("keys", self._layer), None)
+        if keys is None:
+            raise RuntimeError(
+                f"tome metric='keys' found no keys from {where}.attn.qkv: was attn.qkv replaced after "
+                "inject (apply peft/LoRA before inject)? Otherwise use metric='tokens'"
+            )
+        return keys
+
+    # -- wiring through the surgery layer ------------------------------------------------------------
+    def attach(self, site: Site, block_index: int) -> None:
+        """Merge after ``blocks[block_index]``; read its keys; bias later blocks' attention by size."""
+        layers = site.compressor_layers
+        r = self.config.r
+        if isinstance(r, tuple) and len(r) != len(layers):
             raise ValueError(
-                f"tome got r={list(self.config.r)} ({len(self.config.r)} values) for {len(layers)} merging "
-                f"layers {list(layers)}; give one r per layer or a single int"
+                f"tome got r={list(r)} ({len(r)} values) for {len(layers)} merging layers {list(layers)}; "
+                "give one r per layer or a single int"
             )
         self._layer = block_index
-        if block_index != layers[0]:
-            return []
-        blocks = model.host.blocks
-        holder = model.context
-        self._check_host(blocks, layers)
-        if getattr(model.host.model, "rope", None) is not None:
-            raise ValueError(
-                f"tome changes the token count, but {type(model.host.model).__name__} applies rotary position "
-                "embeddings (rope) over the full patch grid in every block; create it without rope"
-            )
-        state = _MergeState(layers)
-        for c in merging.values():
-            c._state = state
-
-        def reset(module: nn.Module, args: Any) -> None:
-            if not holder.disabled and not in_backward():
-                state.clear()
-
-        handles = [blocks[0].register_forward_pre_hook(reset)]
+        self._r = r[layers.index(block_index)] if isinstance(r, tuple) else r
+        self._sizes = sizes = _Sizes(site.store("tome"), layers)
         if self.config.metric == "keys":
-            for layer in layers:
-                attn = blocks[layer].attn
-                # wrapped, not hooked: torch.compile may skip hooks of submodules (see _hooks.after_forward)
-                handles.append(after_forward(attn.qkv, _keys_hook(attn, layer, state, holder)))
-        if self.config.prop_attn:
-            for i in range(layers[0] + 1, len(blocks)):
-                hook = _prop_attn_hook(i, state, holder)
-                handles.append(blocks[i].attn.register_forward_pre_hook(hook, with_kwargs=True))
-        return handles
-
-    def _check_host(self, blocks: Any, layers: tuple[int, ...]) -> None:
-        timm_attention = _timm_attention_class()
-
-        def supported(i: int) -> bool:
-            attn = getattr(blocks[i], "attn", None)
-            return timm_attention is not None and isinstance(attn, timm_attention)
-
-        if self.config.metric == "keys":
-            for i in layers:
-                if not supported(i):
-                    raise ValueError(
-                        "tome metric='keys' reads the keys from the qkv projection of timm's "
-                        f"vision_transformer.Attention, but blocks[{i}].attn is "
-                        f"{type(getattr(blocks[i], 'attn', None)).__name__}; pass metric='tokens'"
-                    )
-        if self.config.prop_attn:
-            for i in range(layers[0] + 1, len(blocks)):
-                if not supported(i):
-                    raise ValueError(
-                        "tome prop_attn=True adds log(token size) to the attention logits through the "
-                        f"attn_mask argument of timm's vision_transformer.Attention, but blocks[{i}].attn is "
-                        f"{type(getattr(blocks[i], 'attn', None)).__name__}; pass prop_attn=False"
-                    )
-
-
-def _keys_hook(attn: nn.Module, layer: int, state: _MergeState, holder: Any):
-    heads, head_dim = int(attn.num_heads), int(attn.head_dim)
-    k_norm = getattr(attn, "k_norm", None)
-
-    def hook(out: torch.Tensor) -> torch.Tensor:
-        if holder.disabled:
-            return out
-        if out.shape[-1] != 3 * heads * head_dim:
-            raise RuntimeError(
-                f"blocks[{layer}].attn.qkv gave width {out.shape[-1]}, "
-                f"expected 3 * {heads} heads * {head_dim}"
-            )
-        with torch.no_grad():
-            k = out.detach().unflatten(-1, (3, heads, head_dim)).select(-3, 1)  # (S, N, H, D)
-            if k_norm is not None:
-                k = k_norm(k)
-            state.keys[layer] = k.mean(dim=-2)
-        return out
-
-    return hook
-
-
-def _prop_attn_hook(block_index: int, state: _MergeState, holder: Any):
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any] | None:
-        if holder.disabled:
-            return None
-        sizes = state.sizes_before(block_index)
-        if sizes is None:
-            return None
-        x = args[0] if args else kwargs["x"]
-        if tuple(x.shape[:2]) != tuple(sizes.shape):
-            raise RuntimeError(
-                f"blocks[{block_index}].attn got tokens {tuple(x.shape[:2])} "
-                f"but tome sizes are {tuple(sizes.shape)}"
-            )
-        bias = size_bias(sizes, x.dtype)
-        mask = kwargs.get("attn_mask")
-        if mask is not None:
-            if mask.dtype == torch.bool:
-                mask = torch.zeros_like(mask, dtype=x.dtype).masked_fill(~mask, float("-inf"))
-            bias = mask + bias
-        return args, {**kwargs, "attn_mask": bias}
-
-    return hook
-
-
-def r_for_budget(
-    backbone: nn.Module, video: torch.Tensor, layers: Sequence[int], target_gflops: float, **options: Any
-) -> int:
-    """The smallest ``r`` (the same at every merging layer) whose clip cost is at most ``target_gflops``.
-
-    Injects ``tome`` into ``backbone`` for each candidate, counts with
-    :func:`inti_adapters.count_gflops` and unloads again (the backbone is left as it was). Works on
-    the ``meta`` device for large models.
-
-    Args:
-        backbone: A host not already injected.
-        video: An input of the size to budget for, ``(B, 3, T, H, W)``.
-        layers: Merging block indices, as for ``inject``.
-        target_gflops: Budget for the whole ``video`` batch.
-        **options: Other ``tome`` options (``metric``, ``prop_attn``).
-
-    Raises:
-        ValueError: If even the largest feasible ``r`` exceeds the budget.
-    """
-    from ..flops import count_gflops
-    from ..model import inject
-
-    if "r" in options:
-        raise TypeError("r_for_budget chooses r itself; do not pass r")
-
-    def cost(r: int) -> float | None:
-        model = inject(backbone, layers, compressor="tome", r=r, **options)
-        try:
-            return count_gflops(model, video)
-        except ValueError as e:  # r larger than the tokens allow is infeasible; any other error is real
-            if r == 0 or "can be merged" not in str(e):
-                raise
-            return None
-        finally:
-            model.unload()
-
-    if cost(0) <= target_gflops:
-        return 0
-    lo, hi = 1, 1  # find the feasible range, then bisect (cost falls as r grows)
-    while (c := cost(hi)) is not None and c > target_gflops:
-        lo, hi = hi + 1, hi * 2
-    if c is None:  # hi is infeasible: bisect for the largest feasible r first
-        top_lo, top_hi = lo - 1, hi
-        while top_hi - top_lo > 1:
-            mid = (top_lo + top_hi) // 2
-            if cost(mid) is None:
-                top_hi = mid
-            else:
-                top_lo = mid
-        best = cost(top_lo) if top_lo >= 1 else None
-        if best is None or best > target_gflops:
+            with _hint("pass metric='tokens' to match on the block's output tokens"):
+                site.attention_keys(block_index, partial(_keep_keys, sizes.store, block_index))
+        super().attach(site, block_index)
+        if self.config.prop_attn:  # the blocks that see this layer's sizes: up to and with the next merge
+            later = [layer for layer in layers if layer > block_index]
+            with _hint("pass prop_attn=False to merge without proportional attention"):
+                for j in range(block_index + 1, (later[0] + 1) if later else site.depth):
+                    site.attention_bias(j, partial(_size_bias_at, sizes, j))
+        if site.uses_rope:
             raise ValueError(
-                f"no r reaches {target_gflops} GFLOPs with layers {list(layers)}: "
-                f"the largest feasible r={top_lo} "
-                f"costs {best} GFLOPs"
+                "tome changes the token count, but this backbone applies rotary position embeddings (rope) "
+                "over the full patch grid in every block; create it without rope"
             )
-        hi = top_lo
-    while lo < hi:
-        mid = (lo + hi) // 2
-        c = cost(mid)
-        if c is not None and c <= target_gflops:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
+
+
+@contextlib.contextmanager
+def _hint(text: str) -> Iterator[None]:
+    """Re-raise a site's refusal with what tome's user can do about it."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(f"tome: {e}; {text}") from None
+
+
+def _keep_keys(store: dict, block_index: int, keys: torch.Tensor, ctx: Any) -> None:
+    store[("keys", block_index)] = keys.mean(dim=-2)  # averaged over heads, as in ToMe
+
+
+def _size_bias_at(sizes: _Sizes, block_index: int, ctx: Any, x: torch.Tensor) -> torch.Tensor | None:
+    current = sizes.before(block_index)
+    if current is None:
+        return None
+    if tuple(x.shape[:2]) != tuple(current.shape):
+        raise RuntimeError(
+            f"blocks[{block_index}].attn got tokens {tuple(x.shape[:2])} but tome sizes are {tuple(current.shape)}"
+        )
+    return size_bias(current, x.dtype)

@@ -1,15 +1,22 @@
-"""Host descriptions: where a backbone keeps its blocks, its prefix tokens, how it pools.
+"""Host descriptions: every fact about a backbone family lives here and nowhere else.
 
-A host wraps one backbone instance and answers the few questions ``InTIModel`` asks. Hosts
-are registered by name; detection tries user-registered hosts first, then the built-in ones.
-To support a new ViT family, subclass :class:`Host` and decorate it with
-:func:`register_host` (see README, "Supporting a new host").
+A host wraps one backbone instance and answers the questions the rest of the package asks:
+where the blocks are and what is inside them (attention, the end of the attention branch, the
+fused ``qkv`` projection), the token layout (prefix tokens, class token, patch grid), how a
+frame is pooled and classified, and the training facts (head, embedding and no-weight-decay
+parameters, image size, normalisation, rotary embeddings). Hosts are registered by name;
+detection tries user-registered hosts first, then the built-in ones. To support a new ViT
+family, subclass :class:`Host` and decorate it with :func:`register_host` (README, "Supporting
+a new host"): the required members are ``matches``, ``blocks``, ``embed_dim``,
+``forward_features``, ``pool`` and ``classify``; the rest have defaults.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -18,20 +25,37 @@ from .._registry import Registry
 from ..errors import UnsupportedHostError
 
 
-class Host:
-    """Describes one backbone to ``InTIModel``. Subclasses override what differs.
+@dataclass(frozen=True)
+class QKVProjection:
+    """A block's fused query-key-value projection: ``module(x)`` gives ``[q; k; v]`` on the last dim."""
 
-    Required: ``matches``, ``blocks``, ``embed_dim``, ``forward_features``, ``pool``, ``head``.
+    module: nn.Module
+    num_heads: int
+    head_dim: int
+    k_norm: nn.Module | None = None  # applied to the keys before attention (qk-norm), if any
+
+
+class Host:
+    """Describes one backbone. Subclasses override what differs.
+
+    Required: ``matches``, ``blocks``, ``embed_dim``, ``forward_features``, ``pool``, ``classify``.
     Tokens leave ``forward_features`` batch-first ``(B*T, N, C)``; block outputs may be laid
     out differently (``to_bnc``/``from_bnc`` convert).
     """
 
     name: ClassVar[str] = "base"
-    lora_target_modules: ClassVar[tuple[str, ...]] = ()  # attention modules for the LoRA preset
     requires: ClassVar[tuple[str, ...]] = ()  # attribute names listed in "missing" errors
+    attention_branch_ends: ClassVar[tuple[str, ...]] = ("drop_path1", "ls_1")  # timm, OpenCLIP
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "head" in cls.__dict__ and "classify" not in cls.__dict__:  # hosts written for 0.1
+            warnings.warn(f"{cls.__name__}.head(features) is now called classify(features); using head",
+                          DeprecationWarning, stacklevel=2)
+            cls.classify = cls.__dict__["head"]  # type: ignore[method-assign]
 
     # -- detection ----------------------------------------------------------------------------
     @classmethod
@@ -73,6 +97,11 @@ class Host:
         """Patch grid for an input of this size, or None if the host has no spatial grid."""
         return None
 
+    @property
+    def has_patch_grid(self) -> bool:
+        """True if ``grid_size`` describes a spatial patch grid (the host overrides it)."""
+        return type(self).grid_size is not Host.grid_size
+
     def check_image_size(self, height: int, width: int) -> None:
         """Raise a clear ValueError if frames of this size cannot go through the backbone."""
 
@@ -80,9 +109,62 @@ class Host:
         """True if the backbone drops patch tokens at random in training (breaks pairing)."""
         return False
 
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """Frame size the backbone was built for, or None if it takes any size."""
+        return None
+
+    @property
+    def uses_rope(self) -> bool:
+        """True if the blocks apply rotary position embeddings over the full patch grid."""
+        return False
+
     def head_module_names(self) -> list[str]:
         """Names (relative to ``self.model``) of the classifier head's modules or parameters."""
         return []
+
+    def embedding_names(self) -> list[str]:
+        """Names (relative to ``self.model``) of the modules / parameters before the first block."""
+        return []
+
+    def no_weight_decay_names(self) -> set[str]:
+        """Parameter names (relative to ``self.model``) that never get weight decay (tokens,
+        position tables), besides 1-D parameters, which never do."""
+        return set()
+
+    def lora_targets(self) -> list[str] | str:
+        """``target_modules`` for LoRA on the attention projections (peft: names or a regex)."""
+        return []
+
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """The normalisation the backbone was trained with, if it says."""
+        return None
+
+    def filter_checkpoint(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Convert a checkpoint of this family (other layouts, position-table sizes) to the model's keys."""
+        return state_dict
+
+    # -- what is inside a block (for the surgery layer) -----------------------------------------
+    def attention(self, block: nn.Module) -> nn.Module | None:
+        """The block's attention module."""
+        attn = getattr(block, "attn", None)
+        return attn if isinstance(attn, nn.Module) else None
+
+    def attention_branch_end(self, block: nn.Module) -> nn.Module | None:
+        """The module whose output is the attention branch's contribution to the residual stream."""
+        for name in self.attention_branch_ends:
+            m = getattr(block, name, None)
+            if isinstance(m, nn.Module):
+                return m
+        return None
+
+    def qkv_projection(self, block: nn.Module) -> QKVProjection | None:
+        """The block's fused ``qkv`` projection (to read attention keys), or None."""
+        return None
+
+    def attention_mask_keyword(self, block: nn.Module) -> str | None:
+        """Keyword through which the block's attention module takes an additive logit bias, or None."""
+        return None
 
     def head_parameters(self) -> list[nn.Parameter]:
         """The head's parameters, from ``head_module_names`` (module or parameter names)."""
@@ -98,8 +180,8 @@ class Host:
         """Per-frame features before the classifier, ``(B*T, N, C) -> (B*T, D)``."""
         raise NotImplementedError
 
-    def head(self, features: torch.Tensor) -> torch.Tensor:
-        """Video features ``(B, D)`` -> logits."""
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Video features ``(B, D)`` -> the backbone's output (its classifier head)."""
         raise NotImplementedError
 
     def to_bnc(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,6 +232,6 @@ def resolve_host(model: nn.Module, name: str | None = None) -> Host:
         f"inti_adapters does not know how to inject into {type(model).__module__}.{type(model).__name__}.\n"
         f"Known hosts and what this model lacks for each:\n" + "\n".join(hints) + "\n"
         "If this is a ViT with a flat list of transformer blocks, describe it: subclass "
-        "inti_adapters.Host (blocks, embed_dim, num_prefix_tokens, forward_features, pool, head) "
+        "inti_adapters.Host (blocks, embed_dim, num_prefix_tokens, forward_features, pool, classify) "
         "and decorate it with @inti_adapters.register_host('my_vit'), or pass host='name'."
     )

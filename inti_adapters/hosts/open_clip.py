@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedHostError
-from ._base import Host, register_host
+from ._base import Host, QKVProjection, register_host
 from .timm import TimmHost
 
 _VIT_PARTS = ("conv1", "class_embedding", "positional_embedding", "patch_dropout", "ln_pre", "transformer",
@@ -95,9 +95,21 @@ class _OpenCLIPHost(Host):
         prefix = "visual." if visual is not model else ""
         return [prefix + m for m in cls._tower_missing(visual)]
 
-    def head(self, features: torch.Tensor) -> torch.Tensor:
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
         """Identity for a tower; L2 normalisation for a whole CLIP model."""
         return F.normalize(features, dim=-1) if self.is_clip else features
+
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        cfg = getattr(self.visual, "preprocess_cfg", None) or {}
+        mean = cfg.get("mean", getattr(self.visual, "image_mean", None))
+        std = cfg.get("std", getattr(self.visual, "image_std", None))
+        return (tuple(mean), tuple(std)) if mean is not None and std is not None else None
+
+    def filter_checkpoint(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A whole CLIP checkpoint loaded into a tower keeps only the ``visual.`` tensors."""
+        if not self.is_clip and any(k.startswith("visual.") for k in state_dict):
+            return {k[len("visual."):]: v for k, v in state_dict.items() if k.startswith("visual.")}
+        return state_dict
 
 
 @register_host("open_clip")
@@ -193,8 +205,13 @@ class OpenCLIPHost(_OpenCLIPHost):
     def head_module_names(self) -> list[str]:
         return [self.prefix + "proj"]
 
-    @property
-    def lora_target_modules(self) -> str:  # type: ignore[override]
+    def embedding_names(self) -> list[str]:
+        return [self.prefix + n for n in ("conv1", "class_embedding", "positional_embedding", "ln_pre")]
+
+    def no_weight_decay_names(self) -> set[str]:
+        return {self.prefix + "class_embedding", self.prefix + "positional_embedding"}
+
+    def lora_targets(self) -> str:
         """The visual tower's ``nn.MultiheadAttention`` modules only (a regex: the text tower's
         blocks have the same relative names, and may sit under ``backbone.`` after inject)."""
         return rf"(.*\.)?{re.escape(self.prefix)}transformer\.resblocks\.\d+\.attn"
@@ -261,7 +278,6 @@ class OpenCLIPTimmHost(_OpenCLIPHost):
     trunk's pooled features to the embedding). The trunk is described by :class:`TimmHost`."""
 
     tower_class = "TimmModel"
-    lora_target_modules = TimmHost.lora_target_modules  # the trunk's attention; the text tower has none
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -321,6 +337,39 @@ class OpenCLIPTimmHost(_OpenCLIPHost):
     def head_module_names(self) -> list[str]:
         # the trunk's own classifier is OpenCLIP's projection when the tower has no extra one
         return [self.prefix + "head", self.prefix + "trunk.head"]
+
+    # -- the trunk's facts, under the tower's names ----------------------------------------------
+    def _trunk_names(self, names: list[str] | set[str]) -> list[str]:
+        return [f"{self.prefix}trunk.{n}" for n in names]
+
+    def embedding_names(self) -> list[str]:
+        return self._trunk_names(self.trunk.embedding_names())
+
+    def no_weight_decay_names(self) -> set[str]:
+        return set(self._trunk_names(self.trunk.no_weight_decay_names()))
+
+    def lora_targets(self) -> list[str] | str:
+        return self.trunk.lora_targets()  # the trunk's attention; the text tower has none
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        return self.trunk.image_size
+
+    @property
+    def uses_rope(self) -> bool:
+        return self.trunk.uses_rope
+
+    def attention(self, block: nn.Module) -> nn.Module | None:
+        return self.trunk.attention(block)
+
+    def attention_branch_end(self, block: nn.Module) -> nn.Module | None:
+        return self.trunk.attention_branch_end(block)
+
+    def qkv_projection(self, block: nn.Module) -> QKVProjection | None:
+        return self.trunk.qkv_projection(block)
+
+    def attention_mask_keyword(self, block: nn.Module) -> str | None:
+        return self.trunk.attention_mask_keyword(block)
 
     # -- computation ----------------------------------------------------------------------------
     def forward_features(self, frames: torch.Tensor) -> torch.Tensor:

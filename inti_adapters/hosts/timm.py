@@ -8,12 +8,14 @@ Only the model's public methods are called; no timm ``forward`` is copied.
 
 from __future__ import annotations
 
+import re
+import sys
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from ._base import Host, register_host
+from ._base import Host, QKVProjection, register_host
 
 _REQUIRED = ("blocks", "patch_embed", "num_prefix_tokens", "forward_features", "forward_head")
 
@@ -22,12 +24,23 @@ def _is_timm(model: nn.Module) -> bool:
     return type(model).__module__.startswith("timm.")
 
 
+def _timm_attention_class() -> type | None:
+    try:
+        from timm.models.vision_transformer import Attention
+    except ImportError:  # pragma: no cover - timm is optional
+        return None
+    return Attention
+
+
+# parameters before the first block, for models without timm's group_matcher()
+_STEM = r"^(cls_token|reg_token|dist_token|pos_embed|patch_embed|norm_pre|mask_token)"
+
+
 @register_host("timm")
 class TimmHost(Host):
     """Any timm ViT with a flat list of blocks over ``prefix + H*W`` tokens."""
 
     requires = _REQUIRED
-    lora_target_modules = ("qkv",)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -97,8 +110,54 @@ class TimmHost(Host):
         pd = getattr(self.model, "patch_drop", None)
         return pd is not None and float(getattr(pd, "prob", 0.0)) > 0
 
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        img = getattr(self.model.patch_embed, "img_size", None)
+        return None if img is None or self.dynamic else (int(img[0]), int(img[1]))
+
+    @property
+    def uses_rope(self) -> bool:
+        return getattr(self.model, "rope", None) is not None
+
     def head_module_names(self) -> list[str]:
-        return ["head"]
+        clf = (getattr(self.model, "pretrained_cfg", None) or {}).get("classifier") or "head"
+        return [clf] if isinstance(clf, str) else list(clf)
+
+    def embedding_names(self) -> list[str]:
+        matcher = getattr(self.model, "group_matcher", None)
+        stem = matcher(coarse=True).get("stem", _STEM) if callable(matcher) else _STEM
+        stem = stem if isinstance(stem, str) else _STEM
+        return [n for n, _ in self.model.named_parameters() if re.match(stem, n)]
+
+    def no_weight_decay_names(self) -> set[str]:
+        nwd = getattr(self.model, "no_weight_decay", None)
+        names = set(nwd()) if callable(nwd) else {"pos_embed", "cls_token", "reg_token", "dist_token"}
+        return names | {n for n in ("mask_token",) if getattr(self.model, n, None) is not None}
+
+    def lora_targets(self) -> list[str] | str:
+        return ["qkv"]
+
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        cfg = getattr(self.model, "pretrained_cfg", None) or {}
+        if cfg.get("mean") is None or cfg.get("std") is None:
+            return None
+        return tuple(cfg["mean"]), tuple(cfg["std"])
+
+    def filter_checkpoint(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """timm's own ``checkpoint_filter_fn`` of the model family (OpenAI / OpenCLIP layouts,
+        position tables of another size)."""
+        filter_fn = getattr(sys.modules.get(type(self.model).__module__), "checkpoint_filter_fn", None)
+        return filter_fn(state_dict, self.model) if filter_fn is not None else state_dict
+
+    def qkv_projection(self, block: nn.Module) -> QKVProjection | None:
+        attn, cls = self.attention(block), _timm_attention_class()
+        if cls is None or not isinstance(attn, cls):
+            return None
+        return QKVProjection(attn.qkv, int(attn.num_heads), int(attn.head_dim), getattr(attn, "k_norm", None))
+
+    def attention_mask_keyword(self, block: nn.Module) -> str | None:
+        cls = _timm_attention_class()
+        return "attn_mask" if cls is not None and isinstance(self.attention(block), cls) else None
 
     def forward_features(self, frames: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(frames)
@@ -106,7 +165,7 @@ class TimmHost(Host):
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(tokens, pre_logits=True)
 
-    def head(self, features: torch.Tensor) -> torch.Tensor:
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.head(features)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -133,6 +192,6 @@ class TimmDistilledHost(TimmHost):
         drop = self.model.head_drop
         return torch.cat([drop(tokens[:, 0]), drop(tokens[:, 1])], dim=-1)
 
-    def head(self, features: torch.Tensor) -> torch.Tensor:
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
         x, x_dist = features.chunk(2, dim=-1)
         return (self.model.head(x) + self.model.head_dist(x_dist)) / 2

@@ -33,7 +33,7 @@ from ._base import (
     parse_spec,
     register_temporal_adapter,
 )
-from ._install import Installed, install_temporal_adapters
+from ._build import attach_temporal_adapters, build_temporal_adapters
 from .conv import LocalMHRA, LocalMHRAConfig, STAdapter, STAdapterConfig
 from .global_mhra import GlobalMHRA, GlobalMHRAConfig
 from .presets import PRESETS, UNIFORMERV2_B, UNIFORMERV2_B_LOCAL, UNIFORMERV2_L
@@ -47,7 +47,6 @@ __all__ = [
     "GlobalMHRA",
     "GlobalMHRAConfig",
     "GlobalTemporalAdapter",
-    "Installed",
     "LocalMHRA",
     "LocalMHRAConfig",
     "STAdapter",
@@ -57,7 +56,8 @@ __all__ = [
     "TemporalShiftConfig",
     "TemporalSpec",
     "get_temporal_adapter",
-    "install_temporal_adapters",
+    "attach_temporal_adapters",
+    "build_temporal_adapters",
     "list_temporal_adapters",
     "parse_spec",
     "register_temporal_adapter",

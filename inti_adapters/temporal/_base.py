@@ -9,9 +9,12 @@ Two kinds of adapters exist:
 - :class:`GlobalTemporalAdapter` reads the outputs of several blocks and changes the
   frame-averaged video feature ``(B, D)`` before the head (UniFormerV2's global module).
 
-Both are pure tensor code; the hooks that wire them into a backbone live in ``_install.py``.
-A new adapter is a subclass with a ``config_class`` dataclass, decorated with
-:func:`register_temporal_adapter`.
+Both are pure tensor code plus an ``attach`` that asks the :class:`~inti_adapters.surgery.Site`
+for the sites they need (the default ``attach`` of each kind is what almost every adapter
+wants). A new adapter is a subclass with a ``config_class`` (a
+:class:`~inti_adapters._config.Config` dataclass), decorated with
+:func:`register_temporal_adapter`; ``no_weight_decay()`` names its parameters that must not be
+decayed. It never reads the video model's attributes.
 """
 
 from __future__ import annotations
@@ -19,13 +22,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from .._registry import Registry
-from ..context import TokenLayout
+from ..context import VideoContext
+from ..surgery import Site
+from ..tokens import TokenLayout
 
 PLACEMENTS = ("attn", "mlp")
 
@@ -56,6 +62,25 @@ class TemporalAdapter(nn.Module):
 
     def residual(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (relative to this module) of parameters that never get weight decay; 1-D ones never do."""
+        return set()
+
+    def attach(self, site: Site, block_index: int, placement: str) -> None:
+        """Run on the stream of ``blocks[block_index]`` before attention (``'attn'``) or between
+        attention and MLP (``'mlp'``)."""
+        _check_grid(self, site)
+        if placement == "attn":
+            site.before_block(block_index, self._on_stream)
+        else:
+            site.after_attention(block_index, self._on_branch)
+
+    def _on_stream(self, tokens: torch.Tensor, ctx: VideoContext) -> torch.Tensor:
+        return self(tokens, ctx.tokens)
+
+    def _on_branch(self, tokens: torch.Tensor, ctx: VideoContext) -> torch.Tensor:
+        return self(tokens, ctx.tokens, return_residual=True)
 
     def forward(self, x: torch.Tensor, layout: TokenLayout, *, return_residual: bool = False) -> torch.Tensor:
         """The new stream ``x + residual(x)``, or only the residual with ``return_residual=True``."""
@@ -91,6 +116,55 @@ class GlobalTemporalAdapter(nn.Module):
         self, tokens: Sequence[torch.Tensor], layout: TokenLayout, features: torch.Tensor
     ) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (relative to this module) of parameters that never get weight decay; 1-D ones never do."""
+        return set()
+
+    def attach(self, site: Site) -> None:
+        """Collect the outputs of ``blocks`` in the per-forward store; fuse them into the feature."""
+        _check_grid(self, site)
+        store = site.store(f"temporal.{self.registered_name or type(self).__name__}")
+        for i in self.blocks:
+            site.observe_block_output(i, partial(_collect, store, i))
+        site.on_features(partial(_fuse, self, store))
+
+
+def _collect(store: dict, index: int, tokens: torch.Tensor, ctx: VideoContext) -> None:
+    # a grad forward whose tokens come without autograd: re-entrant activation checkpointing
+    store[index] = (ctx, tokens, ctx.grad_forward and not torch.is_grad_enabled())
+
+
+def _fuse(adapter: GlobalTemporalAdapter, store: dict, features: torch.Tensor, ctx: VideoContext) -> torch.Tensor:
+    name = adapter.registered_name or type(adapter).__name__
+    entries = [store.get(i) for i in adapter.blocks]
+    store.clear()  # each forward's tokens are used once; frees them
+    missing = [i for i, e in zip(adapter.blocks, entries, strict=True) if e is None]
+    if missing:
+        raise RuntimeError(
+            f"{name} has no tokens of blocks {missing} from this forward: forward_head must follow "
+            "forward_features of the same video (the collected tokens are used once)"
+        )
+    if any(e[0] is not ctx for e in entries) or features.shape[0] != ctx.batch_size:
+        raise RuntimeError(
+            f"{name}: the collected tokens do not all come from the forward of these features "
+            f"(batch {features.shape[0]}); call forward_features and forward_head on the same video"
+        )
+    if torch.is_grad_enabled() and any(e[2] for e in entries):
+        raise RuntimeError(
+            f"{name} collected block outputs without autograd inside a training forward: re-entrant "
+            "activation checkpointing (e.g. TIMM_REENTRANT_CKPT=1 or timm.layers.set_reentrant_ckpt(True)) "
+            "hides them from the backward pass. Use non-reentrant checkpointing (timm's default)."
+        )
+    return adapter([e[1] for e in entries], ctx.tokens, features)
+
+
+def _check_grid(adapter: nn.Module, site: Site) -> None:
+    if adapter.needs_grid and not site.has_patch_grid:
+        raise ValueError(
+            f"temporal adapter {adapter.registered_name!r} ({adapter.config}) needs the spatial patch grid, but "
+            "this host has none (its grid_size returns None). Choose options without spatial mixing."
+        )
 
 
 AdapterClass = type[TemporalAdapter] | type[GlobalTemporalAdapter]

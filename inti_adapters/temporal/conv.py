@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..context import TokenLayout
+from .._config import Config
+from ..tokens import TokenLayout, patch_volume
 from ._base import TemporalAdapter, register_temporal_adapter
 
 NORMS = ("layer", "batch", "none")
@@ -43,33 +44,6 @@ def _check_width(reduction: float, hidden_dim: int | None) -> None:
 def _check_kernel(kernel: tuple[int, ...]) -> None:
     if len(kernel) != 3 or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0 for k in kernel):
         raise ValueError(f"kernel_size must be three odd positive ints (T, H, W), e.g. (3, 1, 1), got {kernel!r}")
-
-
-def patch_grid(layout: TokenLayout, num_tokens: int, spatial: bool, who: str,
-               hint: str = "Use a kernel of spatial size 1, e.g. (3, 1, 1)") -> tuple[int, int]:
-    """``(H, W)`` to lay the patch tokens out as, checking the tokens still line up over frames.
-
-    Without a spatial kernel (``spatial=False``) a host with no grid is fine: the patch tokens
-    are laid out as a ``(N - P) x 1`` column.
-    """
-    grid = layout.grid_for(num_tokens)
-    if grid is not None:
-        return grid
-    p = layout.num_prefix_tokens
-    if layout.grid is not None:
-        h, w = layout.grid
-        raise ValueError(
-            f"{who}: this block has {num_tokens} tokens per frame, not the {p} prefix + {h}x{w} patch tokens "
-            "of the input (tokens were merged or dropped before this block); temporal mixing needs the "
-            "tokens of every frame at the same positions. Place the adapter before the token-reducing layer."
-        )
-    if spatial:
-        raise ValueError(
-            f"{who} mixes spatial neighbours and needs the patch grid, but the tokens of this host carry "
-            f"no spatial grid (TokenLayout.grid is None). {hint}, or a host whose grid_size() returns the "
-            "patch grid."
-        )
-    return num_tokens - p, 1
 
 
 class ConvBottleneck(TemporalAdapter):
@@ -97,32 +71,30 @@ class ConvBottleneck(TemporalAdapter):
     def needs_grid(self) -> bool:
         return self.kernel[1:] != (1, 1)
 
-    def _patch_residual(self, patches: torch.Tensor, layout: TokenLayout, num_tokens: int) -> torch.Tensor:
-        b, t, n_p, c = patches.shape
-        h, w = patch_grid(layout, num_tokens, self.needs_grid, f"{self.registered_name or type(self).__name__} (kernel {self.kernel})")
-        z = self.norm(patches.reshape(-1, c)).reshape(b, t, n_p, c)
-        z = self.down(z)
-        hidden = z.shape[-1]
-        z = z.permute(0, 3, 1, 2).reshape(b, hidden, t, h, w)
-        z = self.conv(z).reshape(b, hidden, t, n_p).permute(0, 2, 3, 1)
-        return self.up(self.act(z))
+    def _patch_residual(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """The residual of the patch tokens, ``(B, T, H*W, C)``."""
+        who = f"{self.registered_name or type(self).__name__} (kernel {self.kernel})"
+        vol = patch_volume(x, layout, who=who, spatial=self.needs_grid, hint="Use a kernel of spatial size 1, e.g. (3, 1, 1).")
+        b, t, h, w, c = vol.shape
+        z = self.down(self.norm(vol.reshape(-1, c))).reshape(b, t, h, w, -1)
+        z = self.conv(z.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
+        return self.up(self.act(z)).reshape(b, t, h * w, c)
 
     def residual(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         p = layout.num_prefix_tokens
-        d = self._patch_residual(x[:, :, p:], layout, x.shape[2]).to(x.dtype)
+        d = self._patch_residual(x, layout).to(x.dtype)
         return torch.cat([x.new_zeros(*x.shape[:2], p, x.shape[3]), d], dim=2)
 
     def forward(self, x: torch.Tensor, layout: TokenLayout, *, return_residual: bool = False) -> torch.Tensor:
         if return_residual:
             return self.residual(x, layout)
         p = layout.num_prefix_tokens
-        patches = x[:, :, p:]
-        d = self._patch_residual(patches, layout, x.shape[2])
-        return torch.cat([x[:, :, :p], patches + d.to(x.dtype)], dim=2)  # prefix tokens pass exactly
+        d = self._patch_residual(x, layout)
+        return torch.cat([x[:, :, :p], x[:, :, p:] + d.to(x.dtype)], dim=2)  # prefix tokens pass exactly
 
 
 @dataclass
-class LocalMHRAConfig:
+class LocalMHRAConfig(Config):
     """Options of ``local_mhra`` (UniFormerV2's local temporal relation aggregator)."""
 
     reduction: float = field(
@@ -165,7 +137,7 @@ class LocalMHRA(ConvBottleneck):
 
 
 @dataclass
-class STAdapterConfig:
+class STAdapterConfig(Config):
     """Options of ``st_adapter`` (ST-Adapter)."""
 
     reduction: float = field(default=2.0, metadata={"help": "Hidden width = dim // reduction (384 for ViT-B)."})

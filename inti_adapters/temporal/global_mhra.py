@@ -27,13 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..context import TokenLayout
+from .._config import Config
+from ..tokens import TokenLayout, patch_volume
 from ._base import GlobalTemporalAdapter, register_temporal_adapter
-from .conv import patch_grid
 
 
 @dataclass
-class GlobalMHRAConfig:
+class GlobalMHRAConfig(Config):
     """Options of ``global_mhra``."""
 
     num_heads: int | None = field(
@@ -129,14 +129,12 @@ class GlobalMHRA(GlobalTemporalAdapter):
         return self.dpe is not None
 
     def _with_dpe(self, block: int, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        b, t, n, c = x.shape
+        vol = patch_volume(x, layout, who="global_mhra's dynamic position embedding (dpe=True)",
+                           hint="Pass dpe=False.")
+        b, t, h, w, c = vol.shape
+        z = self.dpe[str(block)](vol.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1).reshape(b, t, h * w, c)
         p = layout.num_prefix_tokens
-        h, w = patch_grid(layout, n, True, "global_mhra's dynamic position embedding (dpe=True)",
-                          hint="Pass dpe=False")
-        patches = x[:, :, p:]
-        z = patches.permute(0, 3, 1, 2).reshape(b, c, t, h, w)
-        z = self.dpe[str(block)](z).reshape(b, c, t, n - p).permute(0, 2, 3, 1)
-        return torch.cat([x[:, :, :p], patches + z.to(x.dtype)], dim=2)
+        return torch.cat([x[:, :, :p], x[:, :, p:] + z.to(x.dtype)], dim=2)
 
     def decode(self, tokens: Sequence[torch.Tensor], layout: TokenLayout) -> torch.Tensor:
         """The decoder output ``g = proj(LN(q))``, ``(B, D)``, from one ``(B, T_i, N, C)`` per block."""

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..context import TokenLayout
+from .._config import Config
+from ..tokens import TokenLayout, patch_volume
 from ._base import TemporalAdapter, register_temporal_adapter
-from .conv import patch_grid
 
 
 @dataclass
-class TemporalShiftConfig:
+class TemporalShiftConfig(Config):
     """Options of ``temporal_shift``."""
 
     fraction: float = field(
@@ -60,7 +60,7 @@ class TemporalShift(TemporalAdapter):
 
     def forward(self, x: torch.Tensor, layout: TokenLayout, *, return_residual: bool = False) -> torch.Tensor:
         p = layout.num_prefix_tokens
-        patch_grid(layout, x.shape[2], False, "temporal_shift")  # tokens must line up over frames
+        patch_volume(x, layout, who="temporal_shift", spatial=False)  # tokens must line up over frames
         y = torch.cat([x[:, :, :p], shift_frames(x[:, :, p:], self.shift)], dim=2)
         return y - x if return_residual else y
 

@@ -4,4 +4,5 @@ import sys
 
 from .cli import train_main
 
-sys.exit(train_main())
+if __name__ == "__main__":
+    sys.exit(train_main())

@@ -3,16 +3,18 @@ LoRA, then ``inject`` with the recipe's compressor layers and temporal adapters.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import sys
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..lora import unwrap_peft
-from ..model import InTIModel, inject
+from ..config import InjectConfig
+from ..hosts import Host, resolve_host
+from ..lora import lora_target_modules, unwrap_peft
+from ..model import InTIModel, build_video_model
 from ..video import MEAN_STD
 from .config import ConfigError, ModelConfig
 
@@ -56,21 +58,24 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike, head_names: tuple[str, ...] = ("head",)) -> None:
+def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike, head_names: tuple[str, ...] | None = None) -> None:
     """Load a local weights file into ``backbone`` (a timm model or an OpenCLIP visual tower).
 
-    For timm models the model family's ``checkpoint_filter_fn`` runs first, so OpenAI / OpenCLIP
-    layouts and other position-table sizes convert as they do for timm's own weights. A
-    classifier of another shape (different class count) is skipped with a warning; any other
-    missing or mis-shaped tensor is an error.
+    The host's ``filter_checkpoint`` runs first (for timm, the model family's
+    ``checkpoint_filter_fn``, so OpenAI / OpenCLIP layouts and other position-table sizes convert as
+    they do for timm's own weights; for an OpenCLIP tower, a whole CLIP checkpoint keeps its
+    ``visual.`` tensors). A classifier (``head_names``, default: the host's) of another shape
+    (different class count) is skipped with a warning; any other missing or mis-shaped tensor is
+    an error.
     """
     sd = read_state_dict(path)
-    if type(backbone).__module__.startswith("timm."):
-        filter_fn = getattr(sys.modules.get(type(backbone).__module__), "checkpoint_filter_fn", None)
-        if filter_fn is not None:
-            sd = filter_fn(sd, backbone)
-    elif any(k.startswith("visual.") for k in sd):  # a whole CLIP model: keep its vision tower
-        sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+    host: Host = resolve_host(backbone)
+    if head_names is None:
+        head_names = tuple(host.head_module_names())
+    try:
+        sd = host.filter_checkpoint(sd)
+    except (RuntimeError, ValueError, KeyError) as e:  # e.g. a position table that cannot be resampled
+        raise ValueError(f"{path}: cannot convert the checkpoint for {type(backbone).__name__}: {e}") from None
     own = backbone.state_dict()
     is_head = tuple(f"{h}." for h in head_names)
     if not any(k in own for k in sd):
@@ -110,8 +115,7 @@ def create_backbone(cfg: ModelConfig, num_classes: int, *, lora: bool = True) ->
 
         backbone = timm.create_model(cfg.name, pretrained=bool(cfg.pretrained) and cfg.checkpoint is None,
                                      num_classes=num_classes, **kwargs)
-        clf = getattr(backbone, "pretrained_cfg", {}).get("classifier") or "head"
-        head_names = (clf,) if isinstance(clf, str) else tuple(clf)
+        head_names = None  # the host's
     else:
         import open_clip
 
@@ -125,8 +129,6 @@ def create_backbone(cfg: ModelConfig, num_classes: int, *, lora: bool = True) ->
     if cfg.lora is not None and lora:
         from peft import LoraConfig, get_peft_model
 
-        from ..lora import lora_target_modules
-
         options = {"target_modules": None, **cfg.lora}
         if options["target_modules"] is None:
             options["target_modules"] = lora_target_modules(backbone)
@@ -137,31 +139,13 @@ def create_backbone(cfg: ModelConfig, num_classes: int, *, lora: bool = True) ->
     return backbone, head
 
 
-def resolve_temporal(spec: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A preset name of :data:`inti_adapters.temporal.PRESETS` -> its adapter specs; lists pass through.
-
-    The temporal package is imported only when a preset name is used.
-    """
-    if not isinstance(spec, str):
-        return [dict(s) for s in spec]
-    from ..temporal import PRESETS
-
-    if spec not in PRESETS:
-        raise ConfigError(f"model.temporal: unknown preset {spec!r}; presets: {sorted(PRESETS)} (or give a list "
-                          "of adapter specs)")
-    return [dict(s) for s in PRESETS[spec]]
-
-
 def mean_std_of(cfg: ModelConfig, backbone: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The normalisation of uint8 clips: explicit, a named preset, or the backbone's own (``auto``)."""
     if isinstance(cfg.mean_std, list):
         return tuple(cfg.mean_std[0]), tuple(cfg.mean_std[1])
     if cfg.mean_std != "auto":
         return MEAN_STD[cfg.mean_std]
-    pcfg = getattr(backbone, "pretrained_cfg", None) or getattr(backbone, "preprocess_cfg", None) or {}
-    if pcfg.get("mean") is not None and pcfg.get("std") is not None:
-        return tuple(pcfg["mean"]), tuple(pcfg["std"])
-    return MEAN_STD["clip"]
+    return resolve_host(backbone).mean_std() or MEAN_STD["clip"]
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> tuple[InTIModel, tuple[tuple[float, ...], tuple[float, ...]]]:
@@ -173,9 +157,8 @@ def build_model(cfg: ModelConfig, num_classes: int) -> tuple[InTIModel, tuple[tu
         >>> model, mean_std = build_model(cfg, num_classes=10)   # doctest: +SKIP
     """
     backbone, head = create_backbone(cfg, num_classes)
-    model = inject(backbone, layers=list(cfg.layers), compressor=cfg.compressor, head=head,
-                   freeze_backbone=True if cfg.freeze_backbone else None,  # None: frozen under LoRA only
-                   train_head=cfg.train_head, temporal=resolve_temporal(cfg.temporal), **cfg.compressor_config)
+    inject_fields = [f.name for f in dataclasses.fields(InjectConfig)]
+    model = build_video_model(backbone, InjectConfig(**{k: getattr(cfg, k) for k in inject_fields}), head=head)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model, mean_std_of(cfg, unwrap_peft(backbone))

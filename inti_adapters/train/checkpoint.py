@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
+from .._peft import peft_adapter_parameters
 from .distributed import barrier
 
 logger = logging.getLogger(__name__)
@@ -172,8 +173,6 @@ def export_adapter(engine: Any, directory: str | os.PathLike) -> None:
     are gathered around the save as well.
     """
     import deepspeed
-
-    from ..lora import peft_adapter_parameters
 
     state = consolidated_state_dict(engine)
     peft = peft_adapter_parameters(engine.module) if engine.zero_optimization_partition_weights() else []

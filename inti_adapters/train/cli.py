@@ -18,7 +18,14 @@ from pathlib import Path
 
 import torch
 
+from ..flops import count_gflops
+from ..serialization import load_pretrained
+from .build import build_model, create_backbone, mean_std_of
 from .config import ConfigError, help_text, load_config
+from .distributed import setup_distributed
+from .engine import Trainer, data_value, real_data
+from .evaluate import evaluate
+from .smoke import smoke_config, smoke_loader_factory
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -60,8 +67,6 @@ def train_main(argv: list[str] | None = None) -> int:
     cfg = _load(parser, args)
     factory = None
     if args.smoke:
-        from .smoke import smoke_config, smoke_loader_factory
-
         cfg = smoke_config(cfg)
         factory = smoke_loader_factory(cfg)
     if args.print_config:
@@ -70,8 +75,6 @@ def train_main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
     _setup_logging()
-    from .engine import Trainer
-
     try:
         result = Trainer(cfg, loader_factory=factory).fit()
     except ConfigError as e:
@@ -85,9 +88,6 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def _eval_model(cfg, num_classes: int, checkpoint: str | None, smoke: bool):
     """The model ``inti-eval`` scores: the saved adapter (+ backbone) or, with ``--smoke``, a fresh one."""
-    from ..serialization import load_pretrained
-    from .build import build_model, create_backbone, mean_std_of
-
     if smoke:  # nothing was trained: a fresh tiny model checks the pipeline
         return build_model(cfg.model, num_classes)
     ckpt = Path(checkpoint or cfg.eval.checkpoint or Path(cfg.train.output_dir) / "final").expanduser()
@@ -104,15 +104,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = _load(parser, args)
     _setup_logging()
-    from ..flops import count_gflops
-    from .distributed import setup_distributed
-    from .engine import data_value, real_data
-    from .evaluate import evaluate
-
     factory, data_cfg, num_classes = None, None, cfg.model.num_classes
     if args.smoke:
-        from .smoke import smoke_config, smoke_loader_factory
-
         cfg = smoke_config(cfg)
         factory, num_classes = smoke_loader_factory(cfg), cfg.model.num_classes
     info = setup_distributed(cfg.train.backend, use_deepspeed=False)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data import DataConfig, build_dataloader, ensure_builtin_dataset
 from ..video import normalize_video
 from .build import build_model
 from .checkpoint import CheckpointManager, export_adapter, resolve_resume
@@ -30,6 +31,7 @@ from .config import Config, ConfigError, TrainLoopConfig
 from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, setup_distributed
 from .evaluate import EvalResult, evaluate
 from .metrics import MetricsLogger
+from .optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +88,6 @@ def real_data(cfg: Config, dist_info: DistInfo) -> DataSetup:
 
     With ``builtin_data``, rank 0 creates the data set first (once), then the other ranks open it.
     """
-    from ..data import DataConfig, build_dataloader, ensure_builtin_dataset
-
     num_classes = None
     if cfg.builtin_data is not None:
         opts = dict(cfg.builtin_data)
@@ -207,8 +207,6 @@ class Trainer:
     def setup(self) -> None:
         """Model, optimizer, schedule and DeepSpeed engine (called by :meth:`fit`)."""
         import deepspeed
-
-        from .optim import build_optimizer, build_scheduler
 
         cfg = self.cfg
         self._seed(cfg.train.seed)  # identical initial weights on every rank

@@ -59,6 +59,15 @@ def _views(video: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     raise ValueError(f"expected eval clips of shape (B, V, 3, T, H, W) or (B, 3, T, H, W), got {tuple(video.shape)}")
 
 
+def _video_scores(model: Callable[[torch.Tensor], torch.Tensor], clips: torch.Tensor, bv: tuple[int, int],
+                  chunk: int, device: torch.device, mean_std: Any, dtype: torch.dtype) -> torch.Tensor:
+    """Softmax scores of every view, ``chunk`` views per forward, averaged per video: ``(B, K)``."""
+    probs = [model(normalize_video(clips[s:s + chunk].to(device, non_blocking=True), mean_std,
+                                   dtype=dtype)).float().softmax(dim=-1)
+             for s in range(0, clips.shape[0], chunk)]
+    return torch.cat(probs).view(*bv, -1).mean(dim=1)
+
+
 @torch.no_grad()
 def evaluate(
     model: Callable[[torch.Tensor], torch.Tensor],
@@ -113,10 +122,7 @@ def evaluate(
             batches += 1
             if clips is None:
                 continue
-            probs = [model(normalize_video(clips[s:s + chunk].to(device, non_blocking=True), mean_std,
-                                           dtype=dtype)).float().softmax(dim=-1)
-                     for s in range(0, clips.shape[0], chunk)]
-            scores = torch.cat(probs).view(b, v, -1).mean(dim=1)
+            scores = _video_scores(model, clips, (b, v), chunk, device, mean_std, dtype)
             top1, top5 = topk_correct(scores, labels)
             nll = -scores.gather(1, labels[:, None]).clamp_min(1e-12).log().sum()
             counts = [counts[0] + b, counts[1] + b * v, counts[2] + top1, counts[3] + top5, counts[4] + float(nll)]

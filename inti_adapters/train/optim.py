@@ -8,57 +8,45 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._peft import unwrap_peft
+from ..model import InTIModel
 from .config import ConfigError, OptimConfig
 
-# backbone parameters that come before the first block (layer 0 for layer-wise lr decay)
-_EMBED_KEYS = ("patch_embed", "cls_token", "reg_token", "dist_token", "pos_embed", "norm_pre", "mask_token",
-               "conv1", "class_embedding", "positional_embedding", "ln_pre")
-# parameters that never get weight decay besides 1-D ones (tokens, position tables)
-_NO_DECAY_KEYS = ("cls_token", "reg_token", "dist_token", "pos_embed", "class_embedding", "positional_embedding",
-                  "mask_token", "time_embed", "alpha", "query")
 
-
-def _block_prefixes(model: nn.Module) -> dict[str, int]:
-    """``{'backbone.blocks.3.': 3, ...}`` for the host's blocks, found by module identity."""
-    host = getattr(model, "host", None)
-    if host is None:
-        return {}
-    index = {id(b): i for i, b in enumerate(host.blocks)}
-    return {f"{name}.": index[id(m)] for name, m in model.named_modules() if id(m) in index}
-
-
-def layer_id(name: str, prefixes: dict[str, int], num_blocks: int) -> int:
-    """0 for embeddings, ``i + 1`` inside block ``i``, ``num_blocks + 1`` for everything after
-    (final norm, head) and for added modules (compressors, temporal adapters)."""
-    for prefix, i in prefixes.items():
-        if name.startswith(prefix):
-            return i + 1
-    if name.startswith("backbone.") and any(k in name for k in _EMBED_KEYS):
-        return 0
-    return num_blocks + 1
+def _video_model(model: nn.Module) -> InTIModel:
+    inner = unwrap_peft(model)  # a PeftModel around the InTIModel (LoRA after inject)
+    if not isinstance(inner, InTIModel):
+        raise TypeError(f"param_groups expects an InTIModel (or a PeftModel around one), got {type(inner).__name__}")
+    return inner
 
 
 def param_groups(model: nn.Module, config: OptimConfig) -> list[dict[str, Any]]:
     """Trainable parameters grouped by (layer scale, weight decay), ready for ``torch.optim.AdamW``.
 
     Each group carries ``lr`` (= ``config.lr * lr_scale``), ``lr_scale`` and ``weight_decay``.
-    No decay on 1-D parameters (norms, biases) and on tokens / position tables.
+    No decay on 1-D parameters (norms, biases) and on what the model declares
+    (:meth:`InTIModel.no_weight_decay`: the host's tokens and position tables, the added modules'
+    own). Layer ids for layer-wise decay come from :meth:`InTIModel.layer_ids` (host facts).
     """
-    prefixes = _block_prefixes(model)
-    num_blocks = len(model.host.blocks) if hasattr(model, "host") else 0
+    video = _video_model(model)
+    num_blocks = len(video.host.blocks)
     decay = config.layer_decay if config.layer_decay not in (None, 1.0) else None
+    layer_ids = video.layer_ids()
+    ids = {id(p): layer_ids[n] for n, p in video.named_parameters()}  # by identity: names differ under peft
+    no_decay = video.no_weight_decay()
+    no_decay_ids = {id(p) for n, p in video.named_parameters() if n in no_decay}
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim <= 1 or name.endswith(".bias") or name.rsplit(".", 1)[-1] in _NO_DECAY_KEYS
-        lid = layer_id(name, prefixes, num_blocks) if decay is not None else num_blocks + 1
-        key = (lid, no_decay)
+        exempt = p.ndim <= 1 or name.endswith(".bias") or id(p) in no_decay_ids
+        lid = ids.get(id(p), num_blocks + 1) if decay is not None else num_blocks + 1
+        key = (lid, exempt)
         if key not in groups:
             scale = decay ** (num_blocks + 1 - lid) if decay is not None else 1.0
             groups[key] = {
                 "params": [], "names": [], "lr": config.lr * scale, "lr_scale": scale,
-                "weight_decay": 0.0 if no_decay else config.weight_decay,
+                "weight_decay": 0.0 if exempt else config.weight_decay,
             }
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)

@@ -1,0 +1,357 @@
+"""Model surgery: the one module that changes a backbone's forward.
+
+Compressors and temporal adapters never touch the backbone themselves. They describe what
+they need through a :class:`Site` (one per video model), which installs it, converts between
+the host's block layout and clips ``(B, T, N, C)``, and removes it again:
+
+===================================  ==============================================================
+``on_block_output(i, fn)``           replace the output of ``blocks[i]`` by ``fn(tokens, ctx)``
+``observe_block_output(i, fn)``      read it (not called again while checkpointing recomputes)
+``before_block(i, fn)``              replace the token input of ``blocks[i]``
+``after_attention(i, fn)``           add ``fn(stream)`` to the stream between attention and MLP
+``attention_bias(i, fn)``            add ``fn(ctx, x)`` to the attention logits of ``blocks[i]``
+``attention_keys(i, fn)``            read the attention keys ``(S, N, heads, head_dim)`` of ``blocks[i]``
+``on_features(fn)``                  change the frame-averaged video feature before the head
+``store(namespace)``                 a dict emptied at the start of every forward
+===================================  ==============================================================
+
+What "attention", "the end of the attention branch" and "the qkv projection" are in a block is
+a host fact (:class:`~inti_adapters.Host`); a host that lacks one gets a clear error naming it.
+
+One mechanism: every change is an instance-level ``forward`` of the module concerned (a
+:class:`_Patched` that runs ``pre`` functions on the call, the module's own forward, then
+``post`` functions on the output). Not ``register_forward_hook``: ``torch.compile`` does not
+guard on the hooks of submodules (``torch._dynamo.config.skip_nnmodule_hook_guards``), so a
+block compiled without a hook could be silently reused for a block that has one; it does guard
+on the instance attribute. Every handle is kept and :meth:`Site.remove` restores each module
+exactly (the last removal deletes the override). Every site reads the batch size from the
+per-forward context and the current frame count from its input, so it is safe to run twice
+(activation checkpointing). :func:`probe` gives measuring code (planning, visualisation,
+benchmarks) the same mechanism for a ``with`` block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .context import ContextHolder, VideoContext, recomputing
+from .hosts import Host
+
+__all__ = ["Site", "probe"]
+
+Pre = Callable[[tuple, dict], "tuple[tuple, dict] | None"]
+Post = Callable[[Any], Any]
+TokenFn = Callable[[torch.Tensor, VideoContext], torch.Tensor]
+ObserveFn = Callable[[torch.Tensor, VideoContext], None]
+_STREAM_KWARGS = ("x", "q_x", "hidden_states")
+
+
+class _Patched:
+    """Instance-level ``forward``: ``pre`` functions on the call, the module's forward, ``post`` on the output."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.previous = module.__dict__.get("forward")  # an earlier instance override, if any
+        self.inner = module.forward
+        self.pre: list[Pre] = []
+        self.post: list[Post] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        for fn in self.pre:
+            changed = fn(args, kwargs)
+            if changed is not None:
+                args, kwargs = changed
+        out = self.inner(*args, **kwargs)
+        for fn in self.post:
+            out = fn(out)
+        return out
+
+
+class _Handle:
+    """Removes one function from a module's :class:`_Patched`; the last one restores the module."""
+
+    def __init__(self, module: nn.Module, where: str, fn: Callable) -> None:
+        self.module, self.where, self.fn = module, where, fn
+
+    def remove(self) -> None:
+        patched = self.module.__dict__.get("forward")
+        fns = getattr(patched, self.where, None) if isinstance(patched, _Patched) else None
+        if fns is None or self.fn not in fns:
+            return
+        fns.remove(self.fn)
+        if not patched.pre and not patched.post:
+            if patched.previous is None:
+                del self.module.forward
+            else:
+                self.module.forward = patched.previous
+
+
+def _patch(module: nn.Module, where: str, fn: Callable) -> _Handle:
+    patched = module.__dict__.get("forward")
+    if not isinstance(patched, _Patched):
+        patched = _Patched(module)
+        module.forward = patched
+    getattr(patched, where).append(fn)
+    return _Handle(module, where, fn)
+
+
+@contextlib.contextmanager
+def probe(modules: Iterable[nn.Module], *, before: Callable[[nn.Module, tuple, dict], Any] | None = None,
+          after: Callable[[nn.Module, Any], Any] | None = None) -> Iterator[None]:
+    """Call ``before(module, args, kwargs)`` / ``after(module, output)`` around the modules' forwards.
+
+    ``before`` may return new ``(args, kwargs)`` and ``after`` a new output (None keeps them).
+    Everything is removed when the block ends, also on errors.
+    """
+    handles = []
+    try:
+        for m in modules:
+            if before is not None:
+                handles.append(_patch(m, "pre", lambda args, kwargs, m=m: before(m, args, kwargs)))
+            if after is not None:
+                handles.append(_patch(m, "post", lambda out, m=m: _keep(after(m, out), out)))
+        yield
+    finally:
+        for h in reversed(handles):
+            h.remove()
+
+
+def _keep(new: Any, old: Any) -> Any:
+    return old if new is None else new
+
+
+def _describe(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def _stream_arg(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Callable]:
+    """The token input of a block call, and a function building the call's new (args, kwargs)."""
+    if args:
+        x = args[0]
+
+        def put(y: torch.Tensor) -> tuple[tuple, dict]:
+            return (y, *args[1:]), kwargs
+    else:
+        key = next((k for k in _STREAM_KWARGS if k in kwargs), None)
+        if key is None:
+            raise TypeError(
+                f"cannot find the token input of {_describe(block)}: it was called without positional "
+                f"arguments and without any of {list(_STREAM_KWARGS)} as keyword"
+            )
+        x = kwargs[key]
+
+        def put(y: torch.Tensor) -> tuple[tuple, dict]:
+            return args, {**kwargs, key: y}
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise TypeError(f"expected the tokens of {_describe(block)} as a 3-D tensor, got {type(x).__name__}")
+    return x, put
+
+
+class Site:
+    """Where extensions may act on one backbone, and the owner of every change made there.
+
+    Args:
+        host: The backbone's host description.
+        holder: The video model's per-forward context.
+        compressor_layers: The blocks whose outputs a compressor shrinks (``inject``'s ``layers``).
+    """
+
+    def __init__(self, host: Host, holder: ContextHolder, compressor_layers: tuple[int, ...] = ()) -> None:
+        self._host, self._holder = host, holder
+        self.compressor_layers = tuple(compressor_layers)
+        self._handles: list[_Handle] = []
+        self._feature_fns: list[TokenFn] = []
+
+    # -- facts an extension may ask ---------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return len(self._host.blocks)
+
+    @property
+    def embed_dim(self) -> int:
+        return self._host.embed_dim
+
+    @property
+    def has_patch_grid(self) -> bool:
+        """The host lays tokens out on a spatial patch grid."""
+        return self._host.has_patch_grid
+
+    @property
+    def uses_rope(self) -> bool:
+        """The blocks apply rotary embeddings over the full grid (token counts must not change)."""
+        return self._host.uses_rope
+
+    def store(self, namespace: str) -> dict[Any, Any]:
+        """A dict shared by everything that names ``namespace``, emptied when a forward starts."""
+        return self._holder.store(namespace)
+
+    # -- layout conversion (the only place that does it) -------------------------------------------
+    def _clip(self, x: torch.Tensor) -> tuple[torch.Tensor, VideoContext]:
+        ctx = self._holder.require()
+        tokens = self._host.to_bnc(x)
+        bt, n, c = tokens.shape
+        return tokens.reshape(ctx.batch_size, ctx.frames_of(bt), n, c), ctx
+
+    def _unclip(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return self._host.from_bnc(y.flatten(0, 1)).to(like.dtype)
+
+    def _block(self, i: int) -> nn.Module:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.depth:
+            raise ValueError(f"block index must be an int in 0..{self.depth - 1} (the backbone has {self.depth} "
+                             f"blocks), got {i!r}")
+        return self._host.blocks[i]
+
+    def _add(self, module: nn.Module, where: str, fn: Callable) -> None:
+        self._handles.append(_patch(module, where, fn))
+
+    # -- sites ---------------------------------------------------------------------------------------
+    def on_block_output(self, i: int, fn: TokenFn) -> None:
+        """Replace the output of ``blocks[i]`` by ``fn(tokens (B, T, N, C), ctx)``."""
+        holder = self._holder
+
+        def post(out: torch.Tensor) -> torch.Tensor:
+            if holder.disabled:
+                return out
+            tokens, ctx = self._clip(out)
+            return self._unclip(fn(tokens, ctx), out)
+
+        self._add(self._block(i), "post", post)
+
+    def observe_block_output(self, i: int, fn: ObserveFn) -> None:
+        """Call ``fn(tokens, ctx)`` on the output of ``blocks[i]`` once per forward (not on recompute)."""
+        holder = self._holder
+
+        def post(out: torch.Tensor) -> torch.Tensor:
+            if not holder.disabled and not recomputing():
+                fn(*self._clip(out))
+            return out
+
+        self._add(self._block(i), "post", post)
+
+    def before_block(self, i: int, fn: TokenFn) -> None:
+        """Replace the token input of ``blocks[i]`` by ``fn(tokens, ctx)``."""
+        block, holder = self._block(i), self._holder
+
+        def pre(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if holder.disabled:
+                return None
+            x, put = _stream_arg(block, args, kwargs)
+            tokens, ctx = self._clip(x)
+            return put(self._unclip(fn(tokens, ctx), x))
+
+        self._add(block, "pre", pre)
+
+    def after_attention(self, i: int, fn: TokenFn) -> None:
+        """Add ``fn(stream, ctx)`` to the attention branch's output of ``blocks[i]``.
+
+        The block computes ``x_mid = x + attn_branch(x)``, then its MLP branch on ``x_mid``; with
+        this site both see ``x_mid + fn(x_mid)``. Needs the host's ``attention_branch_end``.
+        """
+        block, holder = self._block(i), self._holder
+        anchor = self._host.attention_branch_end(block)
+        if anchor is None:
+            raise ValueError(
+                f"blocks[{i}] has no module that ends its attention branch (its output is added to the stream "
+                f"before the MLP; timm calls it 'drop_path1', OpenCLIP 'ls_1'): {_describe(block)} has none of "
+                f"{list(self._host.attention_branch_ends)}, so nothing can run between attention and MLP there. "
+                "Use placement='attn', or give the host an attention_branch_end(block) that returns that module."
+            )
+        slot: dict[str, torch.Tensor] = {}
+
+        def stash(args: tuple, kwargs: dict) -> None:
+            if not holder.disabled:
+                slot["x"] = _stream_arg(block, args, kwargs)[0]
+
+        def post(out: torch.Tensor) -> torch.Tensor:
+            if holder.disabled:
+                return out
+            x = slot.pop("x", None)
+            if x is None:
+                raise RuntimeError(f"blocks[{i}]: {type(anchor).__name__} ran outside {_describe(block)}.forward")
+            tokens, ctx = self._clip(x + out)
+            return out + self._unclip(fn(tokens, ctx), out)
+
+        self._add(block, "pre", stash)
+        self._add(anchor, "post", post)
+
+    def attention_bias(self, i: int, fn: Callable[[VideoContext, torch.Tensor], torch.Tensor | None]) -> None:
+        """Add ``fn(ctx, x)`` (broadcastable to the logits) to the attention logits of ``blocks[i]``.
+
+        ``x`` is the attention module's token input; ``fn`` returns None for no bias.
+        """
+        block, holder = self._block(i), self._holder
+        attn, key = self._host.attention(block), self._host.attention_mask_keyword(block)
+        if attn is None or key is None:
+            raise ValueError(
+                f"blocks[{i}].attn ({type(attn).__name__}) takes no additive attention bias that inti_adapters "
+                f"knows of (host {self._host.name!r}: attention_mask_keyword returns None; timm's "
+                "vision_transformer.Attention takes attn_mask)"
+            )
+
+        def pre(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if holder.disabled:
+                return None
+            x = args[0] if args else kwargs["x"]
+            bias = fn(holder.require(), x)
+            if bias is None:
+                return None
+            mask = kwargs.get(key)
+            if mask is not None:
+                if mask.dtype == torch.bool:
+                    mask = torch.zeros_like(mask, dtype=x.dtype).masked_fill(~mask, float("-inf"))
+                bias = mask + bias
+            return args, {**kwargs, key: bias}
+
+        self._add(attn, "pre", pre)
+
+    def attention_keys(self, i: int, fn: Callable[[torch.Tensor, VideoContext], None]) -> None:
+        """Call ``fn(keys, ctx)`` with the attention keys ``(S, N, heads, head_dim)`` of ``blocks[i]`` (detached)."""
+        block, holder = self._block(i), self._holder
+        qkv = self._host.qkv_projection(block)
+        if qkv is None:
+            raise ValueError(
+                f"cannot read the attention keys of blocks[{i}]: host {self._host.name!r} knows no fused qkv "
+                f"projection in {type(self._host.attention(block)).__name__} (timm's vision_transformer.Attention "
+                "has one)"
+            )
+        width = 3 * qkv.num_heads * qkv.head_dim
+
+        def post(out: torch.Tensor) -> torch.Tensor:
+            if holder.disabled:
+                return out
+            if out.shape[-1] != width:
+                raise RuntimeError(f"blocks[{i}] qkv gave width {out.shape[-1]}, expected 3 * {qkv.num_heads} "
+                                   f"heads * {qkv.head_dim}")
+            with torch.no_grad():
+                k = out.detach().unflatten(-1, (3, qkv.num_heads, qkv.head_dim)).select(-3, 1)
+                fn(qkv.k_norm(k) if qkv.k_norm is not None else k, holder.require())
+            return out
+
+        self._add(qkv.module, "post", post)
+
+    def on_features(self, fn: TokenFn) -> None:
+        """Change the frame-averaged video feature ``(B, D)`` before the head: ``fn(features, ctx)``."""
+        self._feature_fns.append(fn)
+
+    def apply_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Run the :meth:`on_features` functions (the video model calls this before its head)."""
+        if self._holder.disabled or not self._feature_fns:
+            return features
+        ctx = self._holder.latest
+        if ctx is None:
+            raise RuntimeError("the video feature was computed without a forward of the video model")
+        for fn in self._feature_fns:
+            features = fn(features, ctx)
+        return features
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Undo every change, newest first: each module is as it was before."""
+        for h in reversed(self._handles):
+            h.remove()
+        self._handles.clear()
+        self._feature_fns.clear()
