@@ -4,17 +4,26 @@ A video CLIP model (``inject(clip_model, layers)``) returns the L2-normalised me
 embeddings; class scores are its cosine similarity to text embeddings of the class names,
 scaled by ``logit_scale``:
 
-    >>> import inti_adapters as ia                                         # doctest: +SKIP
+    >>> import open_clip, torch, inti_adapters as ia
+    >>> clip = open_clip.CLIP(embed_dim=16,  # a tiny CLIP; real ones: open_clip.create_model(...)
+    ...     vision_cfg=dict(layers=4, width=32, head_width=16, patch_size=8, image_size=32),
+    ...     text_cfg=dict(context_length=8, vocab_size=64, width=16, heads=2, layers=1))
+    >>> tokenizer = lambda texts: torch.randint(1, 64, (len(texts), 8))   # e.g. open_clip.get_tokenizer(name)
     >>> classifier = ia.build_zero_shot_classifier(clip, tokenizer, ["archery", "bowling"],
     ...                                            ["a video of a person doing {}."])
-    >>> video_model = ia.inject(clip, layers=[4, 6])
-    >>> logits = ia.zero_shot_logits(video_model(video), classifier)     # (B, 2)
+    >>> video_model = ia.inject(clip, layers=[1, 2])
+    >>> video = torch.randn(2, 3, 8, 32, 32)
+    >>> logits = ia.zero_shot_logits(video_model(video), classifier)
+    >>> logits.shape
+    torch.Size([2, 2])
 
 or, with the scoring inside the model (its state dict then holds the classifier):
 
-    >>> head = ia.ZeroShotHead(classifier)                                 # doctest: +SKIP
-    >>> video_model = ia.inject(clip, layers=[4, 6], head=head)
-    >>> logits = video_model(video)
+    >>> video_model.unload() is clip
+    True
+    >>> video_model = ia.inject(clip, layers=[1, 2], head=ia.ZeroShotHead(classifier))
+    >>> torch.allclose(video_model(video), logits, atol=1e-5)
+    True
 
 A head given to ``inject`` receives the frame-averaged embedding *before* normalisation;
 :class:`ZeroShotHead` normalises it itself, so both ways give the same logits.
