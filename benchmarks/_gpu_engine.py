@@ -1,0 +1,166 @@
+"""Part 3 of the GPU suite: a short run of the real training engine, then a resume from its middle.
+
+The suite launches this file the way users launch training, ``torchrun --nproc_per_node 1``
+(``python -m torch.distributed.run``), so DeepSpeed, NCCL (gloo on CPU) and the process group
+come up exactly as in a real job. The worker trains ``recipes/digits_cpu.yaml`` (built-in
+moving digits, generated on first use into the work directory) with ZeRO-2, bf16 on a GPU,
+checkpointing at ``save_at``; then a second ``Trainer`` in the same process resumes from that
+checkpoint into a fresh output directory and trains to the end. It writes a JSON file after each
+run, so a run stopped by the budget still reports the first one.
+
+    python -m torch.distributed.run --nproc_per_node 1 benchmarks/_gpu_engine.py --json out.json --work DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parent
+RECIPE = REPO_ROOT / "recipes" / "digits_cpu.yaml"
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK")
+
+
+# -- worker (runs under torchrun) ------------------------------------------------------------------
+def overrides(a: argparse.Namespace, out: Path, resume: str, cuda: bool) -> list[str]:
+    """The recipe changes: a small data set in the work directory, ``epochs`` short epochs, a mid-run save."""
+    return [f"builtin_data.root={a.work / 'digits'}", f"builtin_data.num_train={a.clips}",
+            "builtin_data.num_val=8", f"builtin_data.workers={a.data_workers}",
+            f"data.batch_size={a.batch}", f"data.num_workers={a.loader_workers}",
+            f"train.output_dir={out}", f"train.epochs={a.epochs}", f"train.save_every={a.save_at}",
+            "train.keep_last=4", "train.log_every=1", "train.eval_every_epochs=0", "train.progress=false",
+            "train.tensorboard=false", f"train.resume={resume}", "train.zero_stage=2",
+            f"train.bf16={'true' if cuda else 'false'}", f"train.backend={'nccl' if cuda else 'gloo'}",
+            f"optim.lr={a.lr}"]
+
+
+def run_one(a: argparse.Namespace, name: str, resume: str) -> dict[str, Any]:
+    """Train (or resume) to the end; the history, per-step wall times and what the engine was."""
+    import torch
+    import torch.distributed as dist
+
+    from inti_adapters.train import Trainer, load_config
+
+    class Timed(Trainer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.ends: list[float] = []
+
+        def on_step_end(self, step: int, loss: float) -> None:
+            self.ends.append(time.perf_counter())  # the loop already waited for the loss (float())
+
+    cuda = torch.cuda.is_available()
+    t0 = time.perf_counter()
+    trainer = Timed(load_config(RECIPE, overrides(a, a.work / name, resume, cuda)))
+    trainer.setup()
+    t1 = time.perf_counter()
+    result = trainer.fit()
+    t2 = time.perf_counter()
+    engine = trainer.engine
+    return {"history": [[int(s), float(v)] for s, v in result.history], "final_step": int(result.step),
+            "step_ends": trainer.ends, "setup_s": t1 - t0, "fit_s": t2 - t1, "global_batch": trainer.global_batch,
+            "steps_per_epoch": trainer.steps_per_epoch, "device": str(engine.device), "backend": dist.get_backend(),
+            "zero_stage": int(engine.zero_optimization_stage()), "bf16": bool(engine.bfloat16_enabled()),
+            "optimizer": type(engine.optimizer).__name__, "world_size": dist.get_world_size(),
+            "checkpoints": sorted(p.name for p in (a.work / name / "checkpoints").glob("step_*"))}
+
+
+def worker(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="GPU suite part 3 worker (run under torchrun)")
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--clips", type=int, default=160, help="training clips (one epoch)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--save-at", type=int, default=15)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--data-workers", type=int, default=2, help="processes generating the data set")
+    p.add_argument("--loader-workers", type=int, default=2, help="DataLoader workers")
+    a = p.parse_args(argv)
+    out: dict[str, Any] = {"save_at": a.save_at}
+    ref = run_one(a, "reference", "never")
+    out["reference"] = ref
+    a.json.write_text(json.dumps(out))
+    tag = f"step_{a.save_at:08d}"
+    out["resume_from"] = tag
+    out["resume"] = run_one(a, "resumed", str(a.work / "reference" / "checkpoints" / tag))
+    a.json.write_text(json.dumps(out))
+    return 0
+
+
+# -- launcher (in the suite's process) -------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(opts: dict[str, Any], work: Path, timeout_s: float, smoke: bool) -> tuple[dict[str, Any], str, float]:
+    """Run the worker under ``torchrun --nproc_per_node 1``; ``(its JSON so far, log tail, seconds)``."""
+    import inti_adapters
+
+    work.mkdir(parents=True, exist_ok=True)
+    out_json, log_path = work / "engine.json", work / "engine.log"
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/inti_adapters/torch_extensions"))
+    package_root = str(Path(inti_adapters.__file__).resolve().parent.parent)  # the same library as this process
+    env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
+    if smoke:
+        env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(HERE / "_gpu_engine.py"), "--json", str(out_json),
+           "--work", str(work), *[f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]]
+    start = time.perf_counter()
+    with open(log_path, "w") as logf:
+        try:
+            rc = subprocess.run(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            rc = None
+    seconds = time.perf_counter() - start
+    data = json.loads(out_json.read_text()) if out_json.is_file() else {}
+    data["returncode"] = rc
+    tail = log_path.read_text(errors="replace")[-3000:] if log_path.is_file() else ""
+    return data, tail, seconds
+
+
+def summarise(data: dict[str, Any], cuda: bool) -> dict[str, Any]:
+    """Loss fell? Resume reproduced the step and the loss? Step time. ``{}`` entries when not measured."""
+    from statistics import median
+
+    out: dict[str, Any] = {}
+    ref = data.get("reference")
+    if not ref or not ref["history"]:
+        return out
+    losses = [v for _, v in ref["history"]]
+    k = max(2, len(losses) // 6)
+    out["loss_first"], out["loss_last"] = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    out["loss_window"] = k
+    out["loss_fell"] = out["loss_last"] < out["loss_first"]
+    gaps = [b - a for a, b in zip(ref["step_ends"], ref["step_ends"][1:], strict=False)][1:]  # drop the first step
+    out["step_s"] = median(gaps) if gaps else None
+    out["clips_per_s"] = ref["global_batch"] / out["step_s"] if out["step_s"] else None
+    res = data.get("resume")
+    if res is None:
+        return out
+    save_at, ref_by_step = data["save_at"], dict((s, v) for s, v in ref["history"])
+    first_step = res["history"][0][0] if res["history"] else None
+    out["resumed_first_step"], out["resumed_final_step"] = first_step, res["final_step"]
+    out["step_reproduced"] = first_step == save_at + 1 and res["final_step"] == ref["final_step"]
+    diffs = [abs(v - ref_by_step[s]) for s, v in res["history"] if s in ref_by_step]
+    out["loss_tol"] = 2e-2 if cuda else 1e-5  # GPU kernels (flash backward, cuDNN conv) are not bitwise deterministic
+    out["loss_max_diff"] = max(diffs) if diffs else None
+    out["loss_first_diff"] = diffs[0] if diffs else None
+    out["loss_reproduced"] = bool(diffs) and len(diffs) == len(res["history"]) and max(diffs) <= out["loss_tol"]
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(worker())
