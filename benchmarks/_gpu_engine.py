@@ -8,12 +8,18 @@ checkpointing at ``save_at``; then a second ``Trainer`` in the same process resu
 checkpoint into a fresh output directory and trains to the end. It writes a JSON file after each
 run, so a run stopped by the budget still reports the first one.
 
+The suite starts the worker at its beginning with ``--go FILE``: the worker imports what the
+engine needs (torch, DeepSpeed, peft, ...) and generates its data set on the CPU while part 1
+runs, then waits until the suite writes ``go`` (or ``stop``) into FILE. The imports and the data
+set are a fixed cost of any job; overlapping them keeps them out of the device's time.
+
     python -m torch.distributed.run --nproc_per_node 1 benchmarks/_gpu_engine.py --json out.json --work DIR
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -73,10 +79,40 @@ def run_one(a: argparse.Namespace, name: str, resume: str) -> dict[str, Any]:
             "checkpoints": sorted(p.name for p in (a.work / name / "checkpoints").glob("step_*"))}
 
 
+def prewarm(a: argparse.Namespace) -> None:
+    """What a job does before it touches the device: imports, and the data set generated into the work dir."""
+    import importlib
+
+    import deepspeed  # noqa: F401
+
+    from inti_adapters.data import ensure_builtin_dataset
+    from inti_adapters.train import load_config
+
+    # modules the engine imports lazily on its first run: peft (when the library checks for a peft model)
+    # and, through DeepSpeed's optimizer check, the Muon optimizer module (which imports torch.compile's stack)
+    for name in ("peft", "deepspeed.runtime.zero.muon.muon_optimizer"):
+        with contextlib.suppress(Exception):
+            importlib.import_module(name)
+    opts = dict(load_config(RECIPE, overrides(a, a.work / "reference", "never", cuda=False)).builtin_data or {})
+    ensure_builtin_dataset(opts.pop("root"), **opts)
+
+
+def wait_for_go(path: Path, wait_s: float) -> bool:
+    """Block until the launcher writes ``go`` (True) or ``stop`` / nothing within ``wait_s`` (False)."""
+    end = time.perf_counter() + wait_s
+    while time.perf_counter() < end:
+        if path.is_file() and (word := path.read_text().strip()):
+            return word == "go"
+        time.sleep(0.05)
+    return False
+
+
 def worker(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="GPU suite part 3 worker (run under torchrun)")
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--go", type=Path, default=None, help="prewarm, then wait for 'go' in this file")
+    p.add_argument("--wait-s", type=float, default=3600.0)
     p.add_argument("--clips", type=int, default=160, help="training clips (one epoch)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--epochs", type=int, default=3)
@@ -86,8 +122,14 @@ def worker(argv: list[str] | None = None) -> int:
     p.add_argument("--loader-workers", type=int, default=2, help="DataLoader workers")
     a = p.parse_args(argv)
     out: dict[str, Any] = {"save_at": a.save_at}
-    ref = run_one(a, "reference", "never")
-    out["reference"] = ref
+    if a.go is not None:
+        t0 = time.perf_counter()
+        prewarm(a)
+        out["prewarm_s"] = time.perf_counter() - t0
+        a.json.write_text(json.dumps(out))
+        if not wait_for_go(a.go, a.wait_s):
+            return 0
+    out["reference"] = run_one(a, "reference", "never")
     a.json.write_text(json.dumps(out))
     tag = f"step_{a.save_at:08d}"
     out["resume_from"] = tag
@@ -103,32 +145,59 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(opts: dict[str, Any], work: Path, timeout_s: float, smoke: bool) -> tuple[dict[str, Any], str, float]:
-    """Run the worker under ``torchrun --nproc_per_node 1``; ``(its JSON so far, log tail, seconds)``."""
-    import inti_adapters
+class EngineJob:
+    """The worker under ``torchrun --nproc_per_node 1``, started early: it imports and generates its data
+    while part 1 runs (CPU only, nothing on the device), then waits; :meth:`run` lets it train."""
 
-    work.mkdir(parents=True, exist_ok=True)
-    out_json, log_path = work / "engine.json", work / "engine.log"
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/inti_adapters/torch_extensions"))
-    package_root = str(Path(inti_adapters.__file__).resolve().parent.parent)  # the same library as this process
-    env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
-    if smoke:
-        env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(HERE / "_gpu_engine.py"), "--json", str(out_json),
-           "--work", str(work), *[f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]]
-    start = time.perf_counter()
-    with open(log_path, "w") as logf:
+    def __init__(self, opts: dict[str, Any], work: Path, smoke: bool) -> None:
+        import inti_adapters
+
+        work.mkdir(parents=True, exist_ok=True)
+        self.json, self.log, self.go = work / "engine.json", work / "engine.log", work / "go"
+        env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
+        env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/inti_adapters/torch_extensions"))
+        package_root = str(Path(inti_adapters.__file__).resolve().parent.parent)  # the library this process uses
+        env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
+        if smoke:
+            env["OMP_NUM_THREADS"] = "1"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), str(HERE / "_gpu_engine.py"), "--json", str(self.json),
+               "--work", str(work), "--go", str(self.go), *[f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]]
+        self.started = time.perf_counter()
+        with open(self.log, "w") as logf:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _kill(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # torchrun and its worker: the group this job started
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def run(self, timeout_s: float) -> tuple[dict[str, Any], str, float]:
+        """Say go and wait up to ``timeout_s``: ``(the worker's JSON so far, log tail, seconds after go)``."""
+        self.go.write_text("go")
+        start = time.perf_counter()
         try:
-            rc = subprocess.run(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
+            rc: int | None = self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
+            self._kill()
             rc = None
-    seconds = time.perf_counter() - start
-    data = json.loads(out_json.read_text()) if out_json.is_file() else {}
-    data["returncode"] = rc
-    tail = log_path.read_text(errors="replace")[-3000:] if log_path.is_file() else ""
-    return data, tail, seconds
+        data = json.loads(self.json.read_text()) if self.json.is_file() else {}
+        data["returncode"] = rc
+        tail = self.log.read_text(errors="replace")[-3000:] if self.log.is_file() else ""
+        return data, tail, time.perf_counter() - start
+
+    def cancel(self) -> None:
+        """Tell a waiting worker to exit without training (and make sure it does)."""
+        self.go.write_text("stop")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=20)
+        self._kill()
 
 
 def summarise(data: dict[str, Any], cuda: bool) -> dict[str, Any]:

@@ -115,7 +115,9 @@ def engine_body(s: Settings, data: dict[str, Any], sm: dict[str, Any]) -> str:
         f"- run: `recipes/digits_cpu.yaml` on the built-in moving digits ({e['clips']} training clips generated in "
         f"the work directory), {ref['steps_per_epoch']} steps per epoch x {e['epochs']} epochs = {ref['final_step']} "
         f"steps of {ref['global_batch']} clips, lr {e['lr']}; checkpoints {', '.join(ref['checkpoints'])}",
-        f"- time: setup (data set generation, model, DeepSpeed initialisation) {ref['setup_s']:.1f} s; training "
+        f"- time: before go, overlapped with part 1: imports and data set generation "
+        f"{fmt(data.get('prewarm_s'), '.1f')} s; after go: setup (process group, loaders, model, DeepSpeed "
+        f"initialisation) {ref['setup_s']:.1f} s; training "
         f"{ref['fit_s']:.1f} s including checkpoint saves and the adapter export; step time {step_ms} ms (median "
         f"after the first step) = {fmt(sm.get('clips_per_s'), '.1f')} clips/s",
         f"- **Loss fell: {yes(sm.get('loss_fell'))}** (mean of the first {sm.get('loss_window')} steps "

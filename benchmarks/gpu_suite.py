@@ -56,6 +56,7 @@ from _gpu_common import (  # noqa: E402
     device_slug,
     peak_bf16_tflops,
 )
+from _gpu_engine import EngineJob, summarise  # noqa: E402
 from _gpu_targets import engine_body, evaluate_targets, targets_body  # noqa: E402
 from _gpu_throughput import (  # noqa: E402
     COMPILE_ORDER,
@@ -216,16 +217,23 @@ def stage_eager(s: Settings, state: ThroughputState, budget: Budget) -> PartResu
     return throughput_results(s, state, time.perf_counter() - start)[0]
 
 
-def stage_engine(s: Settings, budget: Budget, work: Path) -> PartResult:
-    from _gpu_engine import launch, summarise
+def start_engine(s: Settings, work: Path) -> EngineJob | None:
+    """Start part 3's worker now, so its imports and data set overlap part 1 (None if it will not run)."""
+    if "engine" not in s.parts or importlib.util.find_spec("deepspeed") is None:
+        return None
+    log("engine: starting the torchrun worker (it imports and builds its data set, then waits)")
+    return EngineJob(s.engine, work / "engine", s.smoke)
 
-    if importlib.util.find_spec("deepspeed") is None:
+
+def stage_engine(s: Settings, budget: Budget, job: EngineJob | None) -> PartResult:
+    if job is None:
         return PartResult("engine", "skipped", reason="deepspeed is not installed (pip install deepspeed)")
     left = budget.left("engine")
     if left < (5 if s.smoke else 30):
+        job.cancel()
         return PartResult("engine", "skipped", reason=f"only {left:.0f} s of the budget left")
-    log(f"engine: torchrun worker, up to {left:.0f} s")
-    data, tail, seconds = launch(s.engine, work / "engine", left, s.smoke)
+    log(f"engine: go, up to {left:.0f} s")
+    data, tail, _ = job.run(left)
     summary = summarise(data, s.device.type == "cuda")
     body = engine_body(s, data, summary)
     if data.get("resume") and data.get("returncode") == 0:
@@ -269,12 +277,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if s.work_dir:
         s.work_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="inti_gpu_suite_", dir=s.work_dir))
+    job = start_engine(s, work)
     try:
         thr = run_stage(report, "throughput", "throughput" in s.parts, "not in --parts",
                         lambda: stage_eager(s, state, budget))
         if state.measurements:
             report.set(throughput_results(s, state, thr.seconds)[1])
-        run_stage(report, "engine", "engine" in s.parts, "not in --parts", lambda: stage_engine(s, budget, work))
+        run_stage(report, "engine", "engine" in s.parts, "not in --parts", lambda: stage_engine(s, budget, job))
         run_stage(report, "data", "data" in s.parts, "not in --parts", lambda: stage_data(s, budget, state))
         if s.compile and state.measurements:
             res = guarded("compile", lambda: compile_stage(s, state, budget))
@@ -289,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.set(PartResult("targets", "measured", body=targets_body(s, targets)))
         path = report.write(f"complete in {budget.elapsed():.0f} s of a {s.budget_s:g} s budget")
     finally:
+        if job is not None:
+            job.cancel()  # a no-op when it has finished
         shutil.rmtree(work, ignore_errors=True)
         faulthandler.cancel_dump_traceback_later()
     print(markdown_table(["target", "status", "detail"], [[t.goal, t.status, t.detail] for t in targets], "lll"))

@@ -55,7 +55,7 @@ def section(md: str, heading: str) -> str:
 
 def table_rows(text: str, first_cell: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()
-            if line.startswith(f"| {first_cell} ")]
+            if line.startswith(f"| {first_cell}")]
 
 
 def test_the_file_says_what_produced_it_and_that_it_is_not_a_gpu_run(smoke):
