@@ -40,6 +40,7 @@ def overrides(a: argparse.Namespace, out: Path, resume: str, cuda: bool) -> list
     """The recipe changes: a small data set in the work directory, ``epochs`` short epochs, a mid-run save."""
     return [f"builtin_data.root={a.work / 'digits'}", f"builtin_data.num_train={a.clips}",
             "builtin_data.num_val=8", f"builtin_data.workers={a.data_workers}",
+            f"builtin_data.samples_per_shard={max(1, a.clips // 4)}",  # shards for every loader worker
             f"data.batch_size={a.batch}", f"data.num_workers={a.loader_workers}",
             f"train.output_dir={out}", f"train.epochs={a.epochs}", f"train.save_every={a.save_at}",
             "train.keep_last=4", "train.log_every=1", "train.eval_every_epochs=0", "train.progress=false",
@@ -149,7 +150,7 @@ class EngineJob:
     """The worker under ``torchrun --nproc_per_node 1``, started early: it imports and generates its data
     while part 1 runs (CPU only, nothing on the device), then waits; :meth:`run` lets it train."""
 
-    def __init__(self, opts: dict[str, Any], work: Path, smoke: bool) -> None:
+    def __init__(self, opts: dict[str, Any], work: Path, smoke: bool, wait_s: float) -> None:
         import inti_adapters
 
         work.mkdir(parents=True, exist_ok=True)
@@ -162,7 +163,7 @@ class EngineJob:
             env["OMP_NUM_THREADS"] = "1"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
                "--master_port", str(_free_port()), str(HERE / "_gpu_engine.py"), "--json", str(self.json),
-               "--work", str(work), "--go", str(self.go), *[f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]]
+               "--work", str(work), "--go", str(self.go), f"--wait-s={wait_s:g}", *[f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]]
         self.started = time.perf_counter()
         with open(self.log, "w") as logf:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)

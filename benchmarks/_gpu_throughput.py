@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,6 +81,16 @@ class Measurement:
     compile_s: float | None = None
     trials: list[tuple[int, float, float | None]] = field(default_factory=list)  # (batch, s, peak bytes)
     note: str = ""
+    trace: str = ""  # traceback tail of an error
+
+    def failed(self, exc: BaseException, what: str) -> None:
+        """Record an error (or a time limit a compiler wrapped into its own exception) and go on."""
+        if _is_timeout(exc):
+            self.note = f"skipped: {what} did not finish within its time share"
+        else:
+            self.note = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            self.trace = traceback.format_exc()[-1500:]
+        self.step_s = []
 
     @property
     def clips_per_s(self) -> float | None:
@@ -226,9 +237,12 @@ def search_batch(work: Workload, deadline: float) -> tuple[int | None, list[tupl
             return best, trials, f"search stopped at the batch limit {s.max_batch}"
         if seconds_left(deadline) <= 0:
             return best, trials, f"search stopped by its time share before batch {batch}"
+        oom = False
         try:
             seconds, peak = try_batch(work, batch)
         except torch.cuda.OutOfMemoryError:
+            oom = True  # freed below, once the traceback (which holds the step's tensors) is gone
+        if oom:
             free_device_memory(device)
             return best, trials, f"batch {batch} ran out of memory"
         trials.append((batch, seconds, peak))
@@ -260,8 +274,9 @@ def time_workload(s: Settings, fn: Callable[[], Any], deadline: float) -> tuple[
 # -- the two phases -------------------------------------------------------------------------------
 def measure_eager(s: Settings, variant: Variant, mode: str, deadline: float) -> Measurement:
     m = Measurement(variant.name, mode, compiled=False)
-    work = Workload(s, variant, mode, compiled=False)
+    work = None
     try:
+        work = Workload(s, variant, mode, compiled=False)
         with hard_deadline(seconds_left(deadline) + HARD_GRACE_S):
             m.batch, m.trials, m.note = search_batch(work, deadline)
             if m.batch is None:
@@ -272,8 +287,11 @@ def measure_eager(s: Settings, variant: Variant, mode: str, deadline: float) -> 
             m.sdpa = sdpa_kernels(fn)
     except PartTimeout:
         m.note += ("; " if m.note else "") + "interrupted at its hard time limit"
+    except Exception as e:  # noqa: BLE001 - one variant failing must not cost the others
+        m.failed(e, "the measurement")
     finally:
-        work.close()
+        if work is not None:
+            work.close()
         free_device_memory(s.device)
     return m
 
@@ -282,21 +300,22 @@ def measure_compiled(s: Settings, variant: Variant, mode: str, batch: int, cap_s
     """Compile (timed: first step minus a normal step), then time at the eager batch; ``cap_s`` bounds it all."""
     m = Measurement(variant.name, mode, compiled=True, batch=batch)
     torch._dynamo.reset()
-    work = Workload(s, variant, mode, compiled=True)
-    start = time.perf_counter()
+    work, start = None, time.perf_counter()
     try:
+        work = Workload(s, variant, mode, compiled=True)
         with hard_deadline(cap_s):
             fn = work.step(batch)
             first = time_once(fn, s.device)
             m.step_s, m.peak_bytes = time_workload(s, fn, start + cap_s)
             m.compile_s = max(0.0, first - median(m.step_s))
             m.sdpa = sdpa_kernels(fn)
-    except PartTimeout:
-        m.step_s, m.note = [], f"skipped: compile and timing did not finish within its {cap_s:.0f} s share"
     except torch.cuda.OutOfMemoryError:
         m.step_s, m.note = [], f"out of memory at the eager batch {batch} when compiled"
+    except Exception as e:  # noqa: BLE001 - PartTimeout too, possibly wrapped by dynamo's BackendCompilerFailed
+        m.failed(e, f"compile and timing ({cap_s:.0f} s share)")
     finally:
-        work.close()
+        if work is not None:
+            work.close()
         torch._dynamo.reset()
         free_device_memory(s.device)
     return m
@@ -338,6 +357,14 @@ def run_compiled(s: Settings, state: ThroughputState, deadline: float, min_start
                 f"{fmt(m.clips_per_s, '.1f')} clips/s {m.note}")
 
 
+def _is_timeout(exc: BaseException | None) -> bool:
+    while exc is not None:
+        if isinstance(exc, PartTimeout) or "PartTimeout" in str(exc)[:300]:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def time_deadline(seconds: float) -> float:
     return time.perf_counter() + seconds
 
@@ -364,6 +391,12 @@ def throughput_table(s: Settings, state: ThroughputState) -> str:
                      fmt(m.peak_bytes / GIB if m.peak_bytes else None, ".1f", "n/a (CPU)" if s.smoke else "n/a"),
                      m.sdpa, fmt(m.compile_s, ".0f", "-"), m.note or "-"])
     return markdown_table(headers, rows, align="lllrrrrrrlrl")
+
+
+def errors_text(state: ThroughputState) -> str:
+    """Traceback tails of the measurements that failed ('' if none)."""
+    return "\n\n".join(f"{LABELS[m.variant]} / {m.mode}{' / compiled' if m.compiled else ''}:\n\n```\n"
+                       f"{m.trace.rstrip()}\n```" for m in state.measurements if m.trace)
 
 
 def trials_text(state: ThroughputState) -> str:

@@ -29,6 +29,7 @@ import faulthandler
 import importlib.util
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -61,6 +62,7 @@ from _gpu_targets import engine_body, evaluate_targets, targets_body  # noqa: E4
 from _gpu_throughput import (  # noqa: E402
     COMPILE_ORDER,
     ThroughputState,
+    errors_text,
     mfu_table,
     plan_variants,
     run_compiled,
@@ -201,6 +203,8 @@ def throughput_results(s: Settings, state: ThroughputState, seconds: float) -> t
             "'naive/GFLOPs' = naive's GFLOPs over the variant's, the speed-up the FLOPs promise.\n\n"
             "Batch search (batch: one step, peak memory):\n\n" + trials_text(state)
             + "\n\n" + "\n".join(f"- {n}" for n in state.notes))
+    if errors := errors_text(state):
+        body += "\n\nErrors:\n\n" + errors
     thr = PartResult("throughput", status, body=body, reason=reason, seconds=seconds)
     peak_note = next((n.split(": ", 1)[1] for n in s.notes if n.startswith("peak FLOP/s")), "")
     mfu = PartResult("mfu", "measured" if measured else "skipped", body=mfu_table(s, state, peak_note) if measured
@@ -222,7 +226,7 @@ def start_engine(s: Settings, work: Path) -> EngineJob | None:
     if "engine" not in s.parts or importlib.util.find_spec("deepspeed") is None:
         return None
     log("engine: starting the torchrun worker (it imports and builds its data set, then waits)")
-    return EngineJob(s.engine, work / "engine", s.smoke)
+    return EngineJob(s.engine, work / "engine", s.smoke, wait_s=s.budget_s + 60)  # an orphan gives up
 
 
 def stage_engine(s: Settings, budget: Budget, job: EngineJob | None) -> PartResult:
@@ -264,6 +268,7 @@ T0 = time.perf_counter()
 
 def main(argv: Sequence[str] | None = None) -> int:
     s = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # killed from outside: still clean up below
     faulthandler.dump_traceback_later(s.budget_s + 300, exit=True)  # a hung NCCL / decoder must not hang the run
     if s.device.type == "cuda":
         torch.set_float32_matmul_precision("high")
@@ -281,8 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         thr = run_stage(report, "throughput", "throughput" in s.parts, "not in --parts",
                         lambda: stage_eager(s, state, budget))
-        if state.measurements:
-            report.set(throughput_results(s, state, thr.seconds)[1])
+        report.set(throughput_results(s, state, thr.seconds)[1] if state.measurements else
+                   PartResult("mfu", "skipped", reason="part 1 has no figures"))
         run_stage(report, "engine", "engine" in s.parts, "not in --parts", lambda: stage_engine(s, budget, job))
         run_stage(report, "data", "data" in s.parts, "not in --parts", lambda: stage_data(s, budget, state))
         if s.compile and state.measurements:
@@ -303,8 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
         faulthandler.cancel_dump_traceback_later()
     print(markdown_table(["target", "status", "detail"], [[t.goal, t.status, t.detail] for t in targets], "lll"))
-    print(f"\nwrote {path}")
-    return 0
+    failed = [k for k, r in report.results.items() if r.status == "error"]
+    print(f"\nwrote {path}" + (f"; parts with errors: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
 
 
 def compile_stage(s: Settings, state: ThroughputState, budget: Budget) -> PartResult:

@@ -189,3 +189,28 @@ def test_engine_checks_can_fail():
     drifted = summarise(engine_json([3.7, 3.6, 3.4, 3.0], [[3, 3.41], [4, 3.0]]), cuda=False)
     assert drifted["step_reproduced"] and not drifted["loss_reproduced"]
     assert summarise(engine_json([3.7, 3.6, 3.4, 3.0], [[3, 3.41], [4, 3.0]]), cuda=True)["loss_reproduced"]
+
+
+def test_a_failing_variant_is_recorded_and_does_not_stop_the_others():
+    import gpu_suite
+    from _gpu_throughput import ThroughputState, Variant, measure_eager, run_eager
+
+    s = gpu_suite.parse_args(["--smoke", "--repeats", "1", "--warmup", "1"])
+    m = measure_eager(s, Variant("naive", compressor="no_such_compressor", layers=(1,)), "inference",
+                      time.perf_counter() + 30)
+    assert m.note.startswith("error: ") and "no_such_compressor" in m.trace and not m.step_s
+    state = ThroughputState([Variant("naive", compressor="no_such_compressor", layers=(1,)), Variant("naive")])
+    run_eager(s, state, time.perf_counter() + 60, min_start_s=0.1)
+    assert [bool(m.clips_per_s) for m in state.measurements] == [False, False, True, True]
+
+
+def test_no_time_left_skips_every_measurement_with_a_reason():
+    import gpu_suite
+    from _gpu_throughput import ThroughputState, Variant, run_compiled, run_eager
+
+    s = gpu_suite.parse_args(["--smoke"])
+    state = ThroughputState([Variant("naive"), Variant("inti", (1, 2))])
+    run_eager(s, state, time.perf_counter() - 1, min_start_s=1.0)
+    assert len(state.measurements) == 4 and all(m.note.startswith("skipped: only") for m in state.measurements)
+    run_compiled(s, state, time.perf_counter() + 100, min_start_s=1.0)
+    assert state.measurements[-1].note == "skipped: no eager batch to reuse"
