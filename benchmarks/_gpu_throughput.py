@@ -152,8 +152,8 @@ def plan_variants(s: Settings) -> ThroughputState:
             best = (cand, g)
     tome.options, tome.gflops = {"r": best[0]}, best[1]
     state.notes.append(f"ToMe: r={best[0]} tokens merged per frame after each of blocks {list(tome.layers)} "
-                       f"(r_for_budget on the meta device) gives {best[1]:.2f} GFLOPs/clip, "
-                       f"{100 * (best[1] / target - 1):+.1f}% from InTI's {target:.2f}")
+                       f"(r_for_budget on the meta device) gives {best[1]:.4g} GFLOPs/clip, "
+                       f"{100 * (best[1] / target - 1):+.1f}% from InTI's {target:.4g}")
     return state
 
 
@@ -381,16 +381,17 @@ def speedup(state: ThroughputState, m: Measurement) -> float | None:
 def throughput_table(s: Settings, state: ThroughputState) -> str:
     naive_g = state.gflops("naive")
     headers = ["variant", "mode", "compiled", "batch", "ms / batch", "clips/s", "x naive", "naive/GFLOPs",
-               "peak GiB", "SDPA kernels (per step)", "compile s", "note"]
+               "batch-1 ms", "peak GiB", "SDPA kernels (per step)", "compile s", "note"]
     rows = []
     for m in sorted(state.measurements, key=lambda m: (m.compiled, MODES.index(m.mode))):
         ms = f"{1e3 * median(m.step_s):.1f} ±{100 * spread(m.step_s):.0f}%" if m.step_s else "n/a"
         rows.append([LABELS[m.variant], m.mode, "yes" if m.compiled else "no", m.batch or "n/a", ms,
                      fmt(m.clips_per_s, ".1f"), fmt(speedup(state, m), ".3f"),
                      f"{naive_g / state.gflops(m.variant):.3f}",
+                     f"{1e3 * m.trials[0][1]:.1f}" if m.trials and m.trials[0][0] == 1 else "-",
                      fmt(m.peak_bytes / GIB if m.peak_bytes else None, ".1f", "n/a (CPU)" if s.smoke else "n/a"),
                      m.sdpa, fmt(m.compile_s, ".0f", "-"), m.note or "-"])
-    return markdown_table(headers, rows, align="lllrrrrrrlrl")
+    return markdown_table(headers, rows, align="lllrrrrrrrlrl")
 
 
 def errors_text(state: ThroughputState) -> str:
@@ -422,7 +423,7 @@ def mfu_table(s: Settings, state: ThroughputState, peak_note: str) -> str:
     for m in sorted(state.measurements, key=lambda m: (m.compiled, MODES.index(m.mode))):
         tflops, frac = mfu(s, state, m)
         per_clip = state.gflops(m.variant) * 2 * (3 if m.mode == "training" else 1) / 1e3
-        rows.append([LABELS[m.variant], m.mode, "yes" if m.compiled else "no", f"{state.gflops(m.variant):.2f}",
+        rows.append([LABELS[m.variant], m.mode, "yes" if m.compiled else "no", f"{state.gflops(m.variant):.4g}",
                      f"{per_clip:.4g}", fmt(tflops, ".4g"),
                      fmt(100 * frac if frac is not None else None, ".1f", "n/a (unknown peak)") +
                      ("%" if frac is not None else "")])

@@ -96,9 +96,9 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     p.add_argument("--size", type=int, default=None, help="frame size (default 224; smoke 32)")
     p.add_argument("--max-batch", type=int, default=None, help="largest batch tried (default 1024; smoke 4)")
     p.add_argument("--memory-cap", type=float, default=0.8, help="fraction of device memory a batch may use")
-    p.add_argument("--step-cap-s", type=float, default=None, help="slowest step the batch search accepts (2 s)")
-    p.add_argument("--repeats", type=int, default=None, help="timed steps per measurement (default 15; smoke 3)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; smoke 1)")
+    p.add_argument("--step-cap-s", type=float, default=None, help="slowest step the batch search accepts (1 s)")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps per measurement (default 10; smoke 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; smoke 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of this process (default: torch's; smoke 1)")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak, for a device not in the table")
     p.add_argument("--work-dir", type=Path, default=None, help="scratch space (default: a temporary directory)")
@@ -130,9 +130,9 @@ def build_settings(a: argparse.Namespace, device: torch.device, parts: tuple[str
         out_dir=a.out or (Path(tempfile.gettempdir()) / "inti_gpu_suite_smoke" if smoke else RESULTS_DIR),
         results_name=a.results_name or ("gpu_smoke_" if smoke else "gpu_") + device_slug(name),
         frames=a.frames or (8 if smoke else 16), size=a.size or (32 if smoke else 224),
-        dtype="bf16" if device.type == "cuda" else "fp32", warmup=a.warmup or (1 if smoke else 3),
-        repeats=a.repeats or (2 if smoke else 15), max_batch=a.max_batch or (2 if smoke else 1024),
-        memory_cap=a.memory_cap, step_cap_s=a.step_cap_s or (1.0 if smoke else 2.0),
+        dtype="bf16" if device.type == "cuda" else "fp32", warmup=a.warmup or (1 if smoke else 2),
+        repeats=a.repeats or (2 if smoke else 10), max_batch=a.max_batch or (2 if smoke else 1024),
+        memory_cap=a.memory_cap, step_cap_s=a.step_cap_s or 1.0,
         compile=not a.no_compile and "compile" in parts,
         compile_backend=a.compile_backend or ("eager" if smoke else "inductor"), compile_cap_s=a.compile_cap_s,
         compile_items=(("inti", "training"),) if smoke else COMPILE_ORDER, threads=a.threads or (1 if smoke else None),

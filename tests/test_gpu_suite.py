@@ -37,8 +37,10 @@ def smoke(tmp_path_factory) -> tuple[str, float]:
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(BENCH / "gpu_suite.py"), "--smoke", "--out", str(out),
-                           "--work-dir", str(out / "work")], env=env, capture_output=True, text=True, timeout=400)
+    # a budget that never binds on a loaded machine: cutting parts short is tested on its own below
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_suite.py"), "--smoke", "--budget-s", "900", "--out",
+                           str(out), "--work-dir", str(out / "work")], env=env, capture_output=True, text=True,
+                          timeout=900)
     seconds = time.perf_counter() - start
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     files = sorted(out.glob("gpu_smoke_*.md"))
@@ -61,8 +63,8 @@ def table_rows(text: str, first_cell: str) -> list[list[str]]:
 def test_the_file_says_what_produced_it_and_that_it_is_not_a_gpu_run(smoke):
     md, _ = smoke
     assert md.startswith("# GPU suite: CPU smoke run (tiny model, not GPU figures)")
-    assert "gpu_suite.py --smoke" in md and "- **torch**: " in md and "- **accelerator**: none" in md
-    assert re.search(r"## Status\n\ncomplete in \d+ s of a 150 s budget", md)
+    assert "gpu_suite.py --smoke --budget-s 900" in md and "- **torch**: " in md and "- **accelerator**: none" in md
+    assert re.search(r"## Status\n\ncomplete in \d+ s of a 900 s budget", md)
 
 
 def test_every_part_has_figures_or_a_recorded_reason(smoke):
@@ -87,9 +89,10 @@ def test_throughput_measures_every_variant_in_both_modes_and_a_compiled_one(smok
             row = rows[(name, mode, "no")]
             assert float(row[5]) > 0, row  # clips/s
             assert int(row[3]) in (1, 2), row  # batch from the search (smoke limit 2)
-            assert "flash (CPU)" in row[9], row  # the SDPA kernel that ran
+            assert float(row[8]) > 0, row  # batch-1 latency from the search
+            assert "flash (CPU)" in row[10], row  # the SDPA kernel that ran
     compiled = rows[("InTI", "training", "yes")]
-    assert float(compiled[5]) > 0 and compiled[10] != "-", compiled  # clips/s and compile seconds
+    assert float(compiled[5]) > 0 and compiled[11] != "-", compiled  # clips/s and compile seconds
     assert re.search(r"ToMe: r=\d+ tokens merged per frame", text)
     assert "- naive / training: 1: " in text  # the batch search trials
 
