@@ -197,7 +197,9 @@ def guarded(key: str, fn: Callable[[], PartResult]) -> PartResult:
 def throughput_results(s: Settings, state: ThroughputState, seconds: float) -> tuple[PartResult, PartResult]:
     measured = [m for m in state.measurements if m.clips_per_s]
     wanted = [m for m in state.measurements if not (m.compiled and m.note.startswith("skipped"))]
-    status = "measured" if measured and len(measured) == len(wanted) else ("partial" if measured else "error")
+    errors = [m for m in state.measurements if m.note.startswith("error")]
+    status = "measured" if measured and len(measured) == len(wanted) else \
+        ("error" if errors and not measured else "partial")  # partial: some figures, or the time ran out
     reason = "" if status == "measured" else f"{len(measured)} of {len(state.measurements)} measurements have figures"
     body = (throughput_table(s, state) + "\n\n'x naive' = clips/s over naive's in the same mode and compile setting; "
             "'naive/GFLOPs' = naive's GFLOPs over the variant's, the speed-up the FLOPs promise.\n\n"

@@ -217,3 +217,23 @@ def test_no_time_left_skips_every_measurement_with_a_reason():
     assert len(state.measurements) == 4 and all(m.note.startswith("skipped: only") for m in state.measurements)
     run_compiled(s, state, time.perf_counter() + 100, min_start_s=1.0)
     assert state.measurements[-1].note == "skipped: no eager batch to reuse"
+
+
+def test_a_budget_too_small_still_writes_every_part_with_a_reason(tmp_path):
+    import signal
+
+    import gpu_suite
+
+    threads, sigterm = torch.get_num_threads(), signal.getsignal(signal.SIGTERM)
+    try:
+        rc = gpu_suite.main(["--smoke", "--parts", "throughput,data", "--budget-s", "1", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+        signal.signal(signal.SIGTERM, sigterm)
+    assert rc == 0
+    md = (tmp_path / "gpu_smoke_cpu.md").read_text()
+    assert "Status: **partial**" in section(md, HEADINGS[0]) and "skipped: only" in section(md, HEADINGS[0])
+    assert "Status: **skipped** (0 s): not in --parts" in section(md, HEADINGS[2])
+    data = section(md, HEADINGS[3])
+    assert "Status: **partial**" in data and "time share spent" in data  # the first figure, then it stopped
+    assert "NOT MEASURED" in section(md, HEADINGS[4])
