@@ -258,14 +258,13 @@ def stage_data(s: Settings, budget: Budget, state: ThroughputState) -> PartResul
     return PartResult("data", status, body=body, reason="; ".join(problems), data=figures)
 
 
-def run_stage(report: Report, key: str, wanted: bool, why_not: str, fn: Callable[[], PartResult]) -> PartResult:
-    res = guarded(key, fn) if wanted else PartResult(key, "skipped", reason=why_not)
+def run_stage(report: Report, budget: Budget, key: str, fn: Callable[[], PartResult]) -> PartResult:
+    """Run part ``key`` if ``--parts`` asks for it, record it and rewrite the results file."""
+    wanted = key in report.settings.parts
+    res = guarded(key, fn) if wanted else PartResult(key, "skipped", reason="not in --parts")
     report.set(res)
-    report.write(f"running: part '{key}' done, {time.perf_counter() - T0:.0f} s in")
+    report.write(f"running: part '{key}' done, {budget.elapsed():.0f} s in")
     return res
-
-
-T0 = time.perf_counter()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -286,12 +285,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="inti_gpu_suite_", dir=s.work_dir))
     job = start_engine(s, work)
     try:
-        thr = run_stage(report, "throughput", "throughput" in s.parts, "not in --parts",
-                        lambda: stage_eager(s, state, budget))
+        thr = run_stage(report, budget, "throughput", lambda: stage_eager(s, state, budget))
         report.set(throughput_results(s, state, thr.seconds)[1] if state.measurements else
                    PartResult("mfu", "skipped", reason="part 1 has no figures"))
-        run_stage(report, "engine", "engine" in s.parts, "not in --parts", lambda: stage_engine(s, budget, job))
-        run_stage(report, "data", "data" in s.parts, "not in --parts", lambda: stage_data(s, budget, state))
+        run_stage(report, budget, "engine", lambda: stage_engine(s, budget, job))
+        run_stage(report, budget, "data", lambda: stage_data(s, budget, state))
         if s.compile and state.measurements:
             res = guarded("compile", lambda: compile_stage(s, state, budget))
             if res.status == "error":
