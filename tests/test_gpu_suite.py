@@ -198,7 +198,7 @@ def test_a_failing_variant_is_recorded_and_does_not_stop_the_others():
     import gpu_suite
     from _gpu_throughput import ThroughputState, Variant, measure_eager, run_eager
 
-    s = gpu_suite.parse_args(["--smoke", "--repeats", "1", "--warmup", "1"])
+    s = gpu_suite.parse_args(["--smoke", "--repeats", "1", "--warmup", "1", "--max-batch", "1"])
     m = measure_eager(s, Variant("naive", compressor="no_such_compressor", layers=(1,)), "inference",
                       time.perf_counter() + 30)
     assert m.note.startswith("error: ") and "no_such_compressor" in m.trace and not m.step_s
