@@ -71,7 +71,8 @@ def device_facts(device: torch.device) -> dict[str, str]:
              "cuda (torch build)": str(torch.version.cuda),
              "cudnn": str(torch.backends.cudnn.version())}
     with contextlib.suppress(Exception):
-        facts["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        nccl = torch.cuda.nccl.version()  # a tuple in recent torch, an int in old ones
+        facts["nccl"] = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
     facts["driver"] = nvidia_driver()
     return facts
 

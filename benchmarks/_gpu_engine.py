@@ -210,6 +210,7 @@ def summarise(data: dict[str, Any], cuda: bool) -> dict[str, Any]:
     if not ref or not ref["history"]:
         return out
     losses = [v for _, v in ref["history"]]
+    out["steps"] = ref["final_step"]
     k = max(2, len(losses) // 6)
     out["loss_first"], out["loss_last"] = sum(losses[:k]) / k, sum(losses[-k:]) / k
     out["loss_window"] = k

@@ -67,7 +67,7 @@ def mfu_targets(s: Settings, state: ThroughputState) -> list[Target]:
 
 def engine_targets(s: Settings, engine: PartResult | None) -> list[Target]:
     e = engine.data if engine else {}
-    steps = s.engine["clips"] // s.engine["batch"] * s.engine["epochs"]
+    steps = e.get("steps", s.engine["clips"] // s.engine["batch"] * s.engine["epochs"])
     fell = e.get("loss_fell")
     out = [judge(s, f"engine run ({steps} steps): the loss falls", fell,
                  f"{fmt(e.get('loss_first'), '.4f')} -> {fmt(e.get('loss_last'), '.4f')}" if fell is not None
@@ -119,7 +119,8 @@ def engine_body(s: Settings, data: dict[str, Any], sm: dict[str, Any]) -> str:
         f"{fmt(data.get('prewarm_s'), '.1f')} s; after go: setup (process group, loaders, model, DeepSpeed "
         f"initialisation) {ref['setup_s']:.1f} s; training "
         f"{ref['fit_s']:.1f} s including checkpoint saves and the adapter export; step time {step_ms} ms (median "
-        f"after the first step) = {fmt(sm.get('clips_per_s'), '.1f')} clips/s",
+        f"after the first step) = {fmt(sm.get('clips_per_s'), '.1f')} clips/s (the recipe's model is tiny: this "
+        "is the engine's and the loader's own cost per step, not a model throughput)",
         f"- **Loss fell: {yes(sm.get('loss_fell'))}** (mean of the first {sm.get('loss_window')} steps "
         f"{fmt(sm.get('loss_first'), '.4f')} -> last {sm.get('loss_window')} steps {fmt(sm.get('loss_last'), '.4f')})",
     ]
