@@ -272,6 +272,26 @@ def time_workload(s: Settings, fn: Callable[[], Any], deadline: float) -> tuple[
 
 
 # -- the two phases -------------------------------------------------------------------------------
+def time_at_largest(work: Workload, m: Measurement, deadline: float) -> Callable[[], Any]:
+    """Time ``m.batch``; if the timed run does not fit after all (fragmentation), halve it once. The step timed."""
+    for attempt in range(2):
+        oom = False
+        fn = work.step(m.batch)
+        try:
+            m.step_s, m.peak_bytes = time_workload(work.s, fn, deadline)
+            return fn
+        except torch.cuda.OutOfMemoryError:
+            if attempt or m.batch == 1:
+                raise
+            oom = True  # freed below, once the traceback is gone
+        if oom:
+            fn = None
+            free_device_memory(work.s.device)
+            m.note += f"; out of memory when timing batch {m.batch}: timed {m.batch // 2}"
+            m.batch //= 2
+    raise AssertionError("unreachable")
+
+
 def measure_eager(s: Settings, variant: Variant, mode: str, deadline: float) -> Measurement:
     m = Measurement(variant.name, mode, compiled=False)
     work = None
@@ -282,8 +302,7 @@ def measure_eager(s: Settings, variant: Variant, mode: str, deadline: float) -> 
             if m.batch is None:
                 m.note = "no batch fits: " + m.note
                 return m
-            fn = work.step(m.batch)
-            m.step_s, m.peak_bytes = time_workload(s, fn, deadline)
+            fn = time_at_largest(work, m, deadline)
             m.sdpa = sdpa_kernels(fn)
     except PartTimeout:
         m.note += ("; " if m.note else "") + "interrupted at its hard time limit"

@@ -252,6 +252,8 @@ def stage_engine(s: Settings, budget: Budget, job: EngineJob | None) -> PartResu
 def stage_data(s: Settings, budget: Budget, state: ThroughputState) -> PartResult:
     from _gpu_data import run_data
 
+    if importlib.util.find_spec("torchvision") is None:
+        return PartResult("data", "skipped", reason="torchvision is not installed (its decode_jpeg is measured)")
     inti = state.find("inti", "training", False)
     body, figures, problems = run_data(s, budget.deadline("data"), inti.clips_per_s if inti else None)
     status = "partial" if problems else "measured"

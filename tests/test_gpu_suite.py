@@ -175,6 +175,28 @@ def test_batch_search_keeps_the_largest_batch_that_fit():
     assert search_batch(Fake(), time.perf_counter() + 30)[0] == 2
 
 
+def test_a_batch_that_does_not_fit_when_timed_is_halved_once():
+    from _gpu_throughput import Measurement, time_at_largest
+
+    class Fake:  # fits batch 4 in the search, but not in the timed run
+        class s:  # noqa: N801
+            device, warmup, repeats = torch.device("cpu"), 1, 2
+
+        def step(self, batch):
+            def run():
+                if batch >= 8:
+                    raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
+            return run
+
+    m = Measurement("naive", "training", False, batch=8, note="search stopped at the batch limit 8")
+    time_at_largest(Fake(), m, time.perf_counter() + 30)
+    assert m.batch == 4 and len(m.step_s) == 2 and m.note.endswith("out of memory when timing batch 8: timed 4")
+    m = Measurement("naive", "training", False, batch=16)
+    Fake.step = lambda self, batch: (lambda: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("fake")))
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # twice in a row: a real problem, reported as an error
+        time_at_largest(Fake(), m, time.perf_counter() + 30)
+
+
 def engine_json(ref_losses, resumed, save_at=2):
     ref = {"history": [[i + 1, v] for i, v in enumerate(ref_losses)], "final_step": len(ref_losses),
            "step_ends": [0.0, 1.0, 1.5, 2.0, 2.5, 3.0], "global_batch": 4}
