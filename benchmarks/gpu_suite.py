@@ -147,7 +147,7 @@ def engine_options(smoke: bool) -> dict[str, object]:
     if smoke:
         return {"clips": 16, "batch": 4, "epochs": 3, "save_at": 6, "lr": 3e-3, "data_workers": 1,
                 "loader_workers": 0}
-    return {"clips": 160, "batch": 16, "epochs": 3, "save_at": 15, "lr": 3e-3,
+    return {"clips": 96, "batch": 16, "epochs": 5, "save_at": 15, "lr": 3e-3,
             "data_workers": min(8, os.cpu_count() or 1), "loader_workers": 2}
 
 
