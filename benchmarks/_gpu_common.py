@@ -78,6 +78,7 @@ def device_facts(device: torch.device) -> dict[str, str]:
 
 
 def nvidia_driver() -> str:
+    """The driver version from ``nvidia-smi`` (torch does not report it)."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return "unknown (no nvidia-smi on PATH)"
@@ -238,6 +239,7 @@ class Report:
         self.results[result.key] = result
 
     def write(self, status: str) -> Path:
+        """Rewrite the whole file: status, setup, every part (or 'not run'), notes."""
         sections = [("Status", status), ("Setup", self.setup)]
         for key, heading in self.headings.items():
             res = self.results.get(key)

@@ -109,6 +109,7 @@ def wait_for_go(path: Path, wait_s: float) -> bool:
 
 
 def worker(argv: list[str] | None = None) -> int:
+    """Entry point under torchrun: prewarm (with ``--go``), then the reference run and the resumed run."""
     p = argparse.ArgumentParser(description="GPU suite part 3 worker (run under torchrun)")
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--work", type=Path, required=True)

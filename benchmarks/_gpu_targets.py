@@ -32,6 +32,7 @@ def judge(s: Settings, goal: str, ok: bool | None, detail: str) -> Target:
 
 
 def throughput_targets(s: Settings, state: ThroughputState) -> list[Target]:
+    """InTI's clips/s against the speed-up its GFLOPs promise, per mode, eager and compiled."""
     out = []
     names = {v.name for v in state.variants}
     for mode in ("training", "inference"):
@@ -52,6 +53,7 @@ def throughput_targets(s: Settings, state: ThroughputState) -> list[Target]:
 
 
 def mfu_targets(s: Settings, state: ThroughputState) -> list[Target]:
+    """Naive's compiled training MFU, and InTI's next to it."""
     naive, inti = state.find("naive", "training", True), state.find("inti", "training", True)
     n = mfu(s, state, naive)[1] if naive else None
     i = mfu(s, state, inti)[1] if inti else None
@@ -66,6 +68,7 @@ def mfu_targets(s: Settings, state: ThroughputState) -> list[Target]:
 
 
 def engine_targets(s: Settings, engine: PartResult | None) -> list[Target]:
+    """The engine run's loss falls; the resume reproduces step and loss."""
     e = engine.data if engine else {}
     steps = e.get("steps", s.engine["clips"] // s.engine["batch"] * s.engine["epochs"])
     fell = e.get("loss_fell")
@@ -85,6 +88,7 @@ def evaluate_targets(s: Settings, state: ThroughputState, engine: PartResult | N
 
 
 def targets_body(s: Settings, targets: list[Target]) -> str:
+    """Part 5: a head line (device, counts) and the table."""
     table = markdown_table(["target", "status", "detail"], [[t.goal, t.status, t.detail] for t in targets], "lll")
     if s.smoke:
         head = ("CPU smoke run: the targets are for an H100/H200 and are **not applicable**; the details show that "

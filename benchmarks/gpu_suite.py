@@ -80,6 +80,7 @@ ALL_PARTS = ("throughput", "engine", "data", "compile")
 
 # -- settings -------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None) -> Settings:
+    """Command line -> :class:`Settings` (full run on CUDA, or ``--smoke`` on the CPU)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU, every part, < 1 minute (CI)")
     p.add_argument("--device", default=None, help="cuda (default) or cpu (default with --smoke)")
@@ -114,6 +115,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
 
 
 def build_settings(a: argparse.Namespace, device: torch.device, parts: tuple[str, ...]) -> Settings:
+    """The full run's ViT-B/16 setup, or the smoke run's tiny one, with the options applied."""
     from inti_adapters.temporal import UNIFORMERV2_B
 
     smoke, name = a.smoke, device_name(device)
@@ -162,6 +164,7 @@ def data_options(smoke: bool) -> dict[str, object]:
 
 
 def setup_text(s: Settings) -> str:
+    """The 'Setup' section: what is measured and how."""
     kind = "CPU smoke run of the suite's code path: tiny model, figures are NOT GPU figures" if s.smoke else \
         f"{device_name(s.device)}"
     return (f"{kind}. Model: {s.backbone} (random init, {s.model_kwargs or 'default size'}), clips 3 x {s.frames} "
@@ -195,6 +198,7 @@ def guarded(key: str, fn: Callable[[], PartResult]) -> PartResult:
 
 
 def throughput_results(s: Settings, state: ThroughputState, seconds: float) -> tuple[PartResult, PartResult]:
+    """Parts 1 and 2 rendered from what is measured so far."""
     measured = [m for m in state.measurements if m.clips_per_s]
     wanted = [m for m in state.measurements if not (m.compiled and m.note.startswith("skipped"))]
     errors = [m for m in state.measurements if m.note.startswith("error")]
@@ -232,6 +236,7 @@ def start_engine(s: Settings, work: Path) -> EngineJob | None:
 
 
 def stage_engine(s: Settings, budget: Budget, job: EngineJob | None) -> PartResult:
+    """Part 3: let the prewarmed worker train and resume, within the engine stage's time."""
     if job is None:
         return PartResult("engine", "skipped", reason="deepspeed is not installed (pip install deepspeed)")
     left = budget.left("engine")
@@ -250,6 +255,7 @@ def stage_engine(s: Settings, budget: Budget, job: EngineJob | None) -> PartResu
 
 
 def stage_data(s: Settings, budget: Budget, state: ThroughputState) -> PartResult:
+    """Part 4, with part 1's eager InTI training clips/s as the rate to feed."""
     from _gpu_data import run_data
 
     if importlib.util.find_spec("torchvision") is None:
@@ -270,6 +276,7 @@ def run_stage(report: Report, budget: Budget, key: str, fn: Callable[[], PartRes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the stages, rewriting the results file after each; 1 if a part failed."""
     s = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # killed from outside: still clean up below
     faulthandler.dump_traceback_later(s.budget_s + 300, exit=True)  # a hung NCCL / decoder must not hang the run
