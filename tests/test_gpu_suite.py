@@ -29,6 +29,7 @@ HEADINGS = ("1. Throughput, latency and memory", "2. Model FLOP utilisation", "3
 # -- the smoke run --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> tuple[str, float]:
+    """Run ``gpu_suite.py --smoke`` once for the module: ``(the results markdown, wall seconds)``."""
     out = tmp_path_factory.mktemp("gpu_suite")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT")}
@@ -259,3 +260,16 @@ def test_a_budget_too_small_still_writes_every_part_with_a_reason(tmp_path):
     data = section(md, HEADINGS[3])
     assert "Status: **partial**" in data and "time share spent" in data  # the first figure, then it stopped
     assert "NOT MEASURED" in section(md, HEADINGS[4])
+
+
+def test_a_tome_budget_that_cannot_be_met_drops_tome_with_a_note():
+    import dataclasses
+
+    import gpu_suite
+    from _gpu_throughput import plan_variants
+
+    # 2 x 2 patches per frame and InTI right after the first block: no r is small enough for ToMe
+    s = dataclasses.replace(gpu_suite.parse_args(["--smoke", "--size", "16"]), layers=(0,))
+    state = plan_variants(s)
+    assert [v.name for v in state.variants] == ["naive", "inti", "inti_uniformerv2"]
+    assert state.notes[-1].startswith("ToMe not measured: no r reaches")
