@@ -356,6 +356,7 @@ def run_eager(s: Settings, state: ThroughputState, deadline: float, min_start_s:
         left = seconds_left(deadline)
         if left < min_start_s:
             state.measurements.append(Measurement(v.name, mode, False, note=f"skipped: only {left:.0f} s left"))
+            log(f"eager {v.name}/{mode}: skipped, only {left:.0f} s left")
             continue
         log(f"eager {v.name}/{mode}: searching the batch and timing ({left / (len(todo) - i):.0f} s share)")
         m = measure_eager(s, v, mode, time_deadline(left / (len(todo) - i)))
