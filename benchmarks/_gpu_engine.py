@@ -235,4 +235,7 @@ def summarise(data: dict[str, Any], cuda: bool) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    raise SystemExit(worker())
+    code = worker()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # the JSON is written; skip the slow interpreter teardown (torch, DeepSpeed, peft)
