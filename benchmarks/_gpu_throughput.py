@@ -150,7 +150,7 @@ def plan_variants(s: Settings) -> ThroughputState:
 
 def match_tome(tome: Variant, target: float, meta_backbone: nn.Module, video: torch.Tensor) -> str:
     """Set ToMe's ``r`` (``r_for_budget``, or one less if closer) and GFLOPs to match ``target``; a note."""
-    from inti_adapters.compressors.tome import r_for_budget
+    from inti_adapters.planning import r_for_budget
 
     r = r_for_budget(meta_backbone, video, list(tome.layers), target)
     best: tuple[int, float] | None = None
