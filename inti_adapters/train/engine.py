@@ -395,9 +395,12 @@ class Trainer:
         self._corrupt_at_epoch_start = self._corrupt_count()
         if first.micro and not first.replay:
             loader.skip_batches(first.micro)  # skipped samples are not decoded
-        it = iter(loader)
-        for _ in range(first.micro if first.replay else 0):
-            next(it, None)  # decoded and dropped: corrupt samples shift the batches as they did before
+        # torch's DataLoader draws its base seed from the global RNG when an iterator is made: keep that draw
+        # (and any reading) off the training RNG, which a resume restores as it was after the previous step
+        with torch.random.fork_rng(devices=[]):
+            it = iter(loader)
+            for _ in range(first.micro if first.replay else 0):
+                next(it, None)  # decoded and dropped: corrupt samples shift the batches as they did before
         return it
 
     def _train_epoch(self, epoch: int, step: int, first: _Position,
