@@ -72,6 +72,20 @@ class Recording(Trainer):
         return line
 
 
+class CrashAt(Trainer):
+    """Dies right after optimizer step 5, like a killed job (no final save)."""
+
+    summaries_seen = 0
+
+    def _epoch_summary(self, *args, **kwargs):
+        self.summaries_seen += 1
+        return super()._epoch_summary(*args, **kwargs)
+
+    def on_step_end(self, step: int, loss: float) -> None:
+        if step == 5:
+            raise Crash(f"killed after step {step}")
+
+
 def params(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
 
@@ -218,6 +232,32 @@ def test_crash_windows_of_saving_and_export(window, resumed_step, reference, tmp
     assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_")) == ["step_00000008"]
 
 
+class DrawsFromTheRNG(SyntheticVideoLoader):
+    """Like torch's DataLoader, takes a seed from the global RNG whenever an iteration starts."""
+
+    def __iter__(self):
+        torch.empty((), dtype=torch.int64).random_()
+        return super().__iter__()
+
+
+def drawing_factory(train, rank, world_size, epoch):
+    return DrawsFromTheRNG(num_samples=16 if train else 6, num_classes=4, num_frames=4, size=32, batch_size=2,
+                           train=train, rank=rank, world_size=world_size, num_views=2, epoch=epoch)
+
+
+def test_evaluation_and_loader_seeds_leave_the_training_rng_alone(reference, tmp_path):
+    """Evaluating every epoch, and loaders that draw seeds, give the weights of the run without evaluation:
+    a resume (which evaluates or not depending on where it starts) then stays exact."""
+    cfg = make_cfg(tmp_path, "train.save_every=3", "train.eval_every_epochs=1")
+    killed = CrashAt(cfg, loader_factory=drawing_factory)
+    with pytest.raises(Crash):
+        killed.fit()
+    assert killed.summaries_seen == 1 and CheckpointManager(tmp_path / "checkpoints", rank=0).latest() == "step_00000003"
+    resumed = Trainer(cfg, loader_factory=drawing_factory)
+    assert resumed.fit().eval is not None
+    assert_same_params(params(resumed), reference["params"])
+
+
 # -- tampered checkpoints -------------------------------------------------------------------------------
 class Payload:
     """Runs a shell command when unpickled."""
@@ -305,12 +345,6 @@ def _shards(folder: Path, count: int, corrupt: int) -> list[str]:
     return [str(path)]
 
 
-class CrashAt(Trainer):
-    crash_at = 5
-
-    def on_step_end(self, step: int, loss: float) -> None:
-        if step == self.crash_at:
-            raise Crash(f"killed after step {step}")
 
 
 def test_resume_is_exact_when_a_corrupt_sample_lies_in_the_skipped_batches(tmp_path):

@@ -284,9 +284,10 @@ class Trainer:
         loader = self.loader_factory(False, self.dist.rank, self.dist.world_size, 0)
         if loader is None:
             return None
-        return evaluate(self.engine, loader, device=self.engine.device, mean_std=self.mean_std, dtype=self.dtype,
-                        clips_per_forward=self.cfg.eval.clips_per_forward, max_batches=self.cfg.eval.max_batches,
-                        lockstep=self.zero_stage == 3)
+        with torch.random.fork_rng(devices=[]):  # off the training RNG (a DataLoader draws a seed from it)
+            return evaluate(self.engine, loader, device=self.engine.device, mean_std=self.mean_std, dtype=self.dtype,
+                            clips_per_forward=self.cfg.eval.clips_per_forward,
+                            max_batches=self.cfg.eval.max_batches, lockstep=self.zero_stage == 3)
 
     def _resume(self) -> _Position:
         """Load the checkpoint ``train.resume`` points to (after comparing its recipe with this run's)."""
