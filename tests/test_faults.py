@@ -380,7 +380,7 @@ def test_recipe_comparison_sorts_every_kind_of_change():
 
 
 @pytest.mark.parametrize("change, key", [("model.layers=[1]", "model.layers"), ("train.zero_stage=3", "zero_stage"),
-                                         ("data.num_frames=8", "num_frames")])
+                                         ("data.num_frames=8", "num_frames"), ("model.num_classes=5", "num_classes")])
 def test_resume_refuses_a_recipe_that_changes_the_model_or_data_shape(killed, tmp_path, change, key):
     out = copy_run(killed, tmp_path / "run")
     trainer = Trainer(make_cfg(out, "train.save_every=3", change), loader_factory=factory)

@@ -336,9 +336,9 @@ def help_text() -> str:
 # -- resuming with another recipe ---------------------------------------------------------------
 # What a resume does with a ``section.key`` whose value differs from the checkpoint's recipe; the first
 # matching entry wins ("model." matches every model key).
-NOT_COMPARED = ("model.grad_checkpointing", "train.output_dir", "train.resume", "train.save_every", "train.keep_last",
+NOT_COMPARED = ("model.grad_checkpointing", "model.num_classes", "train.output_dir", "train.resume", "train.save_every", "train.keep_last",
                 "train.log_every", "train.eval_every_epochs", "train.backend", "train.progress", "train.tensorboard",
-                "eval.")  # how the run is operated, not what it computes
+                "eval.")  # how the run is operated, not what it computes (the class count is compared resolved)
 KEPT_FROM_CHECKPOINT = ("optim.", "train.seed", "model.pretrained", "model.checkpoint")  # restored state wins
 REFUSED_ON_RESUME = ("model.", "train.zero_stage", "train.bf16")  # the weights / optimizer state would not fit
 
@@ -366,8 +366,9 @@ class RecipeChanges:
 def compare_recipes(saved: dict[str, Any], current: Config) -> RecipeChanges:
     """Compare a checkpoint's recipe with the one a run resumes with, key by key.
 
-    - ``model.*`` (but ``pretrained``, ``checkpoint``, ``grad_checkpointing``), ``train.zero_stage``,
-      ``train.bf16``: refused (the saved weights or optimizer state do not fit);
+    - ``model.*`` (but ``pretrained``, ``checkpoint``, ``grad_checkpointing`` and ``num_classes``, which
+      the trainer compares as resolved), ``train.zero_stage``, ``train.bf16``: refused (the saved
+      weights or optimizer state do not fit);
     - ``optim.*``, ``train.seed``, ``model.pretrained``, ``model.checkpoint``: the checkpoint's value
       stays in force (the optimizer, its schedule and the RNG are restored), so it is recorded;
     - operational keys (logging, saving, evaluation, paths): taken silently;
