@@ -172,17 +172,11 @@ class InTIModel(nn.Module):
 
     def _check_dtype(self, video: torch.Tensor) -> None:
         """A video of another float dtype than the weights fails deep inside torch: say what is expected."""
-        weight = next((p for p in self.parameters() if p.is_floating_point()), None)
-        if weight is None or video.dtype == weight.dtype:
-            return
-        kind = video.device.type
-        if torch.is_autocast_enabled(kind) and video.dtype in (torch.float32, torch.get_autocast_dtype(kind)):
-            return  # autocast casts the operands itself
-        raise TypeError(
-            f"the model's weights are {weight.dtype} but the video is {video.dtype}: convert it with "
-            f"video.to({weight.dtype}) (or normalize_video(..., dtype={weight.dtype})), or run mixed precision "
-            "under torch.autocast"
-        )
+        w = next((p.dtype for p in self.parameters() if p.is_floating_point()), video.dtype)
+        kind = video.device.type  # under autocast, float32 and the autocast dtype are cast by torch itself
+        if video.dtype != w and not (torch.is_autocast_enabled(kind) and video.dtype in (torch.float32, torch.get_autocast_dtype(kind))):
+            raise TypeError(f"the model's weights are {w} but the video is {video.dtype}: convert it with video.to({w}) "
+                            f"(or normalize_video(..., dtype={w})), or run mixed precision under torch.autocast")
 
     def _check_alive(self) -> None:
         if self._unloaded:
