@@ -153,6 +153,7 @@ class InTIModel(nn.Module):
                 f"expected a float video (normalised frames), got dtype {video.dtype}. Convert uint8 clips "
                 "on the device with inti_adapters.normalize_video(video, 'clip') (or your own mean/std)."
             )
+        self._check_dtype(video)
         b = video.shape[0]
         c, t = (video.shape[1], video.shape[2]) if layout == "NCTHW" else (video.shape[2], video.shape[1])
         if c != self._host.in_chans:
@@ -168,6 +169,14 @@ class InTIModel(nn.Module):
         self._host.check_image_size(*video.shape[3:])
         frames = video.transpose(1, 2) if layout == "NCTHW" else video
         return frames.reshape(b * t, c, *video.shape[3:]), b, t
+
+    def _check_dtype(self, video: torch.Tensor) -> None:
+        """A video of another float dtype than the weights fails deep inside torch: say what is expected."""
+        w = next((p.dtype for p in self.parameters() if p.is_floating_point()), video.dtype)
+        kind = video.device.type  # under autocast, float32 and the autocast dtype are cast by torch itself
+        if video.dtype != w and not (torch.is_autocast_enabled(kind) and video.dtype in (torch.float32, torch.get_autocast_dtype(kind))):
+            raise TypeError(f"the model's weights are {w} but the video is {video.dtype}: convert it with video.to({w}) "
+                            f"(or normalize_video(..., dtype={w})), or run mixed precision under torch.autocast")
 
     def _check_alive(self) -> None:
         if self._unloaded:

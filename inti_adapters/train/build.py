@@ -72,11 +72,14 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike, head_nam
     host: Host = resolve_host(backbone)
     if head_names is None:
         head_names = tuple(host.head_module_names())
+    own = backbone.state_dict()
     try:
         sd = host.filter_checkpoint(sd)
     except (RuntimeError, ValueError, KeyError) as e:  # e.g. a position table that cannot be resampled
-        raise ValueError(f"{path}: cannot convert the checkpoint for {type(backbone).__name__}: {e}") from None
-    own = backbone.state_dict()
+        differ = [f"{k} {tuple(v.shape)} (the model expects {tuple(own[k].shape)})" for k, v in sd.items()
+                  if k in own and v.shape != own[k].shape]
+        hint = f"; tensors of another shape than the model's: {', '.join(differ[:4])}" if differ else ""
+        raise ValueError(f"{path}: cannot convert the checkpoint for {type(backbone).__name__}: {e}{hint}") from None
     is_head = tuple(f"{h}." for h in head_names)
     if not any(k in own for k in sd):
         raise ValueError(f"no tensor of {path} matches {type(backbone).__name__}: the file has e.g. "

@@ -3,18 +3,29 @@
 Layout under ``<output_dir>/checkpoints``::
 
     step_00000400/          DeepSpeed's files for that step (model, optimizer shards, scheduler,
-                            client state) + rng_rank{r}.pt per rank
+                            client state) + rng_rank{r}.pt per rank + run.json (the recipe, what it
+                            resolved to, notes on recipe changes at earlier resumes)
     last_good               name of the newest *complete* checkpoint
 
 DeepSpeed's own ``latest`` file is not written. ``last_good`` is replaced atomically only
 after every rank finished writing, so a crash in the middle of a save leaves the previous
 checkpoint as the one a resume picks up.
+
+Loading never unpickles arbitrary objects: every ``.pt`` file of the checkpoint is first checked
+for pickled globals outside an allow-list (tensors, plain containers and the few DeepSpeed
+objects its own files hold, :data:`DEEPSPEED_SAFE_GLOBALS`), then DeepSpeed reads its files
+through ``torch.load(weights_only=True)`` under the same allow-list. Anything else (a tampered
+file whose ``__reduce__`` would run a command) is refused with :class:`UnsafeCheckpointError`
+naming the file and the offending global, before any of it is executed.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -33,7 +44,16 @@ from .distributed import barrier
 logger = logging.getLogger(__name__)
 
 POINTER = "last_good"
+META = "run.json"
 _TAG = re.compile(r"^step_(\d{8,})$")
+# the non-plain objects DeepSpeed 0.19 pickles into its checkpoint files (ZeRO 0-3, fp16/bf16), found by
+# saving checkpoints and listing what torch.load(weights_only=True) refuses; (module, name) pairs
+DEEPSPEED_SAFE_GLOBALS = (
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+)
 
 
 def tag_for(step: int) -> str:
@@ -64,6 +84,75 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# -- loading without arbitrary unpickling ----------------------------------------------------------
+class CheckpointError(RuntimeError):
+    """A training checkpoint that cannot be read or trusted."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file holds pickled objects that a checkpoint written by ``inti-train`` never holds."""
+
+
+def _safe_globals() -> list[Any]:
+    out = []
+    for module, name in DEEPSPEED_SAFE_GLOBALS:
+        try:
+            out.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # another DeepSpeed version: fewer objects allowed
+            continue
+    return out
+
+
+def _refuse(path: Path, offending: str) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"refusing to load {path}: it holds pickled objects outside the allow-list ({offending}); a checkpoint "
+        f"written by inti-train holds only tensors, plain values and DeepSpeed's own "
+        f"{', '.join(n for _, n in DEEPSPEED_SAFE_GLOBALS)}. Loading it could run arbitrary code: the file may "
+        f"have been replaced or tampered with. Resume from another checkpoint (train.resume=<checkpoints>/step_...) "
+        f"or start over (train.resume=never)."
+    )
+
+
+def safe_torch_load(path: str | os.PathLike, map_location: Any = None) -> Any:
+    """``torch.load(path, weights_only=True)`` allowing DeepSpeed's own checkpoint objects, nothing else."""
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)|unrecognized function (.+?)(?: which|$)", str(e), re.MULTILINE)
+        raise _refuse(Path(path), next(g for g in found.groups() if g) if found else str(e)[:200]) from None
+
+
+def verify_checkpoint(directory: str | os.PathLike) -> None:
+    """Refuse a checkpoint directory if any ``.pt`` file in it references a global outside the allow-list.
+
+    Reads only the pickle of each file (not the tensor data); files in torch's legacy format are
+    loaded with :func:`safe_torch_load` instead. Raises :class:`UnsafeCheckpointError`.
+    """
+    with torch.serialization.safe_globals(_safe_globals()):
+        for path in sorted(Path(directory).rglob("*.pt")):
+            try:
+                bad = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            except (ValueError, RuntimeError):  # not a zip checkpoint: a weights-only load checks it
+                safe_torch_load(path, map_location="cpu")
+                continue
+            if bad:
+                raise _refuse(path, ", ".join(sorted(bad)))
+
+
+class _WeightsOnlyLoads:
+    """DeepSpeed's checkpoint engine with every ``load`` replaced by :func:`safe_torch_load`."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return safe_torch_load(path, map_location)
+
+
 class CheckpointManager:
     """Save / find / load training checkpoints of a DeepSpeed engine under ``root``."""
 
@@ -80,11 +169,13 @@ class CheckpointManager:
         tag = pointer.read_text().strip()
         return tag if (self.root / tag).is_dir() else None
 
-    def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> str:
-        """Collective: every rank calls it. Returns the tag written."""
+    def save(self, engine: Any, step: int, client_state: dict[str, Any], *, meta: dict[str, Any] | None = None) -> str:
+        """Collective: every rank calls it. ``meta`` (plain values) goes to ``run.json`` (rank 0). Returns the tag."""
         tag = tag_for(step)
         self.root.mkdir(parents=True, exist_ok=True)
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        if meta is not None and self.rank == 0:
+            atomic_write(self.root / tag / META, json.dumps(meta, indent=1) + "\n")
         rng_path = self.root / tag / f"rng_rank{self.rank}.pt"
         atomic_write(rng_path, lambda p: torch.save(rng_state(), p))
         barrier()  # every rank's files are complete before the pointer moves
@@ -100,18 +191,37 @@ class CheckpointManager:
         for tag in complete[: -self.keep_last]:
             shutil.rmtree(self.root / tag, ignore_errors=True)
 
+    def read_meta(self, tag: str) -> dict[str, Any] | None:
+        """The ``run.json`` of a checkpoint, or None for a checkpoint written without one."""
+        path = self.root / tag / META
+        if not path.is_file():
+            return None
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"cannot read {path}: {e}") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("recipe"), dict):
+            raise CheckpointError(f"{path} does not hold a run record (a mapping with a 'recipe')")
+        return meta
+
     def load(self, engine: Any, tag: str | None = None) -> dict[str, Any]:
         """Restore engine (model, optimizer, scheduler) and this rank's RNG; return the client state."""
         tag = tag or self.latest()
         if tag is None:
             raise FileNotFoundError(f"no complete checkpoint under {self.root} (no {POINTER} file)")
-        path, client_state = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
-                                                    load_lr_scheduler_states=True)
+        verify_checkpoint(self.root / tag)  # before DeepSpeed opens anything
+        own = engine.checkpoint_engine
+        engine.checkpoint_engine = _WeightsOnlyLoads(own)
+        try:
+            path, client_state = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
+                                                        load_lr_scheduler_states=True)
+        finally:
+            engine.checkpoint_engine = own
         if path is None or client_state is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root / tag}")
         rng_path = self.root / tag / f"rng_rank{self.rank}.pt"
         if rng_path.is_file():
-            set_rng_state(torch.load(rng_path, weights_only=True))
+            set_rng_state(safe_torch_load(rng_path))
         else:
             logger.warning("no RNG state for rank %d in %s (different world size?); RNG not restored",
                            self.rank, self.root / tag)

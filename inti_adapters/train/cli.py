@@ -23,7 +23,7 @@ from ..serialization import load_pretrained
 from .build import build_model, create_backbone, mean_std_of
 from .config import ConfigError, help_text, load_config
 from .distributed import setup_distributed
-from .engine import Trainer, data_value, real_data
+from .engine import Trainer, data_value, deepspeed_config, real_data
 from .evaluate import evaluate
 from .smoke import smoke_config, smoke_loader_factory
 
@@ -72,6 +72,10 @@ def train_main(argv: list[str] | None = None) -> int:
     if args.print_config:
         import yaml
 
+        try:  # the DeepSpeed JSON is read now, not after the process group started
+            deepspeed_config(cfg.train, int(cfg.data.get("batch_size", 1)), cfg.train.grad_accum)
+        except ConfigError as e:
+            parser.error(str(e))
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
     _setup_logging()

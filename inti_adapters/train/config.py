@@ -23,6 +23,7 @@ import yaml
 
 from .._config import Config as ConfigBase
 from .._config import check_choice, option
+from .._io import atomic_write
 from ..config import InjectConfig
 from ..data import DataConfig, DigitsOptions
 from ..temporal import PRESETS
@@ -262,10 +263,11 @@ class Config(ConfigBase):
         _check_data_sections(kwargs["data"], kwargs["builtin_data"])
         return cls(**kwargs)
 
-    def dump(self, path: str | os.PathLike) -> None:
-        """Write the resolved config as YAML (loadable again with :func:`load_config`)."""
-        with open(path, "w") as f:
-            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+    def dump(self, path: str | os.PathLike, *, notes: list[str] | tuple[str, ...] = ()) -> None:
+        """Write the resolved config as YAML (loadable again with :func:`load_config`), atomically;
+        ``notes`` go above it as ``#`` comment lines (e.g. what a resume changed)."""
+        header = "".join(f"# {line}\n" for note in notes for line in str(note).splitlines())
+        atomic_write(path, header + yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 # -- loading ------------------------------------------------------------------------------------
@@ -299,10 +301,22 @@ def _build_section(name: str, cls: type, values: dict[str, Any]) -> Any:
 
 
 def _check_data_sections(data: dict[str, Any], builtin: dict[str, Any] | None) -> None:
-    """Unknown keys of ``data`` / ``builtin_data``, checked against the data package's configs."""
+    """``data`` / ``builtin_data`` checked by the data package's configs (keys and values), so that a bad
+    value is reported when the recipe is read, not after DeepSpeed started."""
     reject_unknown("data", data, [f.name for f in dataclasses.fields(DataConfig)])
+    base: dict[str, Any] = {}
     if builtin is not None:
         reject_unknown("builtin_data", builtin, ["root", "workers", *(f.name for f in dataclasses.fields(DigitsOptions))])
+        try:
+            options = DigitsOptions(**{k: v for k, v in builtin.items() if k not in ("root", "workers")})
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"builtin_data: {e}") from None
+        # what DigitsDataset.to_data_config puts under the data section's values
+        base = {"num_frames": options.num_frames, "crop_size": options.image_size, "short_side": options.image_size}
+    try:
+        DataConfig(**{**base, **data})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"data: {e}") from None
 
 
 def help_text() -> str:
@@ -317,3 +331,65 @@ def help_text() -> str:
     lines.append("data: fields of inti_adapters.data.DataConfig (train_shards, val_shards, num_frames, ...)")
     lines.append("builtin_data: {root: DIR, ...options of inti_adapters.data.ensure_builtin_dataset}")
     return "\n".join(lines)
+
+
+# -- resuming with another recipe ---------------------------------------------------------------
+# What a resume does with a ``section.key`` whose value differs from the checkpoint's recipe; the first
+# matching entry wins ("model." matches every model key).
+NOT_COMPARED = ("model.grad_checkpointing", "model.num_classes", "train.output_dir", "train.resume", "train.save_every", "train.keep_last",
+                "train.log_every", "train.eval_every_epochs", "train.backend", "train.progress", "train.tensorboard",
+                "eval.")  # how the run is operated, not what it computes (the class count is compared resolved)
+KEPT_FROM_CHECKPOINT = ("optim.", "train.seed", "model.pretrained", "model.checkpoint")  # restored state wins
+REFUSED_ON_RESUME = ("model.", "train.zero_stage", "train.bf16")  # the weights / optimizer state would not fit
+
+
+def _flat(recipe: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for section, values in recipe.items():
+        if isinstance(values, dict):
+            out.update({f"{section}.{k}": v for k, v in values.items()})
+        else:
+            out[section] = values
+    return out
+
+
+@dataclass
+class RecipeChanges:
+    """How a resumed run's recipe differs from its checkpoint's (see :func:`compare_recipes`)."""
+
+    refused: list[str] = field(default_factory=list)  # "key: saved -> now" lines
+    kept: list[str] = field(default_factory=list)
+    applied: list[str] = field(default_factory=list)
+    effective: dict[str, Any] = field(default_factory=dict)  # the recipe the resumed run really follows
+
+
+def compare_recipes(saved: dict[str, Any], current: Config) -> RecipeChanges:
+    """Compare a checkpoint's recipe with the one a run resumes with, key by key.
+
+    - ``model.*`` (but ``pretrained``, ``checkpoint``, ``grad_checkpointing`` and ``num_classes``, which
+      the trainer compares as resolved), ``train.zero_stage``, ``train.bf16``: refused (the saved
+      weights or optimizer state do not fit);
+    - ``optim.*``, ``train.seed``, ``model.pretrained``, ``model.checkpoint``: the checkpoint's value
+      stays in force (the optimizer, its schedule and the RNG are restored), so it is recorded;
+    - operational keys (logging, saving, evaluation, paths): taken silently;
+    - everything else (data, epochs, clipping, ...): the new value applies from the resumed step on.
+    """
+    old, new = _flat(saved), _flat(current.to_dict())
+    changes = RecipeChanges(effective=current.to_dict())
+    for key in sorted(set(old) | set(new)):
+        before, now = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if before == now or key.startswith(NOT_COMPARED):
+            continue
+        line = f"{key}: {before!r} in the checkpoint, {now!r} now"
+        if key.startswith(KEPT_FROM_CHECKPOINT):
+            changes.kept.append(line)
+            section, name = key.split(".", 1)
+            if before == "<unset>":
+                changes.effective[section].pop(name, None)
+            else:
+                changes.effective[section][name] = before
+        elif key.startswith(REFUSED_ON_RESUME):
+            changes.refused.append(line)
+        else:
+            changes.applied.append(line)
+    return changes

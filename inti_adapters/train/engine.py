@@ -27,7 +27,7 @@ from ..data import DataConfig, build_dataloader, ensure_builtin_dataset
 from ..video import normalize_video
 from .build import build_model
 from .checkpoint import CheckpointManager, export_adapter, resolve_resume
-from .config import Config, ConfigError, TrainLoopConfig
+from .config import Config, ConfigError, TrainLoopConfig, compare_recipes
 from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, setup_distributed
 from .evaluate import EvalResult, evaluate
 from .metrics import MetricsLogger
@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 # (train, rank, world_size, epoch) -> loader with set_epoch() and skip_batches(); None = no such split
 LoaderFactory = Callable[[bool, int, int, int], Any]
+_FIXED_FACTS = ("num_classes", "num_frames", "crop_size")  # a resume that changes them is refused
 _RESERVED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                      "gradient_clipping")
 
@@ -48,7 +49,18 @@ def deepspeed_config(train: TrainLoopConfig, micro_batch: int, grad_accum: int) 
         path = Path(train.deepspeed_config)
         if not path.is_file():
             raise ConfigError(f"train.deepspeed_config: no such file {path}")
-        ds = json.loads(path.read_text())
+        try:
+            ds = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"train.deepspeed_config: {path} is not valid JSON: {e.msg} at line {e.lineno}, "
+                              f"column {e.colno}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"train.deepspeed_config: cannot read {path}: {e}") from None
+        if not isinstance(ds, dict):
+            raise ConfigError(f"train.deepspeed_config: {path} must hold a JSON object, got {type(ds).__name__}")
+    if isinstance(ds.get("checkpoint"), dict) and ds["checkpoint"].get("load_universal"):
+        raise ConfigError(f"{train.deepspeed_config} sets checkpoint.load_universal: DeepSpeed reads universal "
+                          "checkpoints with unrestricted unpickling, which resume refuses; remove it")
     for key in _RESERVED_DS_KEYS:
         if ds.get(key, "auto") != "auto":
             raise ConfigError(f"{train.deepspeed_config} sets {key}={ds[key]!r}; batch sizes and clipping come "
@@ -125,6 +137,19 @@ def data_value(cfg: Config, data_cfg: Any, name: str, *default: Any) -> Any:
 
 
 @dataclass
+class _Position:
+    """Where a run (re)starts, and what its first epoch had done before the checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    micro: int = 0  # micro-batches of the epoch already trained on
+    resumed: bool = False
+    replay: bool = False  # read (decode) those micro-batches instead of skipping them undecoded
+    loss_sum: float = 0.0  # the epoch's summed step losses before the checkpoint (all ranks, on rank 0)
+    steps: int = 0
+
+
+@dataclass
 class TrainResult:
     """What a finished (or interrupted and returned) run reports."""
 
@@ -170,6 +195,8 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.out_dir = Path(cfg.train.output_dir).expanduser()
         self.engine: Any = None
+        self._notes: list[str] = []  # what resumes changed in the recipe (recorded with the config)
+        self._corrupt_at_epoch_start = 0
 
     def _data_value(self, name: str, *default: Any) -> Any:
         return data_value(self.cfg, self._data_cfg, name, *default)
@@ -229,36 +256,91 @@ class Trainer:
     def _current_lr(self) -> float:
         return max(g["lr"] for g in self.optimizer.param_groups)
 
-    def _save(self, step: int, epoch: int, micro: int) -> None:
+    def _corrupt_count(self) -> int:
+        """Samples the train loader skipped as undecodable so far (loaders that do not count: 0)."""
+        return int(getattr(self.train_loader, "corrupt_skipped", 0) or 0)
+
+    def _facts(self) -> dict[str, Any]:
+        """What the recipe resolved to in this run (compared on resume)."""
+        return {"num_classes": self.num_classes, "num_frames": self._data_value("num_frames", None),
+                "crop_size": self._data_value("crop_size", None), "global_batch": self.global_batch,
+                "micro_batch": self.micro_batch, "world_size": self.dist.world_size}
+
+    def _save(self, step: int, epoch: int, micro: int, loss_sum: float = 0.0, steps: int = 0) -> None:
+        """Collective. Also records the epoch's loss so far and whether corrupt samples were skipped in it."""
         per_epoch = self.steps_per_epoch * self.grad_accum
+        corrupt = self._corrupt_count() - self._corrupt_at_epoch_start
+        loss_sum, steps, corrupt = all_reduce_sum([loss_sum, steps, corrupt])
         if micro >= per_epoch:  # the epoch is complete: resume at the start of the next one
-            epoch, micro = epoch + 1, 0
-        self.ckpt.save(self.engine, step, {"step": step, "epoch": epoch, "micro_in_epoch": micro,
-                                           "global_batch": self.global_batch, "world_size": self.dist.world_size})
+            epoch, micro, loss_sum, steps, corrupt = epoch + 1, 0, 0.0, 0, 0
+        state = {"step": step, "epoch": epoch, "micro_in_epoch": micro, "global_batch": self.global_batch,
+                 "world_size": self.dist.world_size, "micro_batch": self.micro_batch, "epoch_loss_sum": loss_sum,
+                 "epoch_steps": int(steps), "corrupt_in_epoch": int(corrupt)}
+        meta = {"step": step, "recipe": self.cfg.to_dict(), "facts": self._facts(), "notes": self._notes}
+        self.ckpt.save(self.engine, step, state, meta=meta)
         self._last_saved = step
 
     def _evaluate(self) -> EvalResult | None:
         loader = self.loader_factory(False, self.dist.rank, self.dist.world_size, 0)
         if loader is None:
             return None
-        return evaluate(self.engine, loader, device=self.engine.device, mean_std=self.mean_std, dtype=self.dtype,
-                        clips_per_forward=self.cfg.eval.clips_per_forward, max_batches=self.cfg.eval.max_batches,
-                        lockstep=self.zero_stage == 3)
+        with torch.random.fork_rng(devices=[]):  # off the training RNG (a DataLoader draws a seed from it)
+            return evaluate(self.engine, loader, device=self.engine.device, mean_std=self.mean_std, dtype=self.dtype,
+                            clips_per_forward=self.cfg.eval.clips_per_forward,
+                            max_batches=self.cfg.eval.max_batches, lockstep=self.zero_stage == 3)
 
-    def _resume(self) -> tuple[int, int, int, bool]:
-        """Load the checkpoint ``train.resume`` points to: ``(step, epoch, micro-batch in epoch, resumed)``."""
+    def _resume(self) -> _Position:
+        """Load the checkpoint ``train.resume`` points to (after comparing its recipe with this run's)."""
         found = resolve_resume(self.cfg.train.resume, self.out_dir / "checkpoints")
         if found is None:
-            return 0, 0, 0, False
+            return _Position()
         root, tag = found
-        state = CheckpointManager(root, rank=self.dist.rank).load(self.engine, tag)
+        manager = CheckpointManager(root, rank=self.dist.rank)
+        self._reconcile_recipe(manager.read_meta(tag), root / tag)
+        state = manager.load(self.engine, tag)
         if state.get("global_batch") != self.global_batch:
-            raise ValueError(f"checkpoint {root / tag} was written with global batch {state.get('global_batch')}, "
-                             f"this run has {self.global_batch}: the data position would not match")
+            raise ConfigError(f"checkpoint {root / tag} was written with global batch {state.get('global_batch')}, "
+                              f"this run has {self.global_batch}: the data position would not match")
+        micro, old = state["micro_in_epoch"], (state.get("micro_batch", self.micro_batch), state.get("world_size"))
+        if old[1] is not None and old != (self.micro_batch, self.dist.world_size):  # same samples per step
+            micro = micro * old[0] * old[1] // (self.micro_batch * self.dist.world_size)
+        pos = _Position(state["step"], state["epoch"], micro, resumed=True,
+                        replay=bool(state.get("corrupt_in_epoch", 0)) and micro > 0,
+                        loss_sum=float(state.get("epoch_loss_sum", 0.0)) if self.dist.is_main else 0.0,
+                        steps=int(state.get("epoch_steps", 0)) if self.dist.is_main else 0)
         if self.dist.is_main:
-            logger.info("resumed from %s: step %d, epoch %d, micro-batch %d", root / tag, state["step"],
-                        state["epoch"], state["micro_in_epoch"])
-        return state["step"], state["epoch"], state["micro_in_epoch"], True
+            logger.info("resumed from %s: step %d, epoch %d, micro-batch %d", root / tag, pos.step, pos.epoch, micro)
+            if pos.replay:
+                logger.info("corrupt samples were skipped in this epoch before the checkpoint: re-reading its first "
+                            "%d micro-batches (decoded, not trained on) so that the next batches are exact", micro)
+        return pos
+
+    def _reconcile_recipe(self, meta: dict[str, Any] | None, where: Path) -> None:
+        """Refuse a resume whose recipe changes the model or the data shape; keep or apply the rest (noted)."""
+        if meta is None:
+            if self.dist.is_main:
+                logger.warning("%s has no recipe record (an older checkpoint): the recipe is not compared", where)
+            return
+        changes = compare_recipes(meta["recipe"], self.cfg)
+        saved_facts, facts = meta.get("facts", {}), self._facts()
+        refused = changes.refused + [f"{k} (resolved): {saved_facts[k]!r} in the checkpoint, {v!r} now"
+                                     for k, v in facts.items() if k in _FIXED_FACTS and k in saved_facts
+                                     and saved_facts[k] != v]
+        if refused:
+            raise ConfigError(f"cannot resume from {where} with this recipe; it changes what the checkpoint's weights "
+                              f"and optimizer state belong to: {'; '.join(refused)}. Use the checkpoint's values, "
+                              "or start a new run (train.resume=never or another train.output_dir)")
+        step = meta.get("step", "?")
+        moved = [f"{k} (resolved): {saved_facts[k]!r} in the checkpoint, {v!r} now" for k, v in facts.items()
+                 if k in ("micro_batch", "world_size") and k in saved_facts and saved_facts[k] != v]
+        new = ([f"resumed at step {step}: {c}; the checkpoint's value stays in force (the optimizer, its learning-"
+                "rate schedule and the RNG are restored from it)" for c in changes.kept]
+               + [f"resumed at step {step}: {c}; the new value applies from step {step} on, so the run no longer "
+                  "matches an uninterrupted one" for c in changes.applied + moved])
+        for note in new if self.dist.is_main else ():
+            logger.warning("%s", note)
+        self._notes = list(meta.get("notes", [])) + new
+        self.cfg = Config.from_dict(changes.effective)
 
     def fit(self) -> TrainResult:
         """Train to the end (resuming first when a checkpoint exists); returns the run's summary."""
@@ -266,26 +348,28 @@ class Trainer:
 
         if self.engine is None:
             self.setup()
-        cfg, rank0 = self.cfg, self.dist.is_main
-        step, start_epoch, skip, resumed = self._resume()
+        rank0 = self.dist.is_main
+        start = self._resume()
+        cfg, step = self.cfg, start.step  # the recipe as the resume reconciled it
         self._last_saved = step
         if rank0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            cfg.dump(self.out_dir / "config.yaml")
+            cfg.dump(self.out_dir / "config.yaml", notes=self._notes)
         self._metrics = MetricsLogger(self.out_dir, enabled=rank0, tensorboard=cfg.train.tensorboard,
-                                      resume_step=step if resumed else None)
+                                      resume_step=step if start.resumed else None)
         self._bar = tqdm(total=self.total_steps, initial=step, disable=not (rank0 and cfg.train.progress),
                          desc="train", dynamic_ncols=True)
-        result = TrainResult(step=step, epoch=start_epoch)
+        result = TrainResult(step=step, epoch=start.epoch)
         self.engine.train()
         try:
-            for epoch in range(start_epoch, cfg.train.epochs):
+            for epoch in range(start.epoch, cfg.train.epochs):
                 if step >= self.total_steps:
                     break
                 t0 = time.perf_counter()
-                step, loss_sum, steps = self._train_epoch(epoch, step, skip if epoch == start_epoch else 0, result)
+                first = start if epoch == start.epoch else _Position(step, epoch)
+                step, loss_sum, steps, trained = self._train_epoch(epoch, step, first, result)
                 result.step, result.epoch = step, epoch + 1
-                summary = self._epoch_summary(epoch, loss_sum, steps, time.perf_counter() - t0, step)
+                summary = self._epoch_summary(epoch, loss_sum, steps, trained, time.perf_counter() - t0, step)
                 if cfg.train.eval_every_epochs and (epoch + 1) % cfg.train.eval_every_epochs == 0:
                     ev = self._evaluate()
                     if ev is not None:
@@ -299,22 +383,36 @@ class Trainer:
             result.export_dir = self.out_dir / "final"
             export_adapter(self.engine, result.export_dir)
             if rank0:
-                cfg.dump(result.export_dir / "train_config.yaml")
+                cfg.dump(result.export_dir / "train_config.yaml", notes=self._notes)
         finally:
             self._bar.close()
             self._metrics.close()
         return result
 
-    def _train_epoch(self, epoch: int, step: int, skip: int, result: TrainResult) -> tuple[int, float, int]:
-        """One epoch from micro-batch ``skip`` on; returns ``(step, summed step losses, steps)``."""
-        cfg, device = self.cfg, self.engine.device
-        per_epoch = self.steps_per_epoch * self.grad_accum
+    def _epoch_iterator(self, epoch: int, first: _Position) -> Any:
+        """The train loader's iterator for ``epoch``, positioned after ``first.micro`` micro-batches."""
         loader = self.train_loader
         loader.set_epoch(epoch)
-        if skip:
-            loader.skip_batches(skip)
-        it, micro = iter(loader), skip
-        loss_sum, steps, step_loss, window, t0 = 0.0, 0, 0.0, [0.0, 0], time.perf_counter()
+        self._corrupt_at_epoch_start = self._corrupt_count()
+        if first.micro and not first.replay:
+            loader.skip_batches(first.micro)  # skipped samples are not decoded
+        # torch's DataLoader draws its base seed from the global RNG when an iterator is made: keep that draw
+        # (and any reading) off the training RNG, which a resume restores as it was after the previous step
+        with torch.random.fork_rng(devices=[]):
+            it = iter(loader)
+            for _ in range(first.micro if first.replay else 0):
+                next(it, None)  # decoded and dropped: corrupt samples shift the batches as they did before
+        return it
+
+    def _train_epoch(self, epoch: int, step: int, first: _Position,
+                     result: TrainResult) -> tuple[int, float, int, int]:
+        """One epoch from micro-batch ``first.micro`` on; returns ``(step, summed step losses, steps, steps
+        trained by this call)`` where the sums include the epoch's steps before a resume."""
+        cfg, device = self.cfg, self.engine.device
+        per_epoch = self.steps_per_epoch * self.grad_accum
+        it, micro = self._epoch_iterator(epoch, first), first.micro
+        loss_sum, steps, trained = first.loss_sum, first.steps, 0
+        step_loss, window, t0 = 0.0, [0.0, 0], time.perf_counter()
         while micro < per_epoch and step < self.total_steps:
             batch = next(it, None)
             if all_reduce_max([int(batch is None)])[0]:  # all ranks stop together
@@ -333,7 +431,7 @@ class Trainer:
                 continue  # still accumulating
             step = self.engine.global_steps
             window = [window[0] + step_loss, window[1] + 1]
-            loss_sum, steps = loss_sum + step_loss, steps + 1
+            loss_sum, steps, trained = loss_sum + step_loss, steps + 1, trained + 1
             clips_s = self.global_batch / max(time.perf_counter() - t0, 1e-9)
             self._bar.update(1)
             self._bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", clips_s=f"{clips_s:.1f}")
@@ -343,15 +441,16 @@ class Trainer:
                 self._metrics.log(step, epoch, "train", loss=total / count, lr=lr, clips_per_s=clips_s)
                 window = [0.0, 0]
             if cfg.train.save_every and step % cfg.train.save_every == 0:
-                self._save(step, epoch, micro)
+                self._save(step, epoch, micro, loss_sum, steps)
             self.on_step_end(step, step_loss)
             step_loss, t0 = 0.0, time.perf_counter()
-        return step, loss_sum, steps
+        return step, loss_sum, steps, trained
 
-    def _epoch_summary(self, epoch: int, loss_sum: float, steps: int, seconds: float, step: int) -> str:
+    def _epoch_summary(self, epoch: int, loss_sum: float, steps: int, trained: int, seconds: float, step: int) -> str:
+        """The epoch's line: mean loss over all its steps (before a resume too), throughput of this process."""
         total, count = all_reduce_sum([loss_sum, steps])
         mean = total / max(count, 1)
-        clips = steps * self.global_batch
+        clips = trained * self.global_batch
         return (f"epoch {epoch + 1}/{self.cfg.train.epochs}: step {step}/{self.total_steps}  loss {mean:.4f}  "
                 f"lr {self._current_lr():.3e}  {clips / max(seconds, 1e-9):.1f} clips/s  "
                 f"{_fmt_time(seconds)}")
