@@ -26,6 +26,7 @@ from torch import nn
 from .compressors._base import Compressor, register_compressor
 from .config import InTIConfig
 from .context import TokenLayout
+from .ops import DepthwiseConv3d
 
 
 def pair_frames(x: torch.Tensor, odd_frames: str = "repeat_last") -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +108,7 @@ class InTILayer(Compressor):
         ctx = set(config.contexts)
         self.token_proj = _Proj(2 * dim, h) if "token" in ctx else None
         if "cube" in ctx:
-            self.cube_conv = nn.Conv3d(dim, dim, 3, padding=1, groups=dim)
+            self.cube_conv = DepthwiseConv3d(dim, 3)  # = nn.Conv3d(dim, dim, 3, padding=1, groups=dim)
             self.cube_proj = _Proj(2 * dim, h)
         else:
             self.cube_conv = self.cube_proj = None
@@ -157,8 +158,7 @@ class InTILayer(Compressor):
             )
         p = layout.num_prefix_tokens
         gh, gw = grid
-        vol = x[:, :, p:].permute(0, 3, 1, 2).reshape(b, c, t, gh, gw)
-        vol = self.cube_conv(vol).reshape(b, c, t, gh * gw).permute(0, 2, 3, 1)  # (B, T, HW, C)
+        vol = self.cube_conv(x[:, :, p:].reshape(b, t, gh, gw, c)).reshape(b, t, gh * gw, c)  # (B, T, HW, C)
         ca, cb = pair_frames(vol, self.config.odd_frames)
         f = self.cube_proj(torch.cat([ca, cb], dim=-1))  # (B, T', HW, C')
         if p:
