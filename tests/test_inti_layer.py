@@ -166,19 +166,23 @@ def test_cube_context_needs_a_grid():
     InTILayer(DIM, InTIConfig(contexts=("token", "frame", "global")))(tokens(n=12), TokenLayout(1, 0, None))
 
 
-def test_cube_feature_is_zero_for_prefix_tokens_and_local_in_space():
-    layer = InTILayer(DIM)
+@pytest.mark.parametrize("fusion", ["sep", "add", "cat"])
+def test_cube_feature_is_zero_for_prefix_tokens_and_local_in_space(fusion):
+    layer = InTILayer(DIM, InTIConfig(fusion=fusion))
     perturb(layer)
     x = tokens(n=10)
     f = layer._cube_feature(x, LAYOUT)
-    assert f.shape == (2, 3, 10, DIM)
-    assert torch.count_nonzero(f[:, :, 0]) == 0
+    assert f.shape == (2, 3, 9, DIM)  # the patch tokens only
+    # the prefix token takes a zero cube feature: its fused input is that of a layer without the cube
+    fused = layer._fused({"cube": f}, (2, 3, 10, DIM), LAYOUT.num_prefix_tokens)
+    assert fused.shape[-2] == 10 and torch.count_nonzero(fused[:, :, 0]) == 0
+    torch.testing.assert_close(fused[:, :, 1:], f)
     # a change in one corner patch of frame 0 moves the cube feature only of its 3x3 neighbourhood
     x2 = x.clone()
     x2[:, 0, 1] += 1.0  # patch (0, 0)
-    diff = (layer._cube_feature(x2, LAYOUT) - f).abs().sum((0, 3))  # (T', N)
+    diff = (layer._cube_feature(x2, LAYOUT) - f).abs().sum((0, 3))  # (T', HW)
     changed = {int(i) for i in torch.nonzero(diff[0] > 0).flatten()}
-    assert changed == {1, 2, 4, 5}  # patches (0,0), (0,1), (1,0), (1,1): kernel 3 reaches one step
+    assert changed == {0, 1, 3, 4}  # patches (0,0), (0,1), (1,0), (1,1): kernel 3 reaches one step
     assert torch.count_nonzero(diff[2]) == 0  # frames 4 and 5 are out of the temporal kernel's reach
 
 
