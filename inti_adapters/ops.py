@@ -11,8 +11,9 @@ temporal taps of depth-wise 2-D convolutions of neighbouring frames::
     y[:, t] = bias + sum_i conv2d_dw(x[:, t + i - kt // 2], w[:, :, i])     (zero outside 0..T-1)
 
 Each tap is one depth-wise ``conv2d`` over all ``B * T`` frames at once, on a channels-last view
-of the tokens; the temporal offsets are then shifted adds. A tap with spatial size 1 x 1 is a
-per-channel scale and needs no convolution at all. Why: depth-wise 3-D convolutions have no fast
+of the tokens; the temporal offsets are then shifted adds. (A tap of spatial size 1 x 1 is a
+per-channel scale, but as a 1 x 1 depth-wise ``conv2d`` its weight gradient is a fast per-channel
+reduction, and autocast treats it as it treats ``nn.Conv3d``.) Why: depth-wise 3-D convolutions have no fast
 kernel (CPU: PyTorch's slow reference path, whose backward costs ~15x its forward; CUDA: cuDNN
 has no depth-wise 3-D algorithm), while depth-wise 2-D convolutions in channels-last layout have
 fast ones on both (oneDNN, cuDNN). ``benchmarks/dwconv.py`` measures this against the other
@@ -79,16 +80,10 @@ def depthwise_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     kt, kh, kw = weight.shape[2:]
     mid = kt // 2
     offsets = [s for s in range(-mid, mid + 1) if abs(s) < t]  # taps that reach a frame of the clip
-    if kh == kw == 1:  # per-channel scales: element-wise
-        scale = weight[:, 0, :, 0, 0].to(x.dtype)  # (C, kt)
-        taps = {s: x * scale[:, mid + s] for s in offsets}
-        if bias is not None:
-            taps[0] = taps[0] + bias.to(x.dtype)
-    else:
-        frames = x.reshape(b * t, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-        taps = {s: F.conv2d(frames, weight[:, :, mid + s], bias if s == 0 else None, padding=(kh // 2, kw // 2),
-                            groups=c).permute(0, 2, 3, 1).reshape(b, t, h, w, c)
-                for s in offsets}
+    frames = x.reshape(b * t, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    taps = {s: F.conv2d(frames, weight[:, :, mid + s], bias if s == 0 else None, padding=(kh // 2, kw // 2),
+                        groups=c).permute(0, 2, 3, 1).reshape(b, t, h, w, c)
+            for s in offsets}
     out = taps[0]
     for s in offsets:
         if s:

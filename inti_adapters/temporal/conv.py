@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..context import TokenLayout
+from ..ops import DepthwiseConv3d
 from ._base import TemporalAdapter, register_temporal_adapter
 
 NORMS = ("layer", "batch", "none")
@@ -86,7 +87,8 @@ class ConvBottleneck(TemporalAdapter):
         else:
             self.norm = nn.Identity()
         self.down = nn.Linear(dim, hidden)
-        self.conv = nn.Conv3d(hidden, hidden, kernel, padding=tuple(k // 2 for k in kernel), groups=hidden)
+        # = nn.Conv3d(hidden, hidden, kernel, padding=k // 2, groups=hidden), on channels-last tokens
+        self.conv = DepthwiseConv3d(hidden, kernel)
         nn.init.zeros_(self.conv.bias)
         self.act = nn.GELU() if activation == "gelu" else nn.Identity()
         self.up = nn.Linear(hidden, dim)
@@ -102,9 +104,7 @@ class ConvBottleneck(TemporalAdapter):
         h, w = patch_grid(layout, num_tokens, self.needs_grid, f"{self.registered_name or type(self).__name__} (kernel {self.kernel})")
         z = self.norm(patches.reshape(-1, c)).reshape(b, t, n_p, c)
         z = self.down(z)
-        hidden = z.shape[-1]
-        z = z.permute(0, 3, 1, 2).reshape(b, hidden, t, h, w)
-        z = self.conv(z).reshape(b, hidden, t, n_p).permute(0, 2, 3, 1)
+        z = self.conv(z.reshape(b, t, h, w, z.shape[-1])).reshape(b, t, n_p, z.shape[-1])
         return self.up(self.act(z))
 
     def residual(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:

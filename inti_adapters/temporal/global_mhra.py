@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..context import TokenLayout
+from ..ops import DepthwiseConv3d
 from ._base import GlobalTemporalAdapter, register_temporal_adapter
 from .conv import patch_grid
 
@@ -107,7 +108,7 @@ class GlobalMHRA(GlobalTemporalAdapter):
         )
         k = config.dpe_kernel_size
         self.dpe = nn.ModuleDict(
-            {str(i): nn.Conv3d(dim, dim, k, padding=k // 2, groups=dim) for i in self.blocks}
+            {str(i): DepthwiseConv3d(dim, k) for i in self.blocks}  # = nn.Conv3d(dim, dim, k, padding=k // 2, groups=dim)
         ) if config.dpe else None
         if self.dpe is not None:
             for conv in self.dpe.values():
@@ -134,8 +135,7 @@ class GlobalMHRA(GlobalTemporalAdapter):
         h, w = patch_grid(layout, n, True, "global_mhra's dynamic position embedding (dpe=True)",
                           hint="Pass dpe=False")
         patches = x[:, :, p:]
-        z = patches.permute(0, 3, 1, 2).reshape(b, c, t, h, w)
-        z = self.dpe[str(block)](z).reshape(b, c, t, n - p).permute(0, 2, 3, 1)
+        z = self.dpe[str(block)](patches.reshape(b, t, h, w, c)).reshape(b, t, n - p, c)
         return torch.cat([x[:, :, :p], patches + z.to(x.dtype)], dim=2)
 
     def decode(self, tokens: Sequence[torch.Tensor], layout: TokenLayout) -> torch.Tensor:
