@@ -283,13 +283,17 @@ def test_layer_equals_the_old_formulation_in_float32_and_under_bf16_autocast():
     _check_against_reference(InTILayer(DIM), t, lay, n, dtype=torch.float32, tol=1e-4)
     from inti_reference import reference_forward
 
-    layer = InTILayer(DIM)
-    perturb(layer)
-    x = tokens(t=t, n=n)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = layer(x, lay)
-        y_ref, _ = reference_forward(layer, x, lay)
-    torch.testing.assert_close(y.float(), y_ref.float(), rtol=0.02, atol=0.05)
+    # bf16 autocast: the new formulation is as close to the float32 result as the old one was
+    for seed in range(3):
+        layer = InTILayer(DIM)
+        perturb(layer, seed)
+        x = tokens(t=t, n=n, seed=seed)
+        exact, _ = reference_forward(layer, x, lay)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            new, (old, _) = layer(x, lay), reference_forward(layer, x, lay)
+        err_new, err_old = (new.float() - exact).abs(), (old.float() - exact).abs()
+        assert err_new.mean() <= 1.5 * err_old.mean() + 1e-3, (err_new.mean(), err_old.mean())
+        assert err_new.max() <= 2 * err_old.max() + 0.02, (err_new.max(), err_old.max())
 
 
 def test_saved_cube_conv3d_weights_load():
