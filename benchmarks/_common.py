@@ -33,13 +33,17 @@ def synchronize(device: str | torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_once(fn: Callable[[], Any], device: str | torch.device = "cpu") -> float:
-    """Seconds one call of ``fn`` takes, with the device synchronised before and after."""
+def time_once(fn: Callable[[], Any], device: str | torch.device = "cpu",
+              clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds one call of ``fn`` takes, with the device synchronised before and after.
+
+    ``clock=time.thread_time`` counts this thread's CPU time instead of wall time (CPU work only).
+    """
     synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def interleaved_timings(
@@ -49,12 +53,14 @@ def interleaved_timings(
     warmup: int = 1,
     device: str | torch.device = "cpu",
     progress: Callable[[str], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Time every function ``repeats`` times, round-robin over the functions for each repeat.
 
     Interleaving spreads slow drifts of the machine (other processes, clocks, caches) over all
     variants instead of charging them to whichever ran last. Each round starts at a different
     function, so none always follows the same one. ``warmup`` untimed rounds come first.
+    ``clock`` as in :func:`time_once`.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
@@ -69,7 +75,7 @@ def interleaved_timings(
     for r in range(repeats):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            out[name].append(time_once(fns[name], device))
+            out[name].append(time_once(fns[name], device, clock))
         if progress:
             progress(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{n} {out[n][-1]:.3f}s" for n in names))
     return out

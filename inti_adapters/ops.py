@@ -5,19 +5,22 @@ names, shapes and default initialisation, so state dicts load both ways) compute
 ``(B, T, H, W, C)`` layout that tokens already have, without a permute to ``(B, C, T, H, W)``
 and back.
 
-Formulation. A depth-wise kernel ``w`` of size ``(kt, kh, kw)`` is a sum over its ``kt``
-temporal taps of depth-wise 2-D convolutions of neighbouring frames::
+Two formulations, both without a permute to ``(B, C, T, H, W)`` and back (``benchmarks/dwconv.py``
+measures them against ``nn.Conv3d``, with and without ``channels_last_3d`` input, and others):
 
-    y[:, t] = bias + sum_i conv2d_dw(x[:, t + i - kt // 2], w[:, :, i])     (zero outside 0..T-1)
+- ``taps`` (default off the CPU). A depth-wise kernel ``w`` of size ``(kt, kh, kw)`` is a sum over
+  its ``kt`` temporal taps of depth-wise 2-D convolutions of neighbouring frames::
 
-Each tap is one depth-wise ``conv2d`` over all ``B * T`` frames at once, on a channels-last view
-of the tokens; the temporal offsets are then shifted adds. (A tap of spatial size 1 x 1 is a
-per-channel scale, but as a 1 x 1 depth-wise ``conv2d`` its weight gradient is a fast per-channel
-reduction, and autocast treats it as it treats ``nn.Conv3d``.) Why: depth-wise 3-D convolutions have no fast
-kernel (CPU: PyTorch's slow reference path, whose backward costs ~15x its forward; CUDA: cuDNN
-has no depth-wise 3-D algorithm), while depth-wise 2-D convolutions in channels-last layout have
-fast ones on both (oneDNN, cuDNN). ``benchmarks/dwconv.py`` measures this against the other
-formulations (``nn.Conv3d``, also with ``channels_last_3d`` input, and 27 shifted slices).
+      y[:, t] = bias + sum_i conv2d_dw(x[:, t + i - kt // 2], w[:, :, i])     (zero outside 0..T-1)
+
+  Each tap is one depth-wise ``conv2d`` over all ``B * T`` frames at once, on a channels-last
+  view of the tokens; the temporal offsets are shifted adds. Depth-wise 2-D convolutions in
+  channels-last layout have fast kernels everywhere (cuDNN, oneDNN), depth-wise 3-D ones do not
+  (cuDNN has no depth-wise 3-D algorithm; PyTorch's fallback is slow, its backward most of all).
+- ``conv3d`` (default on the CPU). oneDNN does have a fast depth-wise 3-D *forward*: it runs on
+  the channels-last-3d view of the tokens, and a hand-written backward avoids PyTorch's slow one:
+  the input gradient is the same convolution with the flipped kernel, the weight gradient one
+  depth-wise 2-D weight gradient per temporal tap (input frames shifted by the tap).
 
 Example:
     >>> import torch
@@ -36,10 +39,12 @@ Example:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 def _kernel3(kernel_size: int | tuple[int, int, int]) -> tuple[int, int, int]:
@@ -50,7 +55,7 @@ def _kernel3(kernel_size: int | tuple[int, int, int]) -> tuple[int, int, int]:
 
 
 def _shift_frames(y: torch.Tensor, s: int) -> torch.Tensor:
-    """``out[:, t] = y[:, t + s]``, zero where ``t + s`` is outside the clip (``|s| < T``)."""
+    """``out[:, t] = y[:, t + s]``, zero where ``t + s`` is outside the clip (``|s| < T``); differentiable."""
     t = y.shape[1]
     pad = [0] * (2 * (y.dim() - 2))  # no padding of the dims after T
     if s > 0:
@@ -58,25 +63,84 @@ def _shift_frames(y: torch.Tensor, s: int) -> torch.Tensor:
     return F.pad(y[:, : t + s], [*pad, -s, 0])
 
 
-def depthwise_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Depth-wise 3-D convolution with 'same' zero padding on channels-last ``(B, T, H, W, C)``.
+def _shifted(v: torch.Tensor, s: int) -> torch.Tensor:
+    """``_shift_frames`` written once into a new tensor (no autograd): one pass, zeros only where needed."""
+    out = torch.empty_like(v, memory_format=torch.contiguous_format)
+    t = v.shape[1]
+    if s >= 0:
+        out[:, : t - s] = v[:, s:]
+        out[:, t - s :] = 0
+    else:
+        out[:, -s:] = v[:, : t + s]
+        out[:, :-s] = 0
+    return out
 
-    Equals ``F.conv3d(x.permute(0, 4, 1, 2, 3), weight, bias, padding=k // 2, groups=C)`` permuted
-    back to ``(B, T, H, W, C)``; see the module docstring for the formulation.
 
-    Args:
-        x: Input ``(B, T, H, W, C)``, any strides.
-        weight: ``(C, 1, kt, kh, kw)`` with odd kernel sizes, as in ``nn.Conv3d``.
-        bias: ``(C,)`` or None.
+def _conv3d_channels_last(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    kt, kh, kw = weight.shape[2:]
+    vol = x.permute(0, 4, 1, 2, 3)  # channels-last-3d view of (B, T, H, W, C): no copy
+    return F.conv3d(vol, weight, bias, padding=(kt // 2, kh // 2, kw // 2), groups=x.shape[-1]).permute(0, 2, 3, 4, 1)
 
-    Returns:
-        ``(B, T, H, W, C)``, contiguous.
-    """
-    if x.dim() != 5:
-        raise ValueError(f"depthwise_conv3d expects (B, T, H, W, C) input, got shape {tuple(x.shape)}")
+
+class _Conv3dFn(torch.autograd.Function):
+    """Formulation ``conv3d``: oneDNN's depth-wise 3-D forward on the channels-last view, and a
+    backward without PyTorch's slow one: input gradient = the same convolution with the flipped
+    kernel, weight gradient = one depth-wise 2-D weight gradient per temporal tap (the input frames
+    shifted by the tap)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x = x.contiguous()
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _conv3d_channels_last(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        b, t, h, w, c = x.shape
+        kt, kh, kw = weight.shape[2:]
+        g = g.contiguous()
+        gx = _conv3d_channels_last(g, weight.flip(2, 3, 4), None) if ctx.needs_input_grad[0] else None
+        gw = None
+        if ctx.needs_input_grad[1]:
+            g2d = g.reshape(b * t, h, w, c).permute(0, 3, 1, 2)
+            taps = []
+            for i in range(kt):
+                s = i - kt // 2
+                if abs(s) >= t:  # the tap never meets a frame of the clip
+                    taps.append(weight.new_zeros(c, 1, kh, kw))
+                    continue
+                xs = (_shifted(x, s) if s else x).reshape(b * t, h, w, c).permute(0, 3, 1, 2)
+                taps.append(torch.ops.aten.convolution_backward(
+                    g2d, xs, weight[:, :, i], None, [1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], c,
+                    [False, True, False])[1])
+            gw = torch.stack(taps, dim=2)
+        gb = g.sum((0, 1, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype active for ``device_type``, or None."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    if device_type == "cpu":
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+
+
+def _depthwise_conv3d_fn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    dtype = _autocast_dtype(x.device.type) if x.is_floating_point() else None
+    if dtype is not None:  # cast as autocast casts a convolution, then run the Function without autocast
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    with torch.autocast(x.device.type, enabled=False):
+        return _Conv3dFn.apply(x, weight, bias)
+
+
+def _depthwise_conv3d_taps(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     b, t, h, w, c = x.shape
-    if weight.dim() != 5 or weight.shape[:2] != (c, 1):
-        raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit {c} channels (expected ({c}, 1, kt, kh, kw))")
     kt, kh, kw = weight.shape[2:]
     mid = kt // 2
     offsets = [s for s in range(-mid, mid + 1) if abs(s) < t]  # taps that reach a frame of the clip
@@ -91,6 +155,37 @@ def depthwise_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return out
 
 
+def depthwise_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     formulation: str | None = None) -> torch.Tensor:
+    """Depth-wise 3-D convolution with 'same' zero padding on channels-last ``(B, T, H, W, C)``.
+
+    Equals ``F.conv3d(x.permute(0, 4, 1, 2, 3), weight, bias, padding=k // 2, groups=C)`` permuted
+    back to ``(B, T, H, W, C)``; see the module docstring for the formulations.
+
+    Args:
+        x: Input ``(B, T, H, W, C)``, any strides.
+        weight: ``(C, 1, kt, kh, kw)`` with odd kernel sizes, as in ``nn.Conv3d``.
+        bias: ``(C,)`` or None.
+        formulation: ``"taps"`` (depth-wise 2-D taps + shifted adds) or ``"conv3d"`` (oneDNN
+            depth-wise 3-D forward with a hand-written backward); default: ``conv3d`` on CPU,
+            ``taps`` elsewhere.
+
+    Returns:
+        ``(B, T, H, W, C)``, contiguous.
+    """
+    if x.dim() != 5:
+        raise ValueError(f"depthwise_conv3d expects (B, T, H, W, C) input, got shape {tuple(x.shape)}")
+    c = x.shape[-1]
+    if weight.dim() != 5 or weight.shape[:2] != (c, 1):
+        raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit {c} channels (expected ({c}, 1, kt, kh, kw))")
+    formulation = formulation or ("conv3d" if x.device.type == "cpu" else "taps")
+    if formulation == "conv3d":
+        return _depthwise_conv3d_fn(x, weight, bias)
+    if formulation == "taps":
+        return _depthwise_conv3d_taps(x, weight, bias)
+    raise ValueError(f"formulation must be 'taps' or 'conv3d', got {formulation!r}")
+
+
 class DepthwiseConv3d(nn.Module):
     """``nn.Conv3d(C, C, k, padding=k // 2, groups=C)`` on channels-last ``(B, T, H, W, C)`` tokens.
 
@@ -98,14 +193,19 @@ class DepthwiseConv3d(nn.Module):
         channels: ``C``.
         kernel_size: Odd ``k`` or ``(kt, kh, kw)``.
         bias: Learn a per-channel bias.
+        formulation: Force ``"taps"`` or ``"conv3d"`` (see :func:`depthwise_conv3d`).
 
     Parameters ``weight`` ``(C, 1, kt, kh, kw)`` and ``bias`` ``(C,)`` have the names, shapes and
     default initialisation (same random draws) of the ``nn.Conv3d`` it replaces.
     """
 
     def __init__(self, channels: int, kernel_size: int | tuple[int, int, int] = 3, bias: bool = True, *,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+                 formulation: str | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        if formulation not in (None, "taps", "conv3d"):
+            raise ValueError(f"formulation must be None, 'taps' or 'conv3d', got {formulation!r}")
+        self.formulation = formulation  # None: per device (see depthwise_conv3d)
         if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
             raise ValueError(f"channels must be a positive int, got {channels!r}")
         self.channels = channels
@@ -123,7 +223,7 @@ class DepthwiseConv3d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, T, H, W, C)`` -> ``(B, T, H, W, C)``."""
-        return depthwise_conv3d(x, self.weight, self.bias)
+        return depthwise_conv3d(x, self.weight, self.bias, self.formulation)
 
     def extra_repr(self) -> str:
         return f"{self.channels}, kernel_size={self.kernel_size}, bias={self.bias is not None}"

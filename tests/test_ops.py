@@ -9,6 +9,7 @@ from torch import nn
 from inti_adapters.ops import DepthwiseConv3d, depthwise_conv3d
 
 C = 6
+FORMULATIONS = ["taps", "conv3d"]  # depth-wise 2-D taps + shifted adds; 3-D forward + hand-written backward
 
 
 def reference(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
@@ -16,7 +17,7 @@ def reference(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     return conv(x.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
 
 
-def pair(kernel=(3, 3, 3), channels=C, bias=True, seed=0, dtype=torch.float64):
+def pair(kernel=(3, 3, 3), channels=C, bias=True, seed=0, dtype=torch.float64, formulation=None):
     """A ``DepthwiseConv3d`` and an ``nn.Conv3d`` with the same (random) parameters."""
     torch.manual_seed(seed)
     ref = nn.Conv3d(channels, channels, kernel, padding=tuple(k // 2 for k in kernel), groups=channels, bias=bias)
@@ -24,7 +25,7 @@ def pair(kernel=(3, 3, 3), channels=C, bias=True, seed=0, dtype=torch.float64):
     with torch.no_grad():
         if bias:
             ref.bias.normal_()
-    ours = DepthwiseConv3d(channels, kernel, bias=bias).to(dtype)
+    ours = DepthwiseConv3d(channels, kernel, bias=bias, formulation=formulation).to(dtype)
     ours.load_state_dict(ref.state_dict())
     return ours, ref
 
@@ -39,10 +40,11 @@ def grads(module: nn.Module, x: torch.Tensor, out_grad: torch.Tensor, fn) -> lis
 SHAPES = [(2, 1, 4, 5), (2, 2, 3, 3), (1, 3, 5, 7), (3, 8, 4, 4), (2, 5, 1, 1)]  # (B, T, H, W)
 
 
+@pytest.mark.parametrize("formulation", FORMULATIONS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("kernel", [(3, 3, 3), (3, 1, 1), (1, 3, 3), (5, 3, 1)], ids=str)
-def test_outputs_and_gradients_equal_conv3d(shape, kernel):
-    ours, ref = pair(kernel)
+def test_outputs_and_gradients_equal_conv3d(shape, kernel, formulation):
+    ours, ref = pair(kernel, formulation=formulation)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(*shape, C, generator=g, dtype=torch.float64)
     out_grad = torch.randn(*shape, C, generator=g, dtype=torch.float64)
@@ -52,16 +54,18 @@ def test_outputs_and_gradients_equal_conv3d(shape, kernel):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
 
 
-def test_float32_and_without_bias():
-    ours, ref = pair(bias=False, dtype=torch.float32)
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+def test_float32_and_without_bias(formulation):
+    ours, ref = pair(bias=False, dtype=torch.float32, formulation=formulation)
     x = torch.randn(2, 8, 7, 5, C)
     out_grad = torch.randn_like(x)
     for a, b in zip(grads(ours, x, out_grad, lambda m, v: m(v)), grads(ref, x, out_grad, reference), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_non_contiguous_input():
-    ours, ref = pair()
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+def test_non_contiguous_input(formulation):
+    ours, ref = pair(formulation=formulation)
     tokens = torch.randn(2, 6, 1 + 3 * 4, C, dtype=torch.float64)  # a class token before a 3x4 grid
     x = tokens[:, :, 1:].reshape(2, 6, 3, 4, C)  # a view with the class token's stride
     assert not x.is_contiguous()
@@ -72,15 +76,17 @@ def test_non_contiguous_input():
     torch.testing.assert_close(ours(channels_first), reference(ref, channels_first), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("formulation", FORMULATIONS)
 @pytest.mark.parametrize("kernel", [(3, 3, 3), (3, 1, 1)], ids=str)
-def test_bf16_autocast_matches_conv3d(kernel):
-    ours, ref = pair(kernel, dtype=torch.float32)
+def test_bf16_autocast_matches_conv3d(kernel, formulation):
+    ours, ref = pair(kernel, dtype=torch.float32, formulation=formulation)
     x = torch.randn(2, 8, 5, 5, C)
     out_grad = torch.randn_like(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = grads(ours, x, out_grad, lambda m, v: m(v))
         want = grads(ref, x, out_grad, reference)
     assert got[0].dtype == want[0].dtype
+    assert [g.dtype for g in got[1:]] == [g.dtype for g in want[1:]] == [torch.float32] * 3
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05 * b.float().abs().max().item())
 
@@ -101,11 +107,12 @@ def test_state_dicts_load_both_ways_and_default_init_matches():
         DepthwiseConv3d(C, (3, 1, 1)).load_state_dict(ref.state_dict())
 
 
-def test_flop_count_equals_conv3d():
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+def test_flop_count_equals_conv3d(formulation):
     import inti_adapters as ia
 
     x = torch.randn(2, 8, 5, 5, C)
-    ours, ref = pair(dtype=torch.float32)
+    ours, ref = pair(dtype=torch.float32, formulation=formulation)
     counts = []
     for fn in (lambda: ours(x), lambda: reference(ref, x)):
         counter = ia.FlopCounter()
@@ -115,8 +122,9 @@ def test_flop_count_equals_conv3d():
     assert counts[0] == counts[1] > 0
 
 
-def test_compiles():
-    ours, ref = pair(dtype=torch.float32)
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+def test_compiles(formulation):
+    ours, ref = pair(dtype=torch.float32, formulation=formulation)
     x = torch.randn(2, 4, 3, 3, C)
     torch.testing.assert_close(torch.compile(ours)(x), reference(ref, x), rtol=1e-5, atol=1e-5)
 
@@ -137,6 +145,17 @@ def test_bad_shapes(args, match):
 def test_bad_kernel(kernel):
     with pytest.raises(ValueError, match="kernel_size"):
         DepthwiseConv3d(C, kernel)
+
+
+def test_default_formulation_and_bad_formulation():
+    x, w = torch.randn(1, 2, 3, 3, C), torch.randn(C, 1, 3, 3, 3)
+    assert depthwise_conv3d(x, w).grad_fn is None  # no grad needed: plain forward either way
+    y = depthwise_conv3d(x, w.requires_grad_())
+    assert "Conv3dFn" in type(y.grad_fn).__name__  # oneDNN's 3-D forward on the CPU
+    with pytest.raises(ValueError, match="formulation"):
+        depthwise_conv3d(x, w, formulation="fft")
+    with pytest.raises(ValueError, match="formulation"):
+        DepthwiseConv3d(C, formulation="fft")
 
 
 # -- the temporal adapters that use it: same function as their old nn.Conv3d formulation ---------------
