@@ -200,9 +200,9 @@ def is_inti(v: Variant) -> bool:
 
 
 def component_shares(v: Variant) -> tuple[dict[str, float], dict[str, float]]:
-    """``(time share, GFLOPs share)`` of each component: medians over the profiled rounds."""
-    total = median(v.component_s["total"])
-    time = {c: median(v.component_s[c]) / total for c in COMPONENTS}
+    """``(time share, GFLOPs share)`` of each component; time: the median over the profiled rounds."""
+    totals = v.component_s["total"]
+    time = {c: median([s / tot for s, tot in zip(v.component_s[c], totals, strict=True)]) for c in COMPONENTS}
     flops = {c: v.component_gflops.get(c, 0.0) / v.gflops for c in COMPONENTS}
     return time, flops
 
