@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from inti_adapters.surgery import probe
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,13 +35,17 @@ def synchronize(device: str | torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_once(fn: Callable[[], Any], device: str | torch.device = "cpu") -> float:
-    """Seconds one call of ``fn`` takes, with the device synchronised before and after."""
+def time_once(fn: Callable[[], Any], device: str | torch.device = "cpu",
+              clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds one call of ``fn`` takes, with the device synchronised before and after.
+
+    ``clock=time.thread_time`` counts this thread's CPU time instead of wall time (CPU work only).
+    """
     synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def interleaved_timings(
@@ -49,12 +55,14 @@ def interleaved_timings(
     warmup: int = 1,
     device: str | torch.device = "cpu",
     progress: Callable[[str], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Time every function ``repeats`` times, round-robin over the functions for each repeat.
 
     Interleaving spreads slow drifts of the machine (other processes, clocks, caches) over all
     variants instead of charging them to whichever ran last. Each round starts at a different
     function, so none always follows the same one. ``warmup`` untimed rounds come first.
+    ``clock`` as in :func:`time_once`.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
@@ -69,7 +77,7 @@ def interleaved_timings(
     for r in range(repeats):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            out[name].append(time_once(fns[name], device))
+            out[name].append(time_once(fns[name], device, clock))
         if progress:
             progress(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{n} {out[n][-1]:.3f}s" for n in names))
     return out
@@ -113,7 +121,6 @@ class SavedTensorBytes:
         self._saved: dict[int, int] = {}
         self._inside: set[int] = set()
         self._depth = 0
-        self._handles: list[Any] = []
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
@@ -133,17 +140,14 @@ class SavedTensorBytes:
         self._depth -= 1
 
     def __enter__(self) -> SavedTensorBytes:
-        for m in self._within:
-            self._handles += [m.register_forward_pre_hook(self._enter_module),
-                              m.register_forward_hook(self._leave_module)]
+        self._probe = probe(self._within, before=self._enter_module, after=self._leave_module)
+        self._probe.__enter__()
         self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._hooks.__exit__(*exc)
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._probe.__exit__(*exc)
 
     @property
     def total(self) -> int:
@@ -173,27 +177,21 @@ def module_seconds(modules: Sequence[torch.nn.Module], fn: Callable[[], Any], de
     """Median seconds per call of ``fn`` spent inside the forward of ``modules`` (synchronised hooks)."""
     spent = [0.0]
     starts: dict[int, float] = {}
-    handles = []
 
-    def pre(m: torch.nn.Module, args: Any) -> None:
+    def pre(m: torch.nn.Module, args: Any, kwargs: Any) -> None:
         synchronize(device)
         starts[id(m)] = time.perf_counter()
 
-    def post(m: torch.nn.Module, args: Any, out: Any) -> None:
+    def post(m: torch.nn.Module, out: Any) -> None:
         synchronize(device)
         spent[0] += time.perf_counter() - starts.pop(id(m))
 
-    for m in modules:
-        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
     per_call = []
-    try:
+    with probe(modules, before=pre, after=post):
         for _ in range(calls):
             spent[0] = 0.0
             fn()
             per_call.append(spent[0])
-    finally:
-        for h in handles:
-            h.remove()
     return median(per_call)
 
 

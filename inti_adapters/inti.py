@@ -26,7 +26,23 @@ from torch import nn
 
 from .compressors._base import Compressor, register_compressor
 from .config import InTIConfig
-from .tokens import TokenLayout, pair_frames
+from .ops import DepthwiseConv3d
+from .tokens import TokenLayout, even_frames, pair_concat, patch_volume
+
+
+def _with_prefix_rows(full: torch.Tensor | None, patches: torch.Tensor, p: int) -> torch.Tensor:
+    """``full + [0 ; patches]`` over the token dim (``p`` prefix rows), the zeros never materialised.
+
+    ``full`` (broadcastable to ``(B, T', p + HW, C')``, or None for zeros) gets ``patches``
+    ``(B, T', HW, C')`` added to its patch rows.
+    """
+    if full is None:
+        return F.pad(patches, (0, 0, p, 0)) if p else patches
+    if not p:
+        return full + patches
+    b, t2, hw, c = patches.shape
+    full = full.expand(b, t2, p + hw, c)
+    return torch.cat([full[:, :, :p], full[:, :, p:] + patches], dim=2)
 
 
 class _Proj(nn.Sequential):
@@ -68,7 +84,10 @@ def frame_tokens(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     """One token per frame: the class token, or the mean of the patch tokens without one."""
     if layout.cls_index is not None:
         return x[:, :, layout.cls_index]
-    return x[:, :, layout.num_prefix_tokens :].mean(dim=2)
+    p = layout.num_prefix_tokens
+    patches = x[:, :, p:] if p else x
+    # the mean as sum / count: the sum's backward is a broadcast view, not a full-size division
+    return patches.sum(dim=2) / patches.shape[2]
 
 
 @register_compressor("inti")
@@ -93,7 +112,7 @@ class InTILayer(Compressor):
         ctx = set(config.contexts)
         self.token_proj = _Proj(2 * dim, h) if "token" in ctx else None
         if "cube" in ctx:
-            self.cube_conv = nn.Conv3d(dim, dim, 3, padding=1, groups=dim)
+            self.cube_conv = DepthwiseConv3d(dim, 3)  # = nn.Conv3d(dim, dim, 3, padding=1, groups=dim)
             self.cube_proj = _Proj(2 * dim, h)
         else:
             self.cube_conv = self.cube_proj = None
@@ -136,62 +155,58 @@ class InTILayer(Compressor):
 
     # -- context features -------------------------------------------------------------------
     def _cube_feature(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        b, t, n, c = x.shape
-        grid = layout.grid_for(n)
-        if grid is None:
-            raise ValueError(
-                f"the 'cube' context needs the patch grid, but {n} tokens per frame do not match "
-                f"{layout.num_prefix_tokens} prefix tokens + grid {layout.grid}; drop 'cube' from "
-                "contexts for hosts without a spatial grid or after token merging"
-            )
-        p = layout.num_prefix_tokens
-        gh, gw = grid
-        vol = x[:, :, p:].permute(0, 3, 1, 2).reshape(b, c, t, gh, gw)
-        vol = self.cube_conv(vol).reshape(b, c, t, gh * gw).permute(0, 2, 3, 1)  # (B, T, HW, C)
-        ca, cb = pair_frames(vol, self.config.odd_frames)
-        f = self.cube_proj(torch.cat([ca, cb], dim=-1))  # (B, T', HW, C')
-        if p:
-            f = torch.cat([f.new_zeros(b, f.shape[1], p, f.shape[-1]), f], dim=2)  # prefix: zero feature
-        return f
+        """``phi_cube`` of the paired cube-conv features, patch tokens only: ``(B, T', HW, C')``."""
+        patches = patch_volume(x, layout, who="InTI's 'cube' context",  # a view: channels-last grid
+                               hint="Drop 'cube' from contexts for hosts without a spatial grid.")
+        b, t, gh, gw, c = patches.shape
+        vol = self.cube_conv(patches).reshape(b, t, gh * gw, c)  # (B, T, HW, C), no NCTHW round trip
+        return self.cube_proj(pair_concat(vol, self.config.odd_frames))
 
-    def _weights(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        bsz, t2, n, _ = a.shape
+    def _fused(self, feats: dict[str, torch.Tensor], full: tuple[int, int, int, int], p: int) -> torch.Tensor:
+        """The head's input. ``feats['cube']`` covers the patch tokens only (prefix tokens: zero)."""
+        cube = feats.get("cube")
+        bcast = [feats[k] for k in ("frame", "global") if k in feats]  # (B, T', 1, C') / (B, 1, 1, C')
+        fusion = self.config.fusion
+        if fusion == "cat":
+            parts = [_with_prefix_rows(None, f, p) if k == "cube" else f.expand(full) for k, f in feats.items()]
+            return torch.cat(parts, dim=-1)
+        if fusion == "add":
+            base = _sum([feats["token"], *bcast]) if "token" in feats else (_sum(bcast) if bcast else None)
+            return _with_prefix_rows(base, cube, p) if cube is not None else base
+        # sep: the token feature intact beside the sum of the others
+        others = _sum(bcast) if bcast else None
+        if cube is not None:
+            others = _with_prefix_rows(others, cube, p)
+        if "token" not in feats:
+            return others
+        tok = feats["token"]
+        return tok if others is None else torch.cat([tok, others.expand(full)], dim=-1)
+
+    def _weights(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """Interpolation weights ``(B, T', N, 2)`` (or broadcastable over ``N``) of each frame pair."""
+        odd = self.config.odd_frames
         feats: dict[str, torch.Tensor] = {}
         if self.token_proj is not None:
-            feats["token"] = self.token_proj(torch.cat([a, b], dim=-1))
+            feats["token"] = self.token_proj(pair_concat(x, odd))
         if self.cube_proj is not None:
             feats["cube"] = self._cube_feature(x, layout)
         if self.frame_proj is not None or self.global_ctx is not None:
             cls = frame_tokens(x, layout)  # (B, T, C)
             if self.frame_proj is not None:
-                cls_a, cls_b = pair_frames(cls, self.config.odd_frames)
-                feats["frame"] = self.frame_proj(torch.cat([cls_a, cls_b], dim=-1))[:, :, None]
+                feats["frame"] = self.frame_proj(pair_concat(cls, odd))[:, :, None]
             if self.global_ctx is not None:
                 feats["global"] = self.global_ctx(cls)[:, None, None]
 
-        full = (bsz, t2, n, self.hidden_dim)
-        fusion = self.config.fusion
-        if fusion == "cat":
-            fused = torch.cat([f.expand(full) for f in feats.values()], dim=-1)
-        elif fusion == "add":
-            fused = _sum(list(feats.values()))
-        else:  # sep: keep the token feature intact beside the sum of the others
-            others = [f for k, f in feats.items() if k != "token"]
-            parts = [feats["token"]] if "token" in feats else []
-            if others:
-                parts.append(_sum(others).expand(full))
-            fused = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-
-        out = self.head(fused)
+        full = (x.shape[0], (x.shape[1] + 1) // 2, x.shape[2], self.hidden_dim)
+        out = self.head(self._fused(feats, full, layout.num_prefix_tokens))
         head = self.config.head
         if head == "softmax":
-            w = out.softmax(dim=-1)
-        elif head == "sigmoid":
-            w = out.sigmoid()
-        else:  # attention: one feature per frame of the pair, dotted with a learnable query
-            per_frame = out.unflatten(-1, (2, self.hidden_dim))
-            w = (per_frame @ self.query.to(per_frame.dtype)).softmax(dim=-1)
-        return w.expand(bsz, t2, n, 2)
+            return out.softmax(dim=-1)
+        if head == "sigmoid":
+            return out.sigmoid()
+        # attention: one feature per frame of the pair, dotted with a learnable query
+        per_frame = out.unflatten(-1, (2, self.hidden_dim))
+        return (per_frame @ self.query.to(per_frame.dtype)).softmax(dim=-1)
 
     # -- forward ----------------------------------------------------------------------------
     def forward(
@@ -212,15 +227,17 @@ class InTILayer(Compressor):
         if x.shape[1] < 1:
             raise ValueError("InTILayer got a clip with 0 frames")
         layout = layout if layout is not None else TokenLayout(0, None, None)
-        a, b = pair_frames(x, self.config.odd_frames)
-        t2 = a.shape[1]
+        bsz, t, n, c = x.shape
+        t2 = (t + 1) // 2
         if self.time_embed is not None and t2 > self.time_embed.shape[0]:
             raise ValueError(
-                f"{x.shape[1]} input frames give {t2} output frames, more than the {self.time_embed.shape[0]} "
+                f"{t} input frames give {t2} output frames, more than the {self.time_embed.shape[0]} "
                 f"rows of this layer's temporal position table; build it with max_frames>={t2}"
             )
-        w = self._weights(x, a, b, layout).to(x.dtype)
-        y = w[..., 0:1] * a + w[..., 1:2] * b
+        pairs = even_frames(x, self.config.odd_frames).reshape(bsz, t2, 2, n, c)  # a view for even T
+        w = self._weights(x, layout).to(x.dtype).expand(bsz, t2, n, 2)
+        # w_a * a + w_b * b as one product summed over the pair: its backward writes x's gradient directly
+        y = (pairs * w.movedim(-1, 2)[..., None]).sum(dim=2)
         if self.time_embed is not None:
             y = y + (self.alpha * self.time_embed[:t2]).to(y.dtype)[None, :, None, :]
         return (y, w) if return_weights else y

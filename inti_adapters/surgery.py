@@ -90,28 +90,31 @@ class _Handle:
                 self.module.forward = patched.previous
 
 
-def _patch(module: nn.Module, where: str, fn: Callable) -> _Handle:
+def _patch(module: nn.Module, where: str, fn: Callable, *, first: bool = False) -> _Handle:
     patched = module.__dict__.get("forward")
     if not isinstance(patched, _Patched):
         patched = _Patched(module)
         module.forward = patched
-    getattr(patched, where).append(fn)
+    fns = getattr(patched, where)
+    fns.insert(0, fn) if first else fns.append(fn)
     return _Handle(module, where, fn)
 
 
 @contextlib.contextmanager
 def probe(modules: Iterable[nn.Module], *, before: Callable[[nn.Module, tuple, dict], Any] | None = None,
-          after: Callable[[nn.Module, Any], Any] | None = None) -> Iterator[None]:
+          after: Callable[[nn.Module, Any], Any] | None = None, outermost: bool = True) -> Iterator[None]:
     """Call ``before(module, args, kwargs)`` / ``after(module, output)`` around the modules' forwards.
 
     ``before`` may return new ``(args, kwargs)`` and ``after`` a new output (None keeps them).
+    With ``outermost`` (default) they wrap the sites already installed on a module (what a
+    measurement wants); otherwise ``before`` runs after them and sees the arguments they set.
     Everything is removed when the block ends, also on errors.
     """
     handles = []
     try:
         for m in modules:
             if before is not None:
-                handles.append(_patch(m, "pre", lambda args, kwargs, m=m: before(m, args, kwargs)))
+                handles.append(_patch(m, "pre", lambda args, kwargs, m=m: before(m, args, kwargs), first=outermost))
             if after is not None:
                 handles.append(_patch(m, "post", lambda out, m=m: _keep(after(m, out), out)))
         yield

@@ -5,7 +5,8 @@ distillation, register tokens) then the patch grid row by row. This module holds
 operations that several layers need, each written once:
 
 - :class:`TokenLayout`: prefix-token count, class-token index and patch grid of a frame;
-- :func:`pair_frames`: the frame pairs (1,2), (3,4), ... with the odd-frame policy;
+- :func:`pair_frames` / :func:`pair_concat` / :func:`even_frames`: the frame pairs (1,2), (3,4), ...
+  with the one odd-frame policy;
 - :func:`patch_volume`: the patch tokens as a channels-last volume ``(B, T, H, W, C)`` with one
   grid check (and one set of error messages) for all layers;
 - :func:`frame_schedule`: the frames each block sees, from the compressors' ``output_frames``.
@@ -30,7 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ODD_FRAME_POLICIES", "TokenLayout", "frame_schedule", "pair_frames", "patch_volume"]
+__all__ = ["ODD_FRAME_POLICIES", "TokenLayout", "even_frames", "frame_schedule", "pair_concat", "pair_frames",
+           "patch_volume"]
 
 ODD_FRAME_POLICIES = ("repeat_last", "error")
 
@@ -51,6 +53,14 @@ class TokenLayout:
         return self.grid if num_tokens == self.num_prefix_tokens + h * w else None
 
 
+def _check_odd(num_frames: int, odd_frames: str) -> None:
+    """The one odd-frame policy check: ``'repeat_last'`` pairs the last frame with itself, ``'error'`` refuses."""
+    if num_frames % 2 and odd_frames != "repeat_last":
+        if odd_frames == "error":
+            raise ValueError(f"odd_frames='error' but the clip has an odd number of frames ({num_frames})")
+        raise ValueError(f"odd_frames must be one of {list(ODD_FRAME_POLICIES)}, got {odd_frames!r}")
+
+
 def pair_frames(x: torch.Tensor, odd_frames: str = "repeat_last") -> tuple[torch.Tensor, torch.Tensor]:
     """Split ``(B, T, ...)`` into the first and the second frame of each pair, ``(B, ceil(T/2), ...)``.
 
@@ -60,14 +70,29 @@ def pair_frames(x: torch.Tensor, odd_frames: str = "repeat_last") -> tuple[torch
             convex combination passes it unchanged); ``'error'`` refuses.
     """
     t = x.shape[1]
-    if t % 2 and odd_frames != "repeat_last":
-        if odd_frames == "error":
-            raise ValueError(f"odd_frames='error' but the clip has an odd number of frames ({t})")
-        raise ValueError(f"odd_frames must be one of {list(ODD_FRAME_POLICIES)}, got {odd_frames!r}")
+    _check_odd(t, odd_frames)
     a, b = x[:, 0::2], x[:, 1::2]
     if t % 2:
         b = torch.cat([b, x[:, -1:]], dim=1)
     return a, b
+
+
+def even_frames(x: torch.Tensor, odd_frames: str = "repeat_last") -> torch.Tensor:
+    """``x`` with the last frame repeated when ``T`` is odd, so frames pair up as ``(2i, 2i+1)``."""
+    t = x.shape[1]
+    _check_odd(t, odd_frames)
+    return x if t % 2 == 0 else torch.cat([x, x[:, -1:]], dim=1)
+
+
+def pair_concat(x: torch.Tensor, odd_frames: str = "repeat_last") -> torch.Tensor:
+    """``[a ; b]`` of each frame pair on the last dim: ``(B, T, ..., C) -> (B, ceil(T/2), ..., 2C)``.
+
+    Equals ``torch.cat(pair_frames(x), -1)`` in one copy, whose backward is a view (no zero-filled
+    gradients of ``x[:, 0::2]`` and ``x[:, 1::2]`` to add up).
+    """
+    x = even_frames(x, odd_frames)
+    pairs = x.reshape(x.shape[0], x.shape[1] // 2, 2, *x.shape[2:])  # (B, T', 2, ..., C)
+    return pairs.movedim(2, -2).flatten(-2)
 
 
 def patch_volume(x: torch.Tensor, layout: TokenLayout, *, who: str, spatial: bool = True,

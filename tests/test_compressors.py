@@ -282,7 +282,7 @@ def test_tome_proportional_attention_masks():
     index = {id(blk.attn): i for i, blk in enumerate(vit.blocks)}
     video = _video()
     # probed after inject: runs after tome's sites and sees the keyword arguments they set
-    with torch.no_grad(), probe([b.attn for b in vit.blocks],
+    with torch.no_grad(), probe([b.attn for b in vit.blocks], outermost=False,
                                 before=lambda m, a, kw: masks.__setitem__(index[id(m)], kw.get("attn_mask"))):
         out = model(video)
     assert masks[0] is None and masks[1] is None

@@ -167,19 +167,23 @@ def test_cube_context_needs_a_grid():
     InTILayer(DIM, InTIConfig(contexts=("token", "frame", "global")))(tokens(n=12), TokenLayout(1, 0, None))
 
 
-def test_cube_feature_is_zero_for_prefix_tokens_and_local_in_space():
-    layer = InTILayer(DIM)
+@pytest.mark.parametrize("fusion", ["sep", "add", "cat"])
+def test_cube_feature_is_zero_for_prefix_tokens_and_local_in_space(fusion):
+    layer = InTILayer(DIM, InTIConfig(fusion=fusion))
     perturb(layer)
     x = tokens(n=10)
     f = layer._cube_feature(x, LAYOUT)
-    assert f.shape == (2, 3, 10, DIM)
-    assert torch.count_nonzero(f[:, :, 0]) == 0
+    assert f.shape == (2, 3, 9, DIM)  # the patch tokens only
+    # the prefix token takes a zero cube feature: its fused input is that of a layer without the cube
+    fused = layer._fused({"cube": f}, (2, 3, 10, DIM), LAYOUT.num_prefix_tokens)
+    assert fused.shape[-2] == 10 and torch.count_nonzero(fused[:, :, 0]) == 0
+    torch.testing.assert_close(fused[:, :, 1:], f)
     # a change in one corner patch of frame 0 moves the cube feature only of its 3x3 neighbourhood
     x2 = x.clone()
     x2[:, 0, 1] += 1.0  # patch (0, 0)
-    diff = (layer._cube_feature(x2, LAYOUT) - f).abs().sum((0, 3))  # (T', N)
+    diff = (layer._cube_feature(x2, LAYOUT) - f).abs().sum((0, 3))  # (T', HW)
     changed = {int(i) for i in torch.nonzero(diff[0] > 0).flatten()}
-    assert changed == {1, 2, 4, 5}  # patches (0,0), (0,1), (1,0), (1,1): kernel 3 reaches one step
+    assert changed == {0, 1, 3, 4}  # patches (0,0), (0,1), (1,0), (1,1): kernel 3 reaches one step
     assert torch.count_nonzero(diff[2]) == 0  # frames 4 and 5 are out of the temporal kernel's reach
 
 
@@ -222,3 +226,84 @@ def test_bad_token_shapes():
         layer(torch.randn(2, 10, DIM))
     with pytest.raises(ValueError, match="width 16"):
         layer(torch.randn(2, 4, 10, 8), LAYOUT)
+
+
+# -- the same function as the layer before issue 9 (tests/inti_reference.py) ---------------------------
+REF_LAYOUTS = {
+    "cls": (6, TokenLayout(1, 0, (3, 3)), 10),
+    "no_prefix_odd": (5, TokenLayout(0, None, (2, 3)), 6),
+    "registers": (4, TokenLayout(3, 0, (2, 2)), 7),
+    "one_frame": (1, TokenLayout(1, 0, (3, 3)), 10),
+}
+
+
+def _outputs_and_grads(fn, layer, x, out_grad):
+    x = x.detach().requires_grad_()
+    y, w = fn(x)
+    grads = torch.autograd.grad((y * out_grad).sum() + w.sum(), [x, *layer.parameters()], allow_unused=True)
+    names = ["x"] + [n for n, _ in layer.named_parameters()]
+    return {"y": y, "w": w, **{f"grad {n}": g for n, g in zip(names, grads, strict=True)}}
+
+
+def _check_against_reference(layer, t, layout, n, dtype=torch.float64, tol=1e-10):
+    from inti_reference import reference_forward
+
+    layer = layer.to(dtype)
+    perturb(layer)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, t, n, DIM, generator=g).to(dtype)
+    out_grad = torch.randn(2, (t + 1) // 2, n, DIM, generator=g).to(dtype)
+    got = _outputs_and_grads(lambda v: layer(v, layout, return_weights=True), layer, x, out_grad)
+    want = _outputs_and_grads(lambda v: reference_forward(layer, v, layout), layer, x, out_grad)
+    for k, v in want.items():
+        if v is None or got[k] is None:  # a parameter outside the graph (e.g. attention head's bias)
+            assert got[k] is None and v is None, k
+            continue
+        torch.testing.assert_close(got[k], v, rtol=tol, atol=tol, msg=k)
+
+
+@pytest.mark.parametrize("layout", list(REF_LAYOUTS))
+@pytest.mark.parametrize("contexts", CONTEXT_SUBSETS, ids=lambda c: "+".join(c))
+@pytest.mark.parametrize("fusion", ["sep", "add", "cat"])
+def test_layer_equals_the_old_formulation(contexts, fusion, layout):
+    t, lay, n = REF_LAYOUTS[layout]
+    _check_against_reference(InTILayer(DIM, InTIConfig(contexts=contexts, fusion=fusion)), t, lay, n)
+
+
+@pytest.mark.parametrize("head", ["softmax", "sigmoid", "attention"])
+@pytest.mark.parametrize("fusion", ["sep", "add", "cat"])
+@pytest.mark.parametrize("hidden_dim", [None, 8])
+def test_layer_equals_the_old_formulation_for_every_head(head, fusion, hidden_dim):
+    t, lay, n = REF_LAYOUTS["cls"]
+    cfg = InTIConfig(head=head, fusion=fusion, hidden_dim=hidden_dim, temporal_embed=head != "sigmoid")
+    _check_against_reference(InTILayer(DIM, cfg), t, lay, n)
+
+
+def test_layer_equals_the_old_formulation_in_float32_and_under_bf16_autocast():
+    t, lay, n = REF_LAYOUTS["cls"]
+    _check_against_reference(InTILayer(DIM), t, lay, n, dtype=torch.float32, tol=1e-4)
+    from inti_reference import reference_forward
+
+    # bf16 autocast: the new formulation is as close to the float32 result as the old one was
+    for seed in range(3):
+        layer = InTILayer(DIM)
+        perturb(layer, seed)
+        x = tokens(t=t, n=n, seed=seed)
+        exact, _ = reference_forward(layer, x, lay)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            new, (old, _) = layer(x, lay), reference_forward(layer, x, lay)
+        err_new, err_old = (new.float() - exact).abs(), (old.float() - exact).abs()
+        assert err_new.mean() <= 1.5 * err_old.mean() + 1e-3, (err_new.mean(), err_old.mean())
+        assert err_new.max() <= 2 * err_old.max() + 0.02, (err_new.max(), err_old.max())
+
+
+def test_saved_cube_conv3d_weights_load():
+    import torch.nn as nn
+
+    layer = InTILayer(DIM)
+    old = nn.Conv3d(DIM, DIM, 3, padding=1, groups=DIM)  # what cube_conv was before issue 9
+    sd = {**layer.state_dict(), **{f"cube_conv.{k}": v for k, v in old.state_dict().items()}}
+    layer.load_state_dict(sd)
+    assert torch.equal(layer.cube_conv.weight, old.weight) and torch.equal(layer.cube_conv.bias, old.bias)
+    assert {k: tuple(v.shape) for k, v in layer.state_dict().items() if k.startswith("cube_conv.")} == {
+        "cube_conv.weight": (DIM, 1, 3, 3, 3), "cube_conv.bias": (DIM,)}

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .._config import Config
+from ..ops import DepthwiseConv3d
 from ..tokens import TokenLayout, patch_volume
 from ._base import TemporalAdapter, register_temporal_adapter
 
@@ -60,7 +61,8 @@ class ConvBottleneck(TemporalAdapter):
         else:
             self.norm = nn.Identity()
         self.down = nn.Linear(dim, hidden)
-        self.conv = nn.Conv3d(hidden, hidden, kernel, padding=tuple(k // 2 for k in kernel), groups=hidden)
+        # = nn.Conv3d(hidden, hidden, kernel, padding=k // 2, groups=hidden), on channels-last tokens
+        self.conv = DepthwiseConv3d(hidden, kernel)
         nn.init.zeros_(self.conv.bias)
         self.act = nn.GELU() if activation == "gelu" else nn.Identity()
         self.up = nn.Linear(hidden, dim)
@@ -77,7 +79,7 @@ class ConvBottleneck(TemporalAdapter):
         vol = patch_volume(x, layout, who=who, spatial=self.needs_grid, hint="Use a kernel of spatial size 1, e.g. (3, 1, 1).")
         b, t, h, w, c = vol.shape
         z = self.down(self.norm(vol.reshape(-1, c))).reshape(b, t, h, w, -1)
-        z = self.conv(z.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
+        z = self.conv(z)  # channels-last depth-wise conv, no NCTHW round trip
         return self.up(self.act(z)).reshape(b, t, h * w, c)
 
     def residual(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:

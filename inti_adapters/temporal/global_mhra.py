@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._config import Config
+from ..ops import DepthwiseConv3d
 from ..tokens import TokenLayout, patch_volume
 from ._base import GlobalTemporalAdapter, register_temporal_adapter
 
@@ -107,7 +108,7 @@ class GlobalMHRA(GlobalTemporalAdapter):
         )
         k = config.dpe_kernel_size
         self.dpe = nn.ModuleDict(
-            {str(i): nn.Conv3d(dim, dim, k, padding=k // 2, groups=dim) for i in self.blocks}
+            {str(i): DepthwiseConv3d(dim, k) for i in self.blocks}  # = nn.Conv3d(dim, dim, k, padding=k // 2, groups=dim)
         ) if config.dpe else None
         if self.dpe is not None:
             for conv in self.dpe.values():
@@ -132,7 +133,7 @@ class GlobalMHRA(GlobalTemporalAdapter):
         vol = patch_volume(x, layout, who="global_mhra's dynamic position embedding (dpe=True)",
                            hint="Pass dpe=False.")
         b, t, h, w, c = vol.shape
-        z = self.dpe[str(block)](vol.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1).reshape(b, t, h * w, c)
+        z = self.dpe[str(block)](vol).reshape(b, t, h * w, c)  # channels-last depth-wise conv
         p = layout.num_prefix_tokens
         return torch.cat([x[:, :, :p], x[:, :, p:] + z.to(x.dtype)], dim=2)
 
