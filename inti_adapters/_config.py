@@ -41,6 +41,7 @@ __all__ = [
     "ConfigError",
     "add_config_arguments",
     "as_dict",
+    "with_current_names",
     "check_choice",
     "check_int",
     "config_from_namespace",
@@ -87,6 +88,17 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def with_current_names(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with option names a config class renamed (its ``renamed`` mapping) brought up to date."""
+    renamed = getattr(cls, "renamed", None) or {}
+    old = [k for k in data if k in renamed]
+    if not old:
+        return data
+    warnings.warn(f"{cls.__name__}: option(s) {old} are now called {[renamed[k] for k in old]}",
+                  DeprecationWarning, stacklevel=3)
+    return {renamed.get(k, k): v for k, v in data.items()}
+
+
 def as_dict(config: Any) -> dict[str, Any]:
     """Plain values of a config dataclass (a :class:`Config`, or any dataclass a user wrote)."""
     if isinstance(config, Config):
@@ -108,6 +120,7 @@ class Config:
         """Build from a mapping; keys this version does not know warn (``strict``: raise)."""
         if not isinstance(data, dict):
             raise ConfigError(f"{cls.__name__} needs a mapping of options, got {type(data).__name__}: {data!r}")
+        data = with_current_names(cls, data)
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - names)
         if unknown and strict:

@@ -29,6 +29,8 @@ class InTIConfig(Config):
     zero-initialised scale.
     """
 
+    renamed = {"head": "weight_head"}  # older option names -> current ones (saved adapters keep loading)
+
     contexts: tuple[str, ...] = field(
         default=CONTEXTS,
         metadata={"help": "Context features used to predict the weights: any non-empty subset of "
@@ -39,7 +41,7 @@ class InTIConfig(Config):
         metadata={"help": "How contexts are fused: 'sep' = [token ; sum(others)], 'add' = sum(all), "
                           "'cat' = concat(all) (paper Table 5b)."},
     )
-    head: str = field(
+    weight_head: str = field(
         default="softmax",
         metadata={"help": "Weight head: 'softmax' over two logits (weights sum to 1), 'sigmoid' per "
                           "logit, or 'attention' (learnable query dotted with per-frame features)."},
@@ -77,7 +79,7 @@ class InTIConfig(Config):
         # canonical order, so configs compare and serialise the same way
         self.contexts = tuple(c for c in CONTEXTS if c in self.contexts)
         check_choice("fusion", self.fusion, FUSIONS)
-        check_choice("head", self.head, HEADS)
+        check_choice("weight_head", self.weight_head, HEADS)
         check_choice("odd_frames", self.odd_frames, ODD_FRAME_POLICIES)
         if self.hidden_dim is not None and (not isinstance(self.hidden_dim, int) or self.hidden_dim < 1):
             raise ValueError(f"hidden_dim must be a positive int or None, got {self.hidden_dim!r}")

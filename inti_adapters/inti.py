@@ -103,6 +103,7 @@ class InTILayer(Compressor):
     """
 
     config_class = InTIConfig
+    renamed_parameters = {"head.": "predictor."}  # adapters saved before 0.2 call the predictor 'head'
 
     def __init__(self, dim: int, config: InTIConfig | None = None) -> None:
         config = config or InTIConfig()
@@ -126,15 +127,16 @@ class InTILayer(Compressor):
             in_dim = h
         else:  # cat
             in_dim = h * len(ctx)
-        out = 2 * h if config.head == "attention" else 2
-        self.head = nn.Sequential(nn.Linear(in_dim, h), nn.GELU(), nn.Linear(h, out))
-        if config.head == "attention":
+        out = 2 * h if config.weight_head == "attention" else 2
+        # predicts the pair's weights from the fused contexts (the paper's 'head')
+        self.predictor = nn.Sequential(nn.Linear(in_dim, h), nn.GELU(), nn.Linear(h, out))
+        if config.weight_head == "attention":
             # zero query: equal logits for both frames, i.e. a plain average at init
             self.query = nn.Parameter(torch.zeros(h))
         else:
             self.query = None
-            nn.init.zeros_(self.head[-1].weight)
-            nn.init.zeros_(self.head[-1].bias)
+            nn.init.zeros_(self.predictor[-1].weight)
+            nn.init.zeros_(self.predictor[-1].bias)
 
         if config.temporal_embed:
             self.time_embed = nn.Parameter(torch.empty(config.max_frames, dim))
@@ -151,7 +153,7 @@ class InTILayer(Compressor):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"dim={self.dim}, hidden={self.hidden_dim}, contexts={list(c.contexts)}, fusion={c.fusion}, head={c.head}"
+        return f"dim={self.dim}, hidden={self.hidden_dim}, contexts={list(c.contexts)}, fusion={c.fusion}, weight_head={c.weight_head}"
 
     # -- context features -------------------------------------------------------------------
     def _cube_feature(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
@@ -198,8 +200,8 @@ class InTILayer(Compressor):
                 feats["global"] = self.global_ctx(cls)[:, None, None]
 
         full = (x.shape[0], (x.shape[1] + 1) // 2, x.shape[2], self.hidden_dim)
-        out = self.head(self._fused(feats, full, layout.num_prefix_tokens))
-        head = self.config.head
+        out = self.predictor(self._fused(feats, full, layout.num_prefix_tokens))
+        head = self.config.weight_head
         if head == "softmax":
             return out.softmax(dim=-1)
         if head == "sigmoid":

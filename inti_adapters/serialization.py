@@ -150,6 +150,8 @@ def load_pretrained(
     model: InTIModel | None = None
     try:
         model = build_video_model(backbone, inject_cfg, head=head)
+        for key, compressor in model.compressors.items():  # weights saved under older names
+            compressor.upgrade_state_dict(tensors, f"compressors.{key}.")
         _check_tensors(model, tensors, path)
         result = _apply(model, tensors, path, peft_info, is_trainable)
     except BaseException:

@@ -65,8 +65,8 @@ def reference_weights(layer: InTILayer, x: torch.Tensor, a: torch.Tensor, b: tor
             feats["frame"] = layer.frame_proj(torch.cat([cls_a, cls_b], dim=-1))[:, :, None]
         if layer.global_ctx is not None:
             feats["global"] = layer.global_ctx(cls)[:, None, None]
-    out = layer.head(_fuse(layer, feats, (bsz, t2, n, layer.hidden_dim)))
-    head = layer.config.head
+    out = layer.predictor(_fuse(layer, feats, (bsz, t2, n, layer.hidden_dim)))
+    head = layer.config.weight_head
     if head == "softmax":
         w = out.softmax(dim=-1)
     elif head == "sigmoid":

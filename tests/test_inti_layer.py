@@ -44,7 +44,7 @@ def test_fresh_layer_is_pairwise_average(contexts, fusion):
 
 @pytest.mark.parametrize("head", ["softmax", "sigmoid", "attention"])
 def test_fresh_layer_is_pairwise_average_for_every_head(head):
-    layer = InTILayer(DIM, InTIConfig(head=head))
+    layer = InTILayer(DIM, InTIConfig(weight_head=head))
     x = tokens(t=8)
     y, w = layer(x, LAYOUT, return_weights=True)
     assert torch.equal(y, pairwise_average(x))
@@ -66,14 +66,14 @@ def test_weights_sum_to_one_and_depend_on_the_token():
 
 
 def test_attention_head_weights_sum_to_one():
-    layer = InTILayer(DIM, InTIConfig(head="attention"))
+    layer = InTILayer(DIM, InTIConfig(weight_head="attention"))
     perturb(layer)
     _, w = layer(tokens(), LAYOUT, return_weights=True)
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 3, 10))
 
 
 def test_sigmoid_head_weights_are_independent():
-    layer = InTILayer(DIM, InTIConfig(head="sigmoid"))
+    layer = InTILayer(DIM, InTIConfig(weight_head="sigmoid"))
     perturb(layer)
     _, w = layer(tokens(), LAYOUT, return_weights=True)
     assert not torch.allclose(w.sum(-1), torch.ones(2, 3, 10))  # not constrained to sum to 1
@@ -82,7 +82,7 @@ def test_sigmoid_head_weights_are_independent():
 @pytest.mark.parametrize("head", ["softmax", "attention"])
 def test_gradient_reaches_every_parameter_after_one_step(head):
     torch.manual_seed(0)
-    layer = InTILayer(DIM, InTIConfig(head=head))
+    layer = InTILayer(DIM, InTIConfig(weight_head=head))
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     x, target = tokens(), torch.randn(2, 3, 10, DIM)
 
@@ -201,7 +201,7 @@ def test_layer_parameter_count_matches_the_paper_for_vit_b():
         (dict(contexts=("token", "motion")), "motion"),
         (dict(contexts=("token", "token")), "duplicates"),
         (dict(fusion="mul"), "fusion must be one of"),
-        (dict(head="tanh"), "head must be one of"),
+        (dict(weight_head="tanh"), "weight_head must be one of"),
         (dict(hidden_dim=0), "hidden_dim"),
         (dict(max_frames=0), "max_frames"),
         (dict(odd_frames="drop"), "odd_frames"),
@@ -275,7 +275,7 @@ def test_layer_equals_the_old_formulation(contexts, fusion, layout):
 @pytest.mark.parametrize("hidden_dim", [None, 8])
 def test_layer_equals_the_old_formulation_for_every_head(head, fusion, hidden_dim):
     t, lay, n = REF_LAYOUTS["cls"]
-    cfg = InTIConfig(head=head, fusion=fusion, hidden_dim=hidden_dim, temporal_embed=head != "sigmoid")
+    cfg = InTIConfig(weight_head=head, fusion=fusion, hidden_dim=hidden_dim, temporal_embed=head != "sigmoid")
     _check_against_reference(InTILayer(DIM, cfg), t, lay, n)
 
 

@@ -112,3 +112,26 @@ def test_failed_save_leaves_previous_files_intact(tmp_path, monkeypatch):
         model.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_model.safetensors", "inti_config.json"]
+
+
+def test_adapters_saved_with_the_old_head_names_still_load(tmp_path):
+    """Before 0.2 the weight predictor was ``head`` (option and parameters): such adapters load."""
+    from safetensors.torch import save_file
+
+    model = _perturbed(ia.inject(make_vit(), layers=[1], freeze_backbone=True, weight_head="sigmoid")).eval()
+    video = torch.randn(1, 3, 4, IMG, IMG)
+    with torch.no_grad():
+        ref = model(video)
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "inti_config.json").read_text())
+    cfg["inject"]["compressor_config"]["head"] = cfg["inject"]["compressor_config"].pop("weight_head")
+    (tmp_path / "inti_config.json").write_text(json.dumps(cfg))
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    old = {k.replace(".predictor.", ".head."): v for k, v in tensors.items()}
+    assert any(".head." in k and k.startswith("compressors.") for k in old)
+    save_file(old, tmp_path / "adapter_model.safetensors")
+    with pytest.warns(DeprecationWarning, match="weight_head"):
+        loaded = ia.load_pretrained(make_vit(), tmp_path).eval()
+    assert loaded.config.compressor_config["weight_head"] == "sigmoid"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(video), ref, rtol=0, atol=0)

@@ -16,6 +16,8 @@ The contract of a new compressor (everything the library relies on):
   layers) asks the :class:`~inti_adapters.surgery.Site` for it there, and keeps state only in
   ``site.store(...)``. It never reads the video model or other modules' attributes.
 - ``no_weight_decay()``: names of its own parameters that must not be decayed.
+- ``renamed_parameters``: old -> new parameter-name prefixes, so weights saved by an older
+  version keep loading (``load_state_dict`` and ``load_pretrained`` apply them).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .._config import with_current_names
 from .._registry import Registry
 from ..context import VideoContext
 from ..surgery import Site
@@ -37,11 +40,22 @@ class Compressor(nn.Module):
     """Base class: subclasses set ``config_class`` and implement ``forward``."""
 
     config_class: ClassVar[type]
+    renamed_parameters: ClassVar[dict[str, str]] = {}  # old name prefix -> new, for older saved weights
 
     def __init__(self, dim: int, config: Any) -> None:
         super().__init__()
         self.dim = dim
         self.config = config
+        self._register_load_state_dict_pre_hook(self._upgrade_hook)
+
+    def upgrade_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str = "") -> None:
+        """Rename, in place, parameters saved under older names (``renamed_parameters``)."""
+        for old, new in self.renamed_parameters.items():
+            for key in [k for k in state_dict if k.startswith(prefix + old)]:
+                state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+
+    def _upgrade_hook(self, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
+        self.upgrade_state_dict(state_dict, prefix)
 
     def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -90,6 +104,7 @@ def make_compressor_config(name: str, options: dict[str, Any] | Any) -> Any:
     cls = get_compressor(name)
     if not isinstance(options, dict):
         return options
+    options = with_current_names(cls.config_class, options)
     allowed = {f.name for f in dataclasses.fields(cls.config_class)}
     unknown = sorted(set(options) - allowed)
     if unknown:
