@@ -20,7 +20,7 @@ from .inti import InTILayer
 from .lora import add_lora, lora_preset
 from .model import InTIModel, inject
 from .planning import PlanEntry, format_plan, plan, r_for_budget
-from .serialization import load_pretrained, save_pretrained
+from .serialization import load_pretrained, push_to_hub, save_pretrained
 from .surgery import Site
 from .temporal import (
     GlobalTemporalAdapter,
@@ -62,6 +62,7 @@ __all__ = [
     "lora_preset",
     "normalize_video",
     "plan",
+    "push_to_hub",
     "r_for_budget",
     "register_compressor",
     "register_host",

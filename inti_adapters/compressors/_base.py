@@ -16,6 +16,9 @@ The contract of a new compressor (everything the library relies on):
   layers) asks the :class:`~inti_adapters.surgery.Site` for it there, and keeps state only in
   ``site.store(...)``. It never reads the video model or other modules' attributes.
 - ``no_weight_decay()``: names of its own parameters that must not be decayed.
+- ``exportable``: False when its forward cannot be captured by ``torch.export`` (e.g. shapes that
+  depend on the data); :mod:`inti_adapters.export` then refuses it with a clear error. Every
+  built-in compressor exports (token merging too: it merges a fixed ``r`` tokens per layer).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class Compressor(nn.Module):
     """Base class: subclasses set ``config_class`` and implement ``forward``."""
 
     config_class: ClassVar[type]
+    exportable: ClassVar[bool] = True  # torch.export / ONNX can capture its forward
 
     def __init__(self, dim: int, config: Any) -> None:
         super().__init__()
