@@ -29,7 +29,7 @@ from ._format import ADAPTER_WEIGHTS_NAME, BACKBONE_WEIGHTS_NAME, CARD_NAME, CON
 from ._version import __version__
 from .card import CardInfo, card_info, write_card
 
-__all__ = ["ADAPTER_PATTERNS", "PushToHubMixin", "finish_save", "is_hub_id", "resolve_adapter"]
+__all__ = ["ADAPTER_PATTERNS", "PushToHubMixin", "check_save_options", "finish_save", "is_hub_id", "resolve_adapter"]
 
 #: The files of a saved adapter, as ``huggingface_hub`` patterns (downloads and uploads).
 ADAPTER_PATTERNS = [CONFIG_NAME, ADAPTER_WEIGHTS_NAME, BACKBONE_WEIGHTS_NAME, f"{PEFT_SUBFOLDER}/*", CARD_NAME]
@@ -92,8 +92,10 @@ def _offline(hf: Any) -> bool:
     return bool(getattr(getattr(hf, "constants", None), "HF_HUB_OFFLINE", False))
 
 
-def check_push_options(push_to_hub: bool, options: dict[str, Any]) -> None:
-    """Refuse unknown Hub options, and Hub options without ``push_to_hub`` (before anything is written)."""
+def check_save_options(card: Any, push_to_hub: bool, options: dict[str, Any]) -> None:
+    """Refuse a bad card, unknown Hub options and Hub options without ``push_to_hub`` (before anything is written)."""
+    if not isinstance(card, bool):
+        card_info(card)
     unknown = sorted(set(options) - set(PUSH_OPTIONS))
     if unknown:
         raise TypeError(f"save_pretrained got unknown options {unknown}; the Hub options are {list(PUSH_OPTIONS)}")

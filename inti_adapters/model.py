@@ -39,7 +39,7 @@ from .compressors import build_compressor, make_compressor_config
 from .config import InjectConfig
 from .context import ContextHolder, VideoContext
 from .hosts import Host, resolve_host
-from .hub import PushToHubMixin, check_push_options, finish_save
+from .hub import PushToHubMixin, check_save_options, finish_save
 from .surgery import Site
 from .temporal import PRESETS, attach_temporal_adapters, build_temporal_adapters
 from .tokens import TokenLayout, frame_schedule
@@ -365,7 +365,7 @@ class InTIModel(PushToHubMixin, nn.Module):
                 ``token``, ``private``, ``revision``, ``commit_message``, ``create_pr``).
         """
         self._check_alive()
-        check_push_options(push_to_hub, hub_options)
+        check_save_options(card, push_to_hub, hub_options)
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         sd = self.state_dict() if state_dict is None else state_dict
