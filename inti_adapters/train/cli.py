@@ -100,7 +100,7 @@ def _eval_model(cfg, num_classes: int, checkpoint: str | None, smoke: bool):
 
 def eval_main(argv: list[str] | None = None) -> int:
     """Entry point of ``inti-eval``: multi-view top-1 / top-5 and GFLOPs per view."""
-    parser = _parser("inti-eval", "Multi-view evaluation (clips x crops, averaged softmax) of a saved adapter.")
+    parser = _parser("inti-eval", "Multi-view evaluation (frames×clips×crops views averaged as mmaction2's average_clips) of a saved adapter.")
     parser.add_argument("--checkpoint", help="directory written by save_pretrained (default: eval.checkpoint, "
                                              "else <train.output_dir>/final)")
     parser.add_argument("--json", help="also write the results to this JSON file")
@@ -131,11 +131,11 @@ def eval_main(argv: list[str] | None = None) -> int:
         view = torch.zeros(1, 3, frames, size, size, device=info.device)
         gflops = count_gflops(model, view) if cfg.eval.flops else None
         result = evaluate(model, loader, device=info.device, mean_std=mean_std,
-                          clips_per_forward=cfg.eval.clips_per_forward, max_batches=cfg.eval.max_batches)
+                          clips_per_forward=cfg.eval.clips_per_forward, max_batches=cfg.eval.max_batches,
+                          average_clips=cfg.eval.average_clips, num_crops=data_value(cfg, data_cfg, "num_crops", 1))
     result.gflops_per_view = gflops
     if info.is_main:
-        clips, crops = data_value(cfg, data_cfg, "num_clips", 1), data_value(cfg, data_cfg, "num_crops", 1)
-        print(f"inti-eval: {result.summary()} [{clips} clips x {crops} crops]")
-        if args.json:
-            Path(args.json).write_text(json.dumps(vars(result), indent=2) + "\n")
+        print(f"inti-eval: {result.summary()}")
+        if args.json:  # views as frames×clips×crops, as mmaction2 writes them
+            Path(args.json).write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
     return 0

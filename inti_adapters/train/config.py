@@ -208,8 +208,11 @@ class EvalConfig(ConfigBase):
     )
     flops: bool = option(True, help="Print GFLOPs per view (count_gflops on one view).")
     max_batches: int | None = option(None, help="Stop after N batches (quick checks).")
+    average_clips: str = option("prob", help="How the views of a video are averaged, as in mmaction2: 'prob' "
+                                             "(softmax of each view, mmaction2's recognisers) or 'score' (raw scores).")
 
     def __post_init__(self) -> None:
+        check_choice("eval.average_clips", self.average_clips, ("prob", "score"))
         for name in ("clips_per_forward", "max_batches"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"eval.{name} must be >= 1 or null, got {getattr(self, name)}")

@@ -243,7 +243,8 @@ class Trainer:
             return None
         return evaluate(self.engine, loader, device=self.engine.device, mean_std=self.mean_std, dtype=self.dtype,
                         clips_per_forward=self.cfg.eval.clips_per_forward, max_batches=self.cfg.eval.max_batches,
-                        lockstep=self.zero_stage == 3)
+                        lockstep=self.zero_stage == 3, average_clips=self.cfg.eval.average_clips,
+                        num_crops=self._data_value("num_crops", 1))
 
     def _resume(self) -> tuple[int, int, int, bool]:
         """Load the checkpoint ``train.resume`` points to: ``(step, epoch, micro-batch in epoch, resumed)``."""
