@@ -14,6 +14,7 @@ from .compressors import Compressor, list_compressors, register_compressor
 from .config import InjectConfig, InTIConfig
 from .context import VideoContext
 from .errors import BareBackboneCallError, UnsupportedHostError
+from .export import ExportError, export_onnx, export_program
 from .flops import FlopCounter, count_gflops
 from .hosts import Host, list_hosts, register_host
 from .inti import InTILayer
@@ -35,6 +36,7 @@ from .zero_shot import ZeroShotHead, build_zero_shot_classifier, zero_shot_logit
 __all__ = [
     "BareBackboneCallError",
     "Compressor",
+    "ExportError",
     "FlopCounter",
     "GlobalTemporalAdapter",
     "Host",
@@ -53,6 +55,8 @@ __all__ = [
     "add_lora",
     "build_zero_shot_classifier",
     "count_gflops",
+    "export_onnx",
+    "export_program",
     "format_plan",
     "inject",
     "list_compressors",
