@@ -89,6 +89,7 @@ def test_wheel_builds_installs_and_runs_outside_the_source_tree(tmp_path):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     assert "usage: inti-demo" in _run([venv / "bin" / "inti-demo", "--help"], outside, env)  # argparse's prog
+    assert "usage: inti-export" in _run([venv / "bin" / "inti-export", "--help"], outside, env)
     listed = _run([venv / "bin" / "inti-train", "--list-recipes"], outside, env)
     assert all(name in listed for name in list_recipes())
     code = ("import inti_adapters as ia, inti_adapters.demo as demo\n"
