@@ -14,13 +14,14 @@ from .compressors import Compressor, list_compressors, register_compressor
 from .config import InjectConfig, InTIConfig
 from .context import VideoContext
 from .errors import BareBackboneCallError, UnsupportedHostError
+from .export import ExportError, export_onnx, export_program
 from .flops import FlopCounter, count_gflops
 from .hosts import Host, list_hosts, register_host
 from .inti import InTILayer
 from .lora import add_lora, lora_preset
 from .model import InTIModel, inject
 from .planning import PlanEntry, format_plan, plan, r_for_budget
-from .serialization import load_pretrained, save_pretrained
+from .serialization import load_pretrained, push_to_hub, save_pretrained
 from .surgery import Site
 from .temporal import (
     GlobalTemporalAdapter,
@@ -35,6 +36,7 @@ from .zero_shot import ZeroShotHead, build_zero_shot_classifier, zero_shot_logit
 __all__ = [
     "BareBackboneCallError",
     "Compressor",
+    "ExportError",
     "FlopCounter",
     "GlobalTemporalAdapter",
     "Host",
@@ -53,6 +55,8 @@ __all__ = [
     "add_lora",
     "build_zero_shot_classifier",
     "count_gflops",
+    "export_onnx",
+    "export_program",
     "format_plan",
     "inject",
     "list_compressors",
@@ -62,6 +66,7 @@ __all__ = [
     "lora_preset",
     "normalize_video",
     "plan",
+    "push_to_hub",
     "r_for_budget",
     "register_compressor",
     "register_host",

@@ -31,6 +31,7 @@ from ._version import __version__
 __all__ = [
     "ADAPTER_WEIGHTS_NAME",
     "BACKBONE_WEIGHTS_NAME",
+    "CARD_NAME",
     "CONFIG_NAME",
     "FORMAT_VERSION",
     "PEFT_SUBFOLDER",
@@ -44,6 +45,7 @@ CONFIG_NAME = "inti_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 BACKBONE_WEIGHTS_NAME = "backbone_model.safetensors"
 PEFT_SUBFOLDER = "peft"
+CARD_NAME = "README.md"  # the model card (inti_adapters.card)
 FORMAT_VERSION = 1  # the one version stamp of saved adapters
 
 

@@ -39,7 +39,7 @@ class VideoContext:
 
     def frames_of(self, leading_dim: int) -> int:
         """Current frame count from the leading dimension ``B*T`` of a token tensor."""
-        t, rem = divmod(leading_dim, self.batch_size)
+        t, rem = leading_dim // self.batch_size, leading_dim % self.batch_size  # SymInt-safe (torch.export)
         if rem or t < 1:
             raise RuntimeError(
                 f"token tensor with leading dimension {leading_dim} does not hold whole videos of "

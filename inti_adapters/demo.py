@@ -30,10 +30,10 @@ import inti_adapters as ia
 
 from ._io import atomic_write
 from .data import build_dataloader, ensure_builtin_dataset, label_accuracies
+from .recipes import recipe_path
 from .train import Trainer, load_config
 
-REPO = Path(__file__).resolve().parent.parent
-RECIPE = REPO / "recipes" / "digits_cpu.yaml"
+RECIPE = recipe_path("digits_cpu")  # package data: found in a source checkout and in an installed wheel
 MODEL_KWARGS = dict(img_size=64, patch_size=8, depth=4, embed_dim=64, num_heads=2, class_token=False,
                     global_pool="avg")
 VARIANTS = {

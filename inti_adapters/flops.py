@@ -58,13 +58,22 @@ class FlopCounter(FlopCounterMode):
         return {k: sum(v.values()) / 2 / 1e9 for k, v in self.get_flop_counts().items()}
 
 
-def count_gflops(model: nn.Module, inputs: torch.Tensor | tuple[Any, ...], **kwargs: Any) -> float:
+def _on_meta(t: torch.Tensor) -> torch.Tensor:
+    """A meta tensor of ``t``'s shape and dtype (the full shape of a ZeRO-3 partitioned parameter)."""
+    return torch.empty(tuple(getattr(t, "ds_shape", t.shape)), dtype=t.dtype, device="meta")
+
+
+def count_gflops(model: nn.Module, inputs: torch.Tensor | tuple[Any, ...], *, meta: bool = False,
+                 **kwargs: Any) -> float:
     """GFLOPs of one forward pass, paper convention (multiply-adds, in billions).
 
     Args:
         model: An ``InTIModel`` (give a video ``(B, 3, T, H, W)``) or any module, e.g. a plain timm
             ViT (give an image batch ``(B, 3, H, W)``).
         inputs: The input tensor, or a tuple of positional inputs.
+        meta: Count on the meta device: every parameter, buffer and input tensor is replaced by a
+            meta tensor of the same shape for the call (``torch.func.functional_call``), so nothing
+            is computed or copied and a model of any size is counted in about a second.
         **kwargs: Keyword arguments for ``model``.
 
     Returns:
@@ -80,6 +89,12 @@ def count_gflops(model: nn.Module, inputs: torch.Tensor | tuple[Any, ...], **kwa
     """
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     counter = FlopCounter()
+    if not meta:
+        with torch.no_grad(), counter:
+            model(*args, **kwargs)
+        return counter.gflops
+    state = {n: _on_meta(t) for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    args = tuple(_on_meta(a) if isinstance(a, torch.Tensor) else a for a in args)
     with torch.no_grad(), counter:
-        model(*args, **kwargs)
+        torch.func.functional_call(model, state, args, kwargs)
     return counter.gflops

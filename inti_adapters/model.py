@@ -39,6 +39,7 @@ from .compressors import build_compressor, make_compressor_config
 from .config import InjectConfig
 from .context import ContextHolder, VideoContext
 from .hosts import Host, resolve_host
+from .hub import PushToHubMixin, check_save_options, finish_save
 from .surgery import Site
 from .temporal import PRESETS, attach_temporal_adapters, build_temporal_adapters
 from .tokens import TokenLayout, frame_schedule
@@ -71,7 +72,7 @@ def _resolve_temporal(spec: str | tuple[dict[str, Any], ...]) -> tuple[dict[str,
     return tuple(dict(s) for s in PRESETS[spec])
 
 
-class InTIModel(nn.Module):
+class InTIModel(PushToHubMixin, nn.Module):
     """A video model around an image backbone. Build it with :func:`inject`.
 
     ``forward(video)`` takes ``(B, 3, T, H, W)`` float frames (or ``(B, T, 3, H, W)`` with
@@ -354,8 +355,10 @@ class InTIModel(nn.Module):
 
     def save_pretrained(self, save_directory: str | Any, *, save_backbone: bool | None = None,
                         state_dict: dict[str, torch.Tensor] | None = None, peft_outer: nn.Module | None = None,
-                        peft_state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Write ``inti_config.json`` + ``adapter_model.safetensors`` (and the backbone / peft parts).
+                        peft_state_dict: dict[str, torch.Tensor] | None = None, card: Any = None,
+                        push_to_hub: bool = False, **hub_options: Any) -> Any:
+        """Write ``inti_config.json`` + ``adapter_model.safetensors`` (and the backbone / peft parts) and
+        the model card ``README.md``; with ``push_to_hub``, upload them (:mod:`inti_adapters.hub`).
 
         Args:
             save_directory: Created if missing.
@@ -365,8 +368,13 @@ class InTIModel(nn.Module):
             peft_outer: The ``PeftModel`` around this model (LoRA after ``inject``); use
                 :func:`inti_adapters.save_pretrained`, which passes it.
             peft_state_dict: The state dict that feeds peft's own file (ZeRO-3 gathered).
+            card: Model-card additions (:class:`inti_adapters.card.CardInfo` fields, e.g.
+                ``{"num_frames": 16, "metrics": {"top1": 82.1}}``), or False for no card.
+            push_to_hub, **hub_options: Upload to the Hub (``repo_id``, default the folder name;
+                ``token``, ``private``, ``revision``, ``commit_message``, ``create_pr``).
         """
         self._check_alive()
+        check_save_options(card, push_to_hub, hub_options)
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         sd = self.state_dict() if state_dict is None else state_dict
@@ -392,6 +400,8 @@ class InTIModel(nn.Module):
         elif (out / BACKBONE_WEIGHTS_NAME).exists():
             (out / BACKBONE_WEIGHTS_NAME).unlink()  # stale file from an earlier save would mislead the loader
         write_config(out / CONFIG_NAME, self._saved_config(bool(save_backbone), peft_info))
+        return finish_save(out, self, card=card, peft_model=peft_model, push_to_hub=push_to_hub,
+                           peft_order=(peft_info or {}).get("order", ""), **hub_options)
 
     def _saved_config(self, saved_backbone: bool, peft_info: dict[str, str] | None) -> dict[str, Any]:
         return {

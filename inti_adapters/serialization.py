@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,10 @@ from ._format import ADAPTER_WEIGHTS_NAME, BACKBONE_WEIGHTS_NAME, PEFT_SUBFOLDER
 from ._peft import is_peft_model, unwrap_peft
 from .config import InjectConfig
 from .hosts import resolve_host
+from .hub import resolve_adapter
 from .model import InTIModel, build_video_model
 
-__all__ = ["load_pretrained", "read_config", "save_pretrained"]
+__all__ = ["load_pretrained", "push_to_hub", "read_config", "save_pretrained"]
 
 
 def save_pretrained(
@@ -30,7 +32,10 @@ def save_pretrained(
     *,
     save_backbone: bool | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
-) -> None:
+    card: Any = None,
+    push_to_hub: bool = False,
+    **hub_options: Any,
+) -> Any:
     """Save the adapter of ``model`` (an ``InTIModel``, or a ``PeftModel`` around one) to ``save_directory``.
 
     With peft in the model (LoRA before or after ``inject``), peft's part goes to
@@ -42,6 +47,10 @@ def save_pretrained(
             weight is silently lost.
         state_dict: A full state dict to save from (e.g. gathered from ZeRO-3 partitions);
             defaults to ``model.state_dict()``.
+        card: Model-card additions (``{"num_frames": 16, "metrics": {...}}``, see
+            :class:`inti_adapters.card.CardInfo`) or False for no ``README.md``.
+        push_to_hub, **hub_options: Also upload the folder to the Hub (``repo_id``, ``token``,
+            ``private``, ``revision``, ``commit_message``, ``create_pr``); returns the ``CommitInfo``.
     """
     peft_outer = model if is_peft_model(model) else None
     inner = unwrap_peft(model)
@@ -51,8 +60,21 @@ def save_pretrained(
     if state_dict is not None and peft_outer is not None:
         prefix = "base_model.model."
         inner_sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    inner.save_pretrained(save_directory, save_backbone=save_backbone, state_dict=inner_sd, peft_outer=peft_outer,
-                          peft_state_dict=state_dict if peft_outer is not None else None)
+    return inner.save_pretrained(save_directory, save_backbone=save_backbone, state_dict=inner_sd,
+                                 peft_outer=peft_outer, peft_state_dict=state_dict if peft_outer is not None else None,
+                                 card=card, push_to_hub=push_to_hub, **hub_options)
+
+
+def push_to_hub(model: nn.Module, repo_id: str, *, save_backbone: bool | None = None, card: Any = None,
+                **hub_options: Any) -> Any:
+    """Upload the adapter of ``model`` (an ``InTIModel`` or a ``PeftModel`` around one) to the Hub.
+
+    ``hub_options``: ``token``, ``private``, ``revision``, ``commit_message``, ``create_pr`` (see
+    :meth:`InTIModel.push_to_hub`). Returns ``huggingface_hub``'s ``CommitInfo``.
+    """
+    with tempfile.TemporaryDirectory(prefix="inti_push_") as folder:
+        return save_pretrained(model, folder, save_backbone=save_backbone, card=card, push_to_hub=True,
+                               repo_id=repo_id, **hub_options)
 
 
 def _check_tensors(model: InTIModel, tensors: dict[str, torch.Tensor], where: Path) -> None:
@@ -117,15 +139,21 @@ def load_pretrained(
     *,
     head: nn.Module | None = None,
     is_trainable: bool = True,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
 ) -> nn.Module:
     """Inject ``backbone`` with the saved config and load the saved weights.
 
     Args:
         backbone: A freshly created backbone of the same architecture as the saved one (without
             peft: a saved peft part is restored from ``path/peft``).
-        path: Directory written by :meth:`InTIModel.save_pretrained`.
+        path: Directory written by :meth:`InTIModel.save_pretrained`, or a Hugging Face Hub id
+            ``"namespace/name"`` (downloaded whole first; ``HF_HUB_OFFLINE=1`` reads the cache only).
         head: The custom head module, if the adapter was saved with one.
         is_trainable: If False, freeze every parameter (inference).
+        revision, token, cache_dir, local_files_only: For a Hub id (``huggingface_hub.snapshot_download``).
 
     Returns:
         The ``InTIModel``, or the ``PeftModel`` around it when LoRA was applied after ``inject``.
@@ -134,7 +162,7 @@ def load_pretrained(
         ValueError / FileNotFoundError: On any problem with the saved files or the backbone; the
             backbone is then unchanged.
     """
-    path = Path(path)
+    path = resolve_adapter(path, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
     cfg = read_config(path)
     inject_cfg = InjectConfig.from_dict(cfg["inject"])
     _check_backbone(backbone, cfg, inject_cfg, path, head)

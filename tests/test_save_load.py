@@ -27,7 +27,7 @@ def test_round_trip_frozen_backbone_saves_only_adapter_and_head(tmp_path):
     with torch.no_grad():
         ref = model(video)
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_model.safetensors", "inti_config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_model.safetensors", "inti_config.json"]
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     assert all(k.startswith(("compressors.1.", "compressors.2.", "backbone.head.")) for k in tensors)
     assert {"backbone.head.weight", "backbone.head.bias"} <= set(tensors)
@@ -111,7 +111,7 @@ def test_failed_save_leaves_previous_files_intact(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_model.safetensors", "inti_config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_model.safetensors", "inti_config.json"]
 
 
 def test_adapters_saved_with_the_old_head_names_still_load(tmp_path):

@@ -79,7 +79,7 @@ def test_openclip_source_and_eval_smoke(tmp_path, capsys):
     assert json.loads((tmp_path / "final" / "inti_config.json").read_text())["host"] == "open_clip"
     capsys.readouterr()
     assert eval_main(["--config", recipe, "--smoke", *swap]) == 0
-    assert "(2 videos x 3 views)" in capsys.readouterr().out  # SSv2: 1 clip x 3 crops
+    assert "(2 videos, views 4×1×3 frames×clips×crops" in capsys.readouterr().out  # SSv2: 1 clip x 3 crops
 
 
 def test_zero3_json_with_lora_runs(tmp_path):
@@ -108,9 +108,10 @@ def test_cpu_recipe_on_builtin_shards_train_then_eval(tmp_path, capsys):
     assert eval_main(["--config", recipe, *overrides, "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
-    assert result["num_samples"] == 6 and result["num_views"] == 12  # 2 clips x 1 crop
+    assert result["num_samples"] == 6 and result["num_views"] == 12 and result["views"] == "8×2×1"  # 2 clips x 1 crop
     assert 0 <= result["top1"] <= result["top5"] <= 100 and result["gflops_per_view"] > 0
-    assert "GFLOPs/view" in printed and "[2 clips x 1 crops]" in printed
+    assert 0 <= result["mean_class_accuracy"] <= 100 and result["average_clips"] == "prob"
+    assert "GFLOPs/view" in printed and "views 8×2×1 frames×clips×crops" in printed
 
 
 def test_cli_errors_and_module_entry_point(tmp_path, capsys):

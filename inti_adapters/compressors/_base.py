@@ -18,6 +18,9 @@ The contract of a new compressor (everything the library relies on):
 - ``no_weight_decay()``: names of its own parameters that must not be decayed.
 - ``renamed_parameters``: old -> new parameter-name prefixes, so weights saved by an older
   version keep loading (``load_state_dict`` and ``load_pretrained`` apply them).
+- ``exportable``: False when its forward cannot be captured by ``torch.export`` (e.g. shapes that
+  depend on the data); :mod:`inti_adapters.export` then refuses it with a clear error. Every
+  built-in compressor exports (token merging too: it merges a fixed ``r`` tokens per layer).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class Compressor(nn.Module):
 
     config_class: ClassVar[type]
     renamed_parameters: ClassVar[dict[str, str]] = {}  # old name prefix -> new, for older saved weights
+    exportable: ClassVar[bool] = True  # torch.export / ONNX can capture its forward
 
     def __init__(self, dim: int, config: Any) -> None:
         super().__init__()

@@ -140,6 +140,10 @@ class Host:
         """The normalisation the backbone was trained with, if it says."""
         return None
 
+    def pretrained_id(self) -> str | None:
+        """Hugging Face Hub id of the pretrained weights the backbone names, if it says (model cards)."""
+        return None
+
     def filter_checkpoint(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Convert a checkpoint of this family (other layouts, position-table sizes) to the model's keys."""
         return state_dict

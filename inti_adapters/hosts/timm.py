@@ -143,6 +143,10 @@ class TimmHost(Host):
             return None
         return tuple(cfg["mean"]), tuple(cfg["std"])
 
+    def pretrained_id(self) -> str | None:
+        cfg = getattr(self.model, "pretrained_cfg", None) or {}
+        return cfg.get("hf_hub_id") or None
+
     def filter_checkpoint(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """timm's own ``checkpoint_filter_fn`` of the model family (OpenAI / OpenCLIP layouts,
         position tables of another size)."""

@@ -1,7 +1,7 @@
 """Training at scale: typed recipes, the DeepSpeed engine, checkpoints, multi-view evaluation.
 
     >>> from inti_adapters.train import load_config, train
-    >>> cfg = load_config("recipes/digits_cpu.yaml", ["train.epochs=1"])   # doctest: +SKIP
+    >>> cfg = load_config("digits_cpu", ["train.epochs=1"])   # a built-in recipe by name  # doctest: +SKIP
     >>> result = train(cfg)                                                # doctest: +SKIP
 
 Command line: ``inti-train`` / ``inti-eval`` (see :mod:`inti_adapters.train.cli`). DeepSpeed is

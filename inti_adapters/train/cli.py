@@ -1,7 +1,8 @@
 """``inti-train`` and ``inti-eval``.
 
-    inti-train --config recipes/k400_vitb16_inti.yaml [section.key=value ...] [--smoke]
-    inti-eval  --config recipes/k400_vitb16_inti.yaml [--checkpoint runs/k400_vitb16_inti/final]
+    inti-train --config k400_vitb16_inti [section.key=value ...] [--smoke]   (a built-in name or a YAML path)
+    inti-eval  --config k400_vitb16_inti [--checkpoint runs/k400_vitb16_inti/final]
+    inti-train --list-recipes
 
 Launch on GPUs with ``deepspeed --module inti_adapters.train --config ...`` (``--hostfile`` for
 several nodes) or ``torchrun --nproc_per_node 8 -m inti_adapters.train --config ...``; on a CPU
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..flops import count_gflops
+from ..recipes import describe_recipes
 from ..serialization import load_pretrained
 from .build import build_model, create_backbone, mean_std_of
 from .config import ConfigError, help_text, load_config
@@ -30,7 +32,8 @@ from .smoke import smoke_config, smoke_loader_factory
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--config", help="YAML recipe (see recipes/)")
+    p.add_argument("--config", help="recipe: a built-in name (see --list-recipes) or a YAML file")
+    p.add_argument("--list-recipes", action="store_true", help="list the built-in recipes and exit")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="override recipe values, e.g. optim.lr=1e-5 train.output_dir=runs/x")
     p.add_argument("--smoke", action="store_true",
@@ -49,11 +52,11 @@ def _setup_logging() -> None:
 
 
 def _load(parser: argparse.ArgumentParser, args: argparse.Namespace):
-    if args.help_config:
-        print(help_text())
+    if args.help_config or args.list_recipes:
+        print(help_text() if args.help_config else describe_recipes())
         raise SystemExit(0)
     if args.config is None:
-        parser.error("--config is required (a recipe such as recipes/digits_cpu.yaml)")
+        parser.error("--config is required (a built-in recipe such as digits_cpu, see --list-recipes, or a YAML file)")
     try:
         return load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -101,7 +104,7 @@ def _eval_model(cfg, num_classes: int, checkpoint: str | None, smoke: bool):
 
 def eval_main(argv: list[str] | None = None) -> int:
     """Entry point of ``inti-eval``: multi-view top-1 / top-5 and GFLOPs per view."""
-    parser = _parser("inti-eval", "Multi-view evaluation (clips x crops, averaged softmax) of a saved adapter.")
+    parser = _parser("inti-eval", "Multi-view evaluation (frames×clips×crops views averaged as mmaction2's average_clips) of a saved adapter.")
     parser.add_argument("--checkpoint", help="directory written by save_pretrained (default: eval.checkpoint, "
                                              "else <train.output_dir>/final)")
     parser.add_argument("--json", help="also write the results to this JSON file")
@@ -132,11 +135,11 @@ def eval_main(argv: list[str] | None = None) -> int:
         view = torch.zeros(1, 3, frames, size, size, device=info.device)
         gflops = count_gflops(model, view) if cfg.eval.flops else None
         result = evaluate(model, loader, device=info.device, mean_std=mean_std,
-                          clips_per_forward=cfg.eval.clips_per_forward, max_batches=cfg.eval.max_batches)
+                          clips_per_forward=cfg.eval.clips_per_forward, max_batches=cfg.eval.max_batches,
+                          average_clips=cfg.eval.average_clips, num_crops=data_value(cfg, data_cfg, "num_crops", 1))
     result.gflops_per_view = gflops
     if info.is_main:
-        clips, crops = data_value(cfg, data_cfg, "num_clips", 1), data_value(cfg, data_cfg, "num_crops", 1)
-        print(f"inti-eval: {result.summary()} [{clips} clips x {crops} crops]")
-        if args.json:
-            Path(args.json).write_text(json.dumps(vars(result), indent=2) + "\n")
+        print(f"inti-eval: {result.summary()}")
+        if args.json:  # views as frames×clips×crops, as mmaction2 writes them
+            Path(args.json).write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
     return 0

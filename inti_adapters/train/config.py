@@ -5,7 +5,7 @@ A recipe is a YAML mapping with the sections ``model``, ``data``, ``builtin_data
 plus an optional ``base`` (a path or list of paths, relative to the recipe) whose contents
 are merged underneath it. Overrides use dotted keys and YAML values::
 
-    cfg = load_config("recipes/k400_vitb16_inti.yaml", ["optim.lr=1e-5", "model.layers=[4, 6]"])
+    cfg = load_config("k400_vitb16_inti", ["optim.lr=1e-5", "model.layers=[4, 6]"])  # or a path to a YAML file
 
 Unknown keys and values of the wrong type raise :class:`ConfigError` naming the key, what
 was received and what is allowed.
@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
@@ -26,6 +25,7 @@ from .._config import check_choice, option
 from .._io import atomic_write
 from ..config import InjectConfig
 from ..data import DataConfig, DigitsOptions
+from ..recipes import find_recipe
 from ..temporal import PRESETS
 from ._recipe import ConfigError, coerce, parse_override, read_yaml, reject_unknown, set_dotted, type_name
 
@@ -209,8 +209,11 @@ class EvalConfig(ConfigBase):
     )
     flops: bool = option(True, help="Print GFLOPs per view (count_gflops on one view).")
     max_batches: int | None = option(None, help="Stop after N batches (quick checks).")
+    average_clips: str = option("prob", help="How the views of a video are averaged, as in mmaction2: 'prob' "
+                                             "(softmax of each view, mmaction2's recognisers) or 'score' (raw scores).")
 
     def __post_init__(self) -> None:
+        check_choice("eval.average_clips", self.average_clips, ("prob", "score"))
         for name in ("clips_per_forward", "max_batches"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"eval.{name} must be >= 1 or null, got {getattr(self, name)}")
@@ -275,11 +278,15 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     """Read a recipe (and its ``base`` files), apply ``key=value`` overrides and validate.
 
     Args:
-        path: The YAML recipe, or None to start from the defaults.
+        path: The YAML recipe (a file, or the name of a built-in recipe such as ``"k400_vitb16_inti"``:
+            :func:`inti_adapters.recipes.list_recipes`), or None to start from the defaults.
         overrides: Dotted ``section.key=value`` strings; values are parsed as YAML
             (``model.layers=[4, 6]``, ``train.bf16=true``, ``model.checkpoint=null``).
     """
-    raw = read_yaml(Path(path), PATH_KEYS) if path is not None else {}
+    try:
+        raw = read_yaml(find_recipe(path), PATH_KEYS) if path is not None else {}
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
     for item in overrides:
         key, value = parse_override(item, PATH_KEYS)
         set_dotted(raw, key, value)

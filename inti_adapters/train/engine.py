@@ -286,8 +286,9 @@ class Trainer:
             return None
         with torch.random.fork_rng(devices=[]):  # off the training RNG (a DataLoader draws a seed from it)
             return evaluate(self.engine, loader, device=self.engine.device, mean_std=self.mean_std, dtype=self.dtype,
-                            clips_per_forward=self.cfg.eval.clips_per_forward,
-                            max_batches=self.cfg.eval.max_batches, lockstep=self.zero_stage == 3)
+                            clips_per_forward=self.cfg.eval.clips_per_forward, max_batches=self.cfg.eval.max_batches,
+                            lockstep=self.zero_stage == 3, average_clips=self.cfg.eval.average_clips,
+                            num_crops=self._data_value("num_crops", 1))
 
     def _resume(self) -> _Position:
         """Load the checkpoint ``train.resume`` points to (after comparing its recipe with this run's)."""

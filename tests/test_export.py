@@ -1,0 +1,131 @@
+"""Deployment: ``torch.export`` (dynamic batch) and ONNX of injected models equal the eager model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+import inti_adapters as ia
+from inti_adapters.export import ExportError
+from inti_adapters.train.export_cli import export_main
+
+S = 16
+TEMPORAL = [{"name": "local_mhra", "blocks": "all"}, {"name": "global_mhra", "blocks": {"last": 1}, "num_heads": 2}]
+
+
+def _vit(depth: int = 2, **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=S, patch_size=8, embed_dim=16, depth=depth, num_heads=2, num_classes=3,
+                             **kw).eval()
+
+
+def _perturb(model: torch.nn.Module) -> torch.nn.Module:
+    """Move every weight (LoRA's B and the zero-initialised heads too) so that each part matters."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def _videos(*batches: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return [torch.randn(b, 3, 4, S, S, generator=g) for b in batches]
+
+
+def _eager(model: torch.nn.Module, videos: list[torch.Tensor]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(v) for v in videos]
+
+
+def test_inti_temporal_and_lora_after_inject_export_with_dynamic_batch():
+    peft = pytest.importorskip("peft")
+    model = ia.add_lora(ia.inject(_vit(), layers=[0], temporal=TEMPORAL),
+                        peft.LoraConfig(r=2, lora_alpha=4, target_modules=["qkv"]))
+    model = _perturb(model)
+    videos = _videos(2, 1, 3)
+    expected = _eager(model, videos)  # before LoRA is merged
+    program = ia.export_program(model, videos[0])
+    assert isinstance(program, torch.export.ExportedProgram)
+    for video, ref in zip(videos, expected, strict=True):
+        torch.testing.assert_close(program.module()(video), ref, rtol=1e-5, atol=1e-5)
+    # the surgery layer's instance-level overrides were captured: without them the output differs
+    inner = model.get_base_model()
+    with torch.no_grad(), inner.disable_adapters():
+        naive = inner(videos[0])
+    assert not torch.allclose(naive, expected[0], atol=1e-3)
+
+
+def test_token_merging_and_lora_before_inject_export():
+    peft = pytest.importorskip("peft")
+    backbone = peft.get_peft_model(_vit(depth=3), peft.LoraConfig(r=2, target_modules=["qkv"]))
+    model = _perturb(ia.inject(backbone, layers=[0, 1], compressor="tome", r=1))
+    videos = _videos(2, 5)
+    expected = _eager(model, videos)
+    program = ia.export_program(model, videos[0])  # tome keeps a fixed r: every shape is known
+    for video, ref in zip(videos, expected, strict=True):
+        torch.testing.assert_close(program.module()(video), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_refusals_name_the_extension(monkeypatch):
+    model = ia.inject(_vit(), layers=[0], compressor="conv_pool")
+    video, = _videos(2)
+    monkeypatch.setattr(type(model.compressors["0"]), "exportable", False)
+    with pytest.raises(ExportError, match=r"compressor 'conv_pool' \(ConvPool.*exportable = False"):
+        ia.export_program(model, video)
+    monkeypatch.undo()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("data-dependent shape")
+
+    monkeypatch.setattr(torch.export, "export", fail)
+    with pytest.raises(ExportError, match=r"could not capture the model \(compressor 'conv_pool' on layers \[0\]"):
+        ia.export_program(model, video)
+    with pytest.raises(TypeError, match="expects an InTIModel"):
+        ia.export_program(_vit(), video)
+
+
+def _saved_digits_like(tmp_path) -> tuple[list[str], torch.nn.Module]:
+    """An adapter for the digits_cpu recipe's backbone, shrunk by overrides to keep the test fast."""
+    import timm
+
+    kwargs = {"img_size": S, "patch_size": 8, "depth": 2, "embed_dim": 16, "num_heads": 2, "class_token": False,
+              "global_pool": "avg"}
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=40, **kwargs)
+    model = _perturb(ia.inject(vit, layers=[0], temporal=TEMPORAL[:1]))
+    model.save_pretrained(tmp_path / "adapter")
+    overrides = ["model.num_classes=40", "model.model_kwargs=" + str(kwargs).replace("'", ""), "data.num_frames=4",
+                 f"data.crop_size={S}"]
+    return overrides, model
+
+
+def test_inti_export_writes_a_program_that_loads_and_matches(tmp_path, capsys):
+    overrides, model = _saved_digits_like(tmp_path)
+    out = tmp_path / "digits.pt2"
+    assert export_main(["--config", "digits_cpu", "--checkpoint", str(tmp_path / "adapter"), "--out", str(out),
+                        *overrides]) == 0
+    assert "dynamic batch, checked against the eager model" in capsys.readouterr().out
+    program = torch.export.load(str(out))
+    for video, ref in zip(_videos(3, 1), _eager(model, _videos(3, 1)), strict=True):
+        torch.testing.assert_close(program.module()(video), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(SystemExit):
+        export_main(["--config", "digits_cpu", "--checkpoint", str(tmp_path / "adapter"), "--out", "m.bin"])
+    assert "--out must end in .pt2" in capsys.readouterr().err
+
+
+def test_inti_export_onnx_goes_through_export_onnx(tmp_path, monkeypatch, capsys):
+    # ONNX itself is checked in onnxruntime by tests/test_readme.py::test_export_snippet
+    import inti_adapters.train.export_cli as cli
+
+    overrides, _ = _saved_digits_like(tmp_path)
+    calls = []
+    monkeypatch.setattr(cli, "export_program", lambda model, video, **kw: ("program", tuple(video.shape), kw))
+    monkeypatch.setattr(cli, "export_onnx", lambda program, video, out, **kw: calls.append((program, out, kw)))
+    assert export_main(["--config", "digits_cpu", "--checkpoint", str(tmp_path / "adapter"), "--out",
+                        str(tmp_path / "m.onnx"), "--batch", "3", "--static-batch", *overrides]) == 0
+    (program, out, kw), = calls
+    assert program == ("program", (3, 3, 4, S, S), {"dynamic_batch": False, "check": True})
+    assert out == tmp_path / "m.onnx" and kw == {"check": True}
+    assert "static batch" in capsys.readouterr().out
