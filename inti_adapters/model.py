@@ -15,6 +15,7 @@ frames are pooled by the host, averaged, changed by global adapters and classifi
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import warnings
@@ -43,6 +44,7 @@ from .hub import PushToHubMixin, check_save_options, finish_save
 from .surgery import Site
 from .temporal import PRESETS, attach_temporal_adapters, build_temporal_adapters
 from .tokens import TokenLayout, frame_schedule
+from .video import video_frames
 
 __all__ = ["InTIModel", "build_video_model", "inject"]
 
@@ -136,48 +138,11 @@ class InTIModel(PushToHubMixin, nn.Module):
 
     # -- input ----------------------------------------------------------------------------------
     def _frames(self, video: Any, layout: str | None) -> tuple[torch.Tensor, int, int]:
-        """Validate ``video`` and return ``(B*T, C, H, W)`` frames, ``B`` and ``T``."""
-        layout = layout or self.config.input_layout
-        if layout not in ("NCTHW", "NTCHW"):
-            raise ValueError(f"layout must be 'NCTHW' or 'NTCHW', got {layout!r}")
-        expected = "(B, 3, T, H, W)" if layout == "NCTHW" else "(B, T, 3, H, W)"
-        if not isinstance(video, torch.Tensor):
-            raise TypeError(f"expected a video tensor of shape {expected}, got {type(video).__name__}")
-        if video.dim() != 5:
-            hint = " For a single image use video.unsqueeze(2) (one frame)." if video.dim() == 4 else ""
-            raise ValueError(
-                f"expected a 5-D video of shape {expected} (layout {layout}), got a {video.dim()}-D tensor "
-                f"of shape {tuple(video.shape)}.{hint}"
-            )
-        if not video.is_floating_point():
-            raise TypeError(
-                f"expected a float video (normalised frames), got dtype {video.dtype}. Convert uint8 clips "
-                "on the device with inti_adapters.normalize_video(video, 'clip') (or your own mean/std)."
-            )
-        self._check_dtype(video)
-        b = video.shape[0]
-        c, t = (video.shape[1], video.shape[2]) if layout == "NCTHW" else (video.shape[2], video.shape[1])
-        if c != self._host.in_chans:
-            other = "NTCHW" if layout == "NCTHW" else "NCTHW"
-            raise ValueError(
-                f"expected {self._host.in_chans} channels in a {expected} video (layout {layout}), got shape "
-                f"{tuple(video.shape)} with {c} channels; is the video {other}? Pass input_layout='{other}'."
-            )
-        if b == 0:
-            raise ValueError(f"got an empty batch: video of shape {tuple(video.shape)}")
-        if t == 0:
-            raise ValueError(f"got a video with 0 frames: shape {tuple(video.shape)}")
-        self._host.check_image_size(*video.shape[3:])
-        frames = video.transpose(1, 2) if layout == "NCTHW" else video
-        return frames.reshape(b * t, c, *video.shape[3:]), b, t
-
-    def _check_dtype(self, video: torch.Tensor) -> None:
-        """A video of another float dtype than the weights fails deep inside torch: say what is expected."""
-        w = next((p.dtype for p in self.parameters() if p.is_floating_point()), video.dtype)
-        kind = video.device.type  # under autocast, float32 and the autocast dtype are cast by torch itself
-        if video.dtype != w and not (torch.is_autocast_enabled(kind) and video.dtype in (torch.float32, torch.get_autocast_dtype(kind))):
-            raise TypeError(f"the model's weights are {w} but the video is {video.dtype}: convert it with video.to({w}) "
-                            f"(or normalize_video(..., dtype={w})), or run mixed precision under torch.autocast")
+        """Validate ``video`` (:func:`inti_adapters.video.video_frames`) and the frame size (host)."""
+        weight = next((p.dtype for p in self.parameters() if p.is_floating_point()), None)
+        frames, b, t = video_frames(video, layout or self.config.input_layout, self._host.in_chans, weight)
+        self._host.check_image_size(*frames.shape[-2:])
+        return frames, b, t
 
     def _check_alive(self) -> None:
         if self._unloaded:
@@ -414,6 +379,20 @@ class InTIModel(PushToHubMixin, nn.Module):
             "saved_backbone": saved_backbone,
             "peft": peft_info,
         }
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> InTIModel:
+        """A working copy (e.g. for EMA): the backbone copied without this model's sites, then
+        injected the same way, with the same weights, ``requires_grad`` flags and mode."""
+        self._check_alive()
+        with self._site.suspended():
+            backbone = copy.deepcopy(self.backbone, memo)
+        new = InTIModel(backbone, self.config, type(self._host)(unwrap_peft(backbone)), head=copy.deepcopy(self.head, memo))
+        memo[id(self)] = new
+        new.load_state_dict(self.state_dict())
+        for (_, mine), (_, theirs) in zip(self.named_parameters(), new.named_parameters(), strict=True):
+            theirs.requires_grad_(mine.requires_grad)
+        new._requires_grad, new._frozen_added = dict(self._requires_grad), self._frozen_added
+        return new.train(self.training)
 
     def unload(self) -> nn.Module:
         """Remove every hook and added module; return the backbone, bit-identical to before ``inject``."""

@@ -352,6 +352,17 @@ class Site:
         return features
 
     # -- lifecycle -------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Inside, the backbone's modules are exactly as before injection (e.g. to copy them)."""
+        handles = list(self._handles)
+        for h in reversed(handles):
+            h.remove()
+        try:
+            yield
+        finally:
+            self._handles = [_patch(h.module, h.where, h.fn) for h in handles]
+
     def remove(self) -> None:
         """Undo every change, newest first: each module is as it was before."""
         for h in reversed(self._handles):

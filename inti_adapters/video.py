@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -39,3 +40,51 @@ def normalize_video(
     if not video.is_floating_point():
         x = x / 255.0
     return (x - mean) / std
+
+
+def video_frames(video: Any, layout: str, in_chans: int = 3,
+                 weight_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, int, int]:
+    """Check a model input and flatten it to frames: ``((B*T, C, H, W), B, T)``.
+
+    Args:
+        video: ``(B, C, T, H, W)`` (``layout='NCTHW'``) or ``(B, T, C, H, W)`` (``'NTCHW'``), float.
+        layout: ``'NCTHW'`` or ``'NTCHW'``.
+        in_chans: Channels the model takes.
+        weight_dtype: The model's floating dtype: another float dtype is refused with what to do
+            (under autocast, float32 and the autocast dtype are accepted, torch casts them).
+    """
+    if layout not in ("NCTHW", "NTCHW"):
+        raise ValueError(f"layout must be 'NCTHW' or 'NTCHW', got {layout!r}")
+    expected = "(B, 3, T, H, W)" if layout == "NCTHW" else "(B, T, 3, H, W)"
+    if not isinstance(video, torch.Tensor):
+        raise TypeError(f"expected a video tensor of shape {expected}, got {type(video).__name__}")
+    if video.dim() != 5:
+        hint = " For a single image use video.unsqueeze(2) (one frame)." if video.dim() == 4 else ""
+        raise ValueError(f"expected a 5-D video of shape {expected} (layout {layout}), got a {video.dim()}-D tensor "
+                         f"of shape {tuple(video.shape)}.{hint}")
+    if not video.is_floating_point():
+        raise TypeError(f"expected a float video (normalised frames), got dtype {video.dtype}. Convert uint8 clips "
+                        "on the device with inti_adapters.normalize_video(video, 'clip') (or your own mean/std).")
+    _check_dtype(video, weight_dtype)
+    b = video.shape[0]
+    c, t = (video.shape[1], video.shape[2]) if layout == "NCTHW" else (video.shape[2], video.shape[1])
+    if c != in_chans:
+        other = "NTCHW" if layout == "NCTHW" else "NCTHW"
+        raise ValueError(f"expected {in_chans} channels in a {expected} video (layout {layout}), got shape "
+                         f"{tuple(video.shape)} with {c} channels; is the video {other}? Pass input_layout='{other}'.")
+    if b == 0:
+        raise ValueError(f"got an empty batch: video of shape {tuple(video.shape)}")
+    if t == 0:
+        raise ValueError(f"got a video with 0 frames: shape {tuple(video.shape)}")
+    frames = video.transpose(1, 2) if layout == "NCTHW" else video
+    return frames.reshape(b * t, c, *video.shape[3:]), b, t
+
+
+def _check_dtype(video: torch.Tensor, weight: torch.dtype | None) -> None:
+    """A video of another float dtype than the weights fails deep inside torch: say what is expected."""
+    kind = video.device.type  # under autocast, float32 and the autocast dtype are cast by torch itself
+    autocast = torch.is_autocast_enabled(kind) and video.dtype in (torch.float32, torch.get_autocast_dtype(kind))
+    if weight is not None and video.dtype != weight and not autocast:
+        raise TypeError(f"the model's weights are {weight} but the video is {video.dtype}: convert it with "
+                        f"video.to({weight}) (or normalize_video(..., dtype={weight})), or run mixed precision under "
+                        "torch.autocast")

@@ -162,3 +162,26 @@ def test_no_warning_when_the_layers_train_or_are_frozen_on_purpose(how):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         wrapped(torch.randn(1, 3, 2, 32, 32)).sum().backward()
+
+
+def test_deepcopy_gives_an_independent_working_model():
+    """copy.deepcopy (EMA, model averaging) copies the backbone without the sites and injects it again."""
+    import copy
+
+    vit = make_vit(img_size=48)
+    model = _perturbed(ia.inject(vit, layers=[0, 2], compressor="tome", r=3, freeze_backbone=True,
+                                 temporal=[{"name": "st_adapter", "blocks": [0], "placement": "mlp"}])).eval()
+    video = torch.randn(2, 3, 4, 48, 48)
+    with torch.no_grad():
+        ref = model(video)
+        twin = copy.deepcopy(model)
+        torch.testing.assert_close(twin(video), ref, rtol=0, atol=0)
+        assert [p.requires_grad for p in twin.parameters()] == [p.requires_grad for p in model.parameters()]
+        for p in twin.compressors.parameters():
+            p.add_(1.0)
+        for p in twin.temporal.parameters():
+            p.add_(0.1)
+        assert not torch.allclose(twin(video), ref)
+        torch.testing.assert_close(model(video), ref, rtol=0, atol=0)  # the original is untouched
+    assert twin.unload() is not vit and all("forward" not in m.__dict__ for m in twin.backbone.modules())
+    assert "forward" in vit.blocks[0].__dict__  # the original keeps its sites

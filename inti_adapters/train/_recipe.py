@@ -12,9 +12,7 @@ from typing import Any, Union, get_args, get_origin
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A recipe or override is invalid: unknown key, wrong type or value out of range."""
+from .._config import ConfigError  # the one ConfigError of the package
 
 
 def parse_override(item: str, path_keys: Collection[tuple[str, str]] = ()) -> tuple[str, Any]:
