@@ -1,0 +1,120 @@
+"""Reading WebDataset tar shards sample by sample, and noticing when a shard is damaged.
+
+Python's ``tarfile`` stops *silently* at a damaged member header in the middle of an archive
+(it treats it as the end), and ``webdataset`` inherits that: the rest of the shard is dropped
+without a word. :func:`iter_tar_samples` reads the shard as a stream, groups members into
+samples the way webdataset does (``<key>.<ext>``, the key being the name up to the first dot),
+and when the archive ends it checks that only zero padding is left; anything else, or an
+exception while reading, is reported as :class:`ShardDamage` with the shard's name, the number
+of samples read and the byte offset where reading stopped. A shard cut exactly at a member
+boundary looks complete here; the reader catches that case by comparing with ``sizes.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from webdataset.gopen import gopen
+
+class ShardDamage(Exception):
+    """A shard could not be read to its end: ``samples`` complete samples were read before ``offset``."""
+
+    def __init__(self, url: str, samples: int, offset: int | None, reason: str) -> None:
+        self.url, self.samples, self.offset, self.reason = url, samples, offset, reason
+        where = f" at byte {offset}" if offset is not None else ""
+        super().__init__(f"shard {url} is damaged{where} after {samples} complete samples: {reason}; "
+                         "the rest of it cannot be read (rewrite it, e.g. by rerunning inti-shards)")
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """``('dir/key', 'ext')`` of a member name (the key ends at the first dot of the file name, as in
+    webdataset); None for hidden / ``__meta__`` files and names without an extension."""
+    folder, base = os.path.split(name)
+    if base.startswith((".", "__")) or "." not in base:
+        return None
+    stem, ext = base.split(".", 1)
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def _rest_is_padding(stream: Any, limit: int = 1 << 20) -> bool:
+    """Whether what follows the archive's end is zero padding (reads at most ``limit`` bytes)."""
+    seen = 0
+    while seen < limit:
+        chunk = stream.read(min(65536, limit - seen))
+        if not chunk:
+            return True
+        if chunk.count(0) != len(chunk):
+            return False
+        seen += len(chunk)
+    return True
+
+
+def iter_tar_samples(url: str, *, opener: Callable[[str], Any] | None = None) -> Iterator[dict[str, Any]]:
+    """Samples ``{'__key__', '__url__', ext: bytes, ...}`` of one tar shard, in archive order.
+
+    Raises:
+        ShardDamage: after yielding every complete sample before the damage.
+    """
+    stream = (opener or (lambda u: gopen(u, "rb")))(url)
+    count, offset = 0, None
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*")
+        current: dict[str, Any] | None = None
+        for member in tar:
+            offset = member.offset
+            if not member.isreg():
+                continue
+            parts = split_member_name(member.name)
+            if parts is None:
+                continue
+            key, ext = parts
+            if current is not None and current["__key__"] != key:  # the previous sample is complete
+                count += 1
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key, "__url__": url}
+            current[ext] = tar.extractfile(member).read()
+        if current is not None:
+            count += 1
+            yield current
+            current = None
+        offset = tar.offset
+        if tar.fileobj.tell() < offset + tarfile.BLOCKSIZE:  # tarfile read less than the end-of-archive block
+            raise ShardDamage(url, count, offset, "the file ends without the end-of-archive marker (truncated)")
+        if not _rest_is_padding(tar.fileobj):
+            raise ShardDamage(url, count, offset, "a damaged member header (the archive stops there)")
+    except ShardDamage:
+        raise
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+        raise ShardDamage(url, count, offset, f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        stream.close()
+
+
+def count_tar_samples(path: str) -> int:
+    """Samples in a local shard (reads its member headers, seeking over the data).
+
+    Raises:
+        ValueError: naming the shard, when it is not a readable tar or is damaged.
+    """
+    keys: set[str] = set()
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                parts = split_member_name(member.name) if member.isreg() else None
+                if parts is not None:
+                    keys.add(parts[0])
+            end = tar.offset
+            tar.fileobj.seek(end)
+            marker = tar.fileobj.read(tarfile.BLOCKSIZE)
+            if len(marker) < tarfile.BLOCKSIZE or marker.count(0) != len(marker) or not _rest_is_padding(tar.fileobj):
+                raise ValueError(f"shard {path} is damaged at byte {end} after {len(keys)} samples (a damaged "
+                                 "member header, or truncated); rewrite it, or list its size in a sizes.json beside it")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise ValueError(f"cannot count the samples of shard {path}: {type(exc).__name__}: {exc} (a truncated or "
+                         "damaged tar?); rewrite it, or list its size in a sizes.json beside the shards") from exc
+    return len(keys)
