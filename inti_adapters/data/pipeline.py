@@ -43,16 +43,13 @@ inside the skipped range, which shifts later batch boundaries by one sample).
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import braceexpand
 import torch
 from torch.utils.data import DataLoader
 from webdataset import DataPipeline
@@ -60,6 +57,7 @@ from webdataset import DataPipeline
 from .config import DataConfig
 from .decode import resolve_decoder
 from .shards import SIZES_FILE
+from .tario import count_tar_samples, expand_shards, is_local
 from .stages import (
     Batch,
     DecodeClip,
@@ -77,47 +75,6 @@ logger = logging.getLogger("inti_adapters.data")
 # shard lists
 
 
-def _is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
-
-
-def expand_shards(spec: str | list[str] | tuple[str, ...]) -> list[str]:
-    """Expand a shard spec: a brace pattern, a glob, a directory (its ``*.tar``), a path, or a list of these.
-
-    Raises:
-        ValueError: the spec names no shard.
-    """
-    if isinstance(spec, (list, tuple)):
-        out = [s for part in spec for s in expand_shards(part)]
-    elif isinstance(spec, str):
-        out = []
-        for part in braceexpand.braceexpand(spec):
-            if _is_local(part) and os.path.isdir(part):
-                out.extend(sorted(glob.glob(os.path.join(part, "*.tar"))))
-            elif _is_local(part) and any(c in part for c in "*?["):
-                out.extend(sorted(glob.glob(part)))
-            else:
-                out.append(part)
-    else:
-        raise TypeError(f"shards must be a string or a list of strings, got {type(spec).__name__}: {spec!r}")
-    if not out:
-        raise ValueError(f"the shard spec {spec!r} names no shard (empty directory or glob without matches)")
-    missing = [s for s in out if _is_local(s) and not os.path.exists(s)]
-    if missing:
-        raise ValueError(f"{len(missing)} shard(s) of {spec!r} do not exist, e.g. {missing[0]}")
-    return out
-
-
-def _count_tar_samples(path: str) -> int:
-    keys = set()
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if member.isfile():
-                name = os.path.basename(member.name)
-                keys.add(os.path.join(os.path.dirname(member.name), name.split(".", 1)[0]))
-    return len(keys)
-
-
 def read_shard_sizes(shards: list[str]) -> list[int] | None:
     """Samples per shard, from ``sizes.json`` beside the shards or by reading local tar headers.
 
@@ -129,11 +86,11 @@ def read_shard_sizes(shards: list[str]) -> list[int] | None:
         folder, name = os.path.split(s)
         if folder not in listings:
             path = os.path.join(folder, SIZES_FILE)
-            listings[folder] = json.loads(Path(path).read_text()) if _is_local(path) and os.path.exists(path) else {}
+            listings[folder] = json.loads(Path(path).read_text()) if is_local(path) and os.path.exists(path) else {}
         if name in listings[folder]:
             sizes.append(int(listings[folder][name]))
-        elif _is_local(s):
-            sizes.append(_count_tar_samples(s))
+        elif is_local(s):
+            sizes.append(count_tar_samples(s))
         else:
             return None
     return sizes

@@ -12,12 +12,45 @@ boundary looks complete here; the reader catches that case by comparing with ``s
 
 from __future__ import annotations
 
+import glob
 import os
 import tarfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import braceexpand
 from webdataset.gopen import gopen
+
+def is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def expand_shards(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Expand a shard spec: a brace pattern, a glob, a directory (its ``*.tar``), a path, or a list of these.
+
+    Raises:
+        ValueError: the spec names no shard.
+    """
+    if isinstance(spec, (list, tuple)):
+        out = [s for part in spec for s in expand_shards(part)]
+    elif isinstance(spec, str):
+        out = []
+        for part in braceexpand.braceexpand(spec):
+            if is_local(part) and os.path.isdir(part):
+                out.extend(sorted(glob.glob(os.path.join(part, "*.tar"))))
+            elif is_local(part) and any(c in part for c in "*?["):
+                out.extend(sorted(glob.glob(part)))
+            else:
+                out.append(part)
+    else:
+        raise TypeError(f"shards must be a string or a list of strings, got {type(spec).__name__}: {spec!r}")
+    if not out:
+        raise ValueError(f"the shard spec {spec!r} names no shard (empty directory or glob without matches)")
+    missing = [s for s in out if is_local(s) and not os.path.exists(s)]
+    if missing:
+        raise ValueError(f"{len(missing)} shard(s) of {spec!r} do not exist, e.g. {missing[0]}")
+    return out
+
 
 class ShardDamage(Exception):
     """A shard could not be read to its end: ``samples`` complete samples were read before ``offset``."""
