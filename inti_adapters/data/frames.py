@@ -227,9 +227,17 @@ class FrameReader:
             raise VideoDecodeError(f"frame member {self.members[position]} is not a complete JPEG")
         return data
 
-    def frame_size(self) -> tuple[int, int]:
-        """``(height, width)`` of the stored frames (read from the first JPEG's header)."""
-        return jpeg_size(self.encoded(0))
+    def frame_size(self, positions: Sequence[int] = (0,)) -> tuple[int, int]:
+        """``(height, width)`` of the stored frames, read from the JPEG headers of ``positions``
+        (checked, like their CRC-32, so that a GPU decoder never meets a damaged frame).
+
+        Raises:
+            VideoDecodeError: a frame is damaged or the frames differ in size.
+        """
+        sizes = {jpeg_size(self.encoded(int(p))) for p in positions}
+        if len(sizes) != 1:
+            raise VideoDecodeError(f"the frames of one video differ in size: {sorted(sizes)}")
+        return sizes.pop()
 
     def get_frames(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
         """uint8 ``(len(indices), 3, H, W)`` (a channels-last view), decoding each needed stored frame once."""
@@ -242,10 +250,11 @@ class FrameReader:
         return hwc.permute(0, 3, 1, 2)
 
 
-def decode_jpegs(data: Sequence[bytes], *, device: str | torch.device = "cpu", what: str = "frames") -> list[torch.Tensor]:
+def decode_jpegs(data: Sequence[bytes], *, device: str | torch.device = "cpu", what: str = "frames",
+                 same_size: bool = True) -> list[torch.Tensor]:
     """Batched ``torchvision.io.decode_jpeg`` of encoded frames to RGB ``(3, H, W)`` uint8 tensors.
 
-    All frames must have one size. Raises :class:`VideoDecodeError` on any failure.
+    With ``same_size`` all frames must have one size. Raises :class:`VideoDecodeError` on any failure.
     """
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
     try:
@@ -253,6 +262,6 @@ def decode_jpegs(data: Sequence[bytes], *, device: str | torch.device = "cpu", w
     except Exception as exc:
         raise VideoDecodeError(f"JPEG decoding of {what} failed: {type(exc).__name__}: "
                                f"{str(exc).splitlines()[-1] if str(exc) else ''}") from exc
-    if len({tuple(img.shape) for img in images}) > 1:
+    if same_size and len({tuple(img.shape) for img in images}) > 1:
         raise VideoDecodeError(f"the frames of one video differ in size: {sorted({tuple(i.shape) for i in images})}")
     return images

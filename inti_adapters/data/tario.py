@@ -21,6 +21,7 @@ from typing import Any
 import braceexpand
 from webdataset.gopen import gopen
 
+
 def is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
