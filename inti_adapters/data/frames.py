@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,10 +48,27 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+from torchvision.io import ImageReadMode
+from torchvision.io import decode_jpeg as _tv_decode_jpeg
+from torchvision.io import encode_jpeg as _tv_encode_jpeg
 
 from .decode import VideoDecodeError, _frame_count_from_header, _open_av, _stream_fps, _to_rgb, frame_rotation
 from .transforms import short_side_size
+
+def encode_jpeg(image: torch.Tensor, quality: int) -> torch.Tensor:
+    """``torchvision.io.encode_jpeg`` without its deprecation warning (torchvision 0.29 points to
+    torchcodec's image codecs; the API is the same and stays available)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _tv_encode_jpeg(image, quality=quality)
+
+
+def decode_jpeg(data: list[torch.Tensor], *, mode: ImageReadMode, device: str | torch.device) -> list[torch.Tensor]:
+    """``torchvision.io.decode_jpeg`` (batched; nvJPEG on a CUDA device) without its deprecation warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _tv_decode_jpeg(data, mode=mode, device=device)
+
 
 FRAME_MEMBER = re.compile(r"^(\d+)\.jpg$")
 STORE_KIND = "frames"
@@ -164,6 +182,22 @@ def extract_frames(
         "frame_indices": stored.tolist(), "frame_crc32": [zlib.crc32(j) for j in jpegs],
         "size": list(size), "source_size": list(source_size), "codec": codec, "jpeg_quality": quality,
     }
+    return {frame_member(p): j for p, j in enumerate(jpegs)}, info
+
+
+def encode_frames(frames: np.ndarray, *, fps: float, quality: int = 90) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """A frame-shard sample of uint8 RGB frames ``(T, H, W, 3)`` that are already decoded (every frame kept).
+
+    Returns ``(members, info)`` as :func:`extract_frames` does.
+    """
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
+    jpegs = [encode_jpeg(torch.from_numpy(np.ascontiguousarray(f)).permute(2, 0, 1).contiguous(),
+                         quality=quality).numpy().tobytes() for f in frames]
+    t, h, w = frames.shape[:3]
+    info = {"store": STORE_KIND, "num_frames": t, "fps": float(fps), "duration": t / fps,
+            "frame_indices": list(range(t)), "frame_crc32": [zlib.crc32(j) for j in jpegs], "size": [w, h],
+            "source_size": [w, h], "codec": "rawvideo", "jpeg_quality": quality}
     return {frame_member(p): j for p, j in enumerate(jpegs)}, info
 
 

@@ -20,7 +20,8 @@ Robustness:
   A shard whose videos were all skipped is not written (its samples are listed as skipped), a
   class that ends up with no sample is named in a warning, and a run that reads no video at all
   is an error.
-- Worker processes are spawned, never forked (see :mod:`inti_adapters.data._processes`).
+- Worker processes are made single-threaded in torch first, so a pool started after torch work
+  cannot hang (see :mod:`inti_adapters.data._processes`).
 
     $ inti-shards --source videos/ --output shards/train --samples-per-shard 500 --workers 4
     $ inti-shards --source videos/ --output shards/train-frames --store frames      # 32 JPEG frames a video
@@ -48,7 +49,7 @@ from tqdm.auto import tqdm
 
 from .._config import add_config_arguments, config_from_namespace
 from .._io import AtomicFile, atomic_write, temporary_name_pattern
-from ._processes import worker_context
+from ._processes import worker_pool
 from .annotations import CLASS_INDEX_FILE, VideoItem, read_annotations, write_class_index
 from .config import VIDEO_EXTENSIONS, ShardWriterConfig
 from .decode import VideoDecodeError, probe_video, reencode_video
@@ -353,7 +354,7 @@ def write_shards(config: ShardWriterConfig | None = None, **options: Any) -> Sha
                                                 "store", "frames_per_video", "jpeg_quality", "frame_short_side")}
     bar = tqdm(total=len(items), initial=sum(d["count"] + len(d["skipped"]) for d in done.values()),
                unit="video", disable=not cfg.progress, desc=f"shards -> {out}")
-    pool = worker_context().Pool(cfg.workers) if cfg.workers > 1 and pending else None
+    pool = worker_pool(cfg.workers) if cfg.workers > 1 and pending else None
     try:
         jobs = _jobs(items, pending, per, job_options)
         results = pool.imap(_prepare_safe, jobs, chunksize=2) if pool else map(_prepare_safe, jobs)

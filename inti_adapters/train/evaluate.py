@@ -6,6 +6,7 @@ every sample is on exactly one rank, and the counts are summed over ranks at the
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ import torch
 
 from ..video import normalize_video
 from .distributed import all_reduce_max, all_reduce_sum
+
+logger = logging.getLogger("inti_adapters.train")
 
 
 @dataclass
@@ -27,11 +30,15 @@ class EvalResult:
     num_samples: int
     num_views: int
     gflops_per_view: float | None = None
+    expected_samples: int | None = None  # what sizes.json lists (all ranks); None when unknown
+    read_samples: int | None = None  # what was read from the shards (including undecodable ones)
 
     def summary(self) -> str:
         views = self.num_views // max(self.num_samples, 1)
         text = (f"top-1 {self.top1:.2f}  top-5 {self.top5:.2f}  loss {self.loss:.4f}  "
                 f"({self.num_samples} videos x {views} views)")
+        if self.expected_samples is not None:
+            text += f"  [{self.read_samples} of {self.expected_samples} listed samples read]"
         if self.gflops_per_view is not None:
             text += f"  {self.gflops_per_view:.2f} GFLOPs/view"
         return text
@@ -123,6 +130,25 @@ def evaluate(
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
-    n, views, c1, c5, nll = all_reduce_sum(counts)
-    return EvalResult(top1=100.0 * c1 / max(n, 1), top5=100.0 * c5 / max(n, 1), loss=nll / max(n, 1),
-                      num_samples=int(n), num_views=int(views))
+    report = getattr(loader, "read_report", None) if max_batches is None or batches < max_batches else None
+    known = report is not None and report.expected is not None
+    n, views, c1, c5, nll, expected, read, unknown = all_reduce_sum(
+        [*counts, report.expected if known else 0, report.read if known else 0, 0 if known else 1])
+    result = EvalResult(top1=100.0 * c1 / max(n, 1), top5=100.0 * c5 / max(n, 1), loss=nll / max(n, 1),
+                        num_samples=int(n), num_views=int(views))
+    if unknown == 0:
+        result.expected_samples, result.read_samples = int(expected), int(read)
+        _check_complete(result, getattr(loader, "on_incomplete", "raise"))
+    return result
+
+
+def _check_complete(result: EvalResult, policy: str) -> None:
+    """Fail (or warn loudly) when the shards held another number of samples than ``sizes.json`` lists."""
+    if result.read_samples == result.expected_samples:
+        return
+    msg = (f"evaluation read {result.read_samples} samples but sizes.json lists {result.expected_samples}: a shard is "
+           f"damaged or truncated (the loader's warnings name it); the accuracy ({result.top1:.2f} top-1 on "
+           f"{result.num_samples} videos) is not that of the whole set")
+    if policy == "raise":
+        raise RuntimeError(msg + " (set data.on_incomplete: warn to report it anyway)")
+    logger.warning("WARNING: %s", msg)
