@@ -55,6 +55,7 @@ from torchvision.io import encode_jpeg as _tv_encode_jpeg
 from .decode import VideoDecodeError, _frame_count_from_header, _open_av, _stream_fps, _to_rgb, frame_rotation
 from .transforms import short_side_size
 
+
 def encode_jpeg(image: torch.Tensor, quality: int) -> torch.Tensor:
     """``torchvision.io.encode_jpeg`` without its deprecation warning (torchvision 0.29 points to
     torchcodec's image codecs; the API is the same and stays available)."""
