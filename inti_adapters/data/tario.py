@@ -86,6 +86,91 @@ def _rest_is_padding(stream: Any, limit: int = 1 << 20) -> bool:
     return True
 
 
+class _Damaged(Exception):
+    """A member header that does not parse, or a file that ends early (internal to this module)."""
+
+
+def _read(stream: Any, n: int) -> bytes:
+    """Exactly ``n`` bytes (streams from pipes may return less per read); fewer only at the end."""
+    data = stream.read(n)
+    if len(data) == n or not data:
+        return data
+    parts = [data]
+    while sum(map(len, parts)) < n:
+        more = stream.read(n - sum(map(len, parts)))
+        if not more:
+            break
+        parts.append(more)
+    return b"".join(parts)
+
+
+def _number(field: bytes) -> int:
+    """A tar numeric field: NUL/space-terminated octal, or GNU base-256 (first byte 0x80)."""
+    if field[:1] == b"\x80":
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    out, i = {}, 0
+    while i < len(data) and data[i:i + 1] != b"\0":
+        length = int(data[i:data.index(b" ", i)])
+        key, _, value = data[data.index(b" ", i) + 1:i + length - 1].partition(b"=")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        i += length
+    return out
+
+
+def iter_tar_members(stream: Any) -> Iterator[tuple[int, str, bytes]]:
+    """``(header offset, name, data)`` of the regular files of an uncompressed tar stream.
+
+    A small ustar/GNU/PAX reader: ``tarfile`` spends far longer per member (a frame shard has ~35
+    members per sample) and stops silently at a damaged header. Raises :class:`_Damaged` when a
+    header's checksum fails or the stream ends before the end-of-archive block.
+    """
+    offset, pax, long_name = 0, {}, None
+    while True:
+        header = _read(stream, 512)
+        if len(header) < 512:
+            raise _Damaged(offset, "the file ends without the end-of-archive marker (truncated)")
+        if header.count(0) == 512:
+            if not _rest_is_padding(stream):
+                raise _Damaged(offset, "an empty block inside the archive, followed by data")
+            return
+        try:
+            valid = _number(header[148:156]) == sum(header[:148]) + 256 + sum(header[156:])
+        except ValueError:
+            valid = False
+        if not valid:
+            raise _Damaged(offset, "a damaged member header (bad checksum)")
+        size, kind = pax.get("size") and int(pax["size"]) or _number(header[124:136]), header[156:157]
+        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if header[257:262] == b"ustar" and header[345:346] != b"\0":
+            name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+        data = _read(stream, size)
+        padding = -size % 512
+        if len(data) < size or len(_read(stream, padding)) < padding:
+            raise _Damaged(offset, "the file ends inside a member (truncated)")
+        if kind == b"x":
+            pax = _pax_records(data)
+        elif kind == b"L":
+            long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
+        else:
+            if kind in (b"0", b"\0", b"7"):
+                yield offset, pax.get("path") or long_name or name, data
+            pax, long_name = {}, None
+        offset += 512 + size + padding
+
+
+def _guarded(members: Iterator[tuple[int, str, bytes]]) -> Iterator[tuple[Any, Any, Any]]:
+    """The members, then ``(None, damage, None)`` instead of raising :class:`_Damaged`."""
+    try:
+        yield from members
+    except _Damaged as exc:
+        yield None, exc, None
+
+
 def iter_tar_samples(url: str, *, opener: Callable[[str], Any] | None = None) -> Iterator[dict[str, Any]]:
     """Samples ``{'__key__', '__url__', ext: bytes, ...}`` of one tar shard, in archive order.
 
@@ -93,15 +178,14 @@ def iter_tar_samples(url: str, *, opener: Callable[[str], Any] | None = None) ->
         ShardDamage: after yielding every complete sample before the damage.
     """
     stream = (opener or (lambda u: gopen(u, "rb")))(url)
-    count, offset = 0, None
+    count, offset, damage = 0, None, None
+    current: dict[str, Any] | None = None
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|*")
-        current: dict[str, Any] | None = None
-        for member in tar:
-            offset = member.offset
-            if not member.isreg():
-                continue
-            parts = split_member_name(member.name)
+        for offset, name, data in _guarded(iter_tar_members(stream)):
+            if isinstance(name, _Damaged):
+                damage = name
+                break
+            parts = split_member_name(name)
             if parts is None:
                 continue
             key, ext = parts
@@ -111,19 +195,13 @@ def iter_tar_samples(url: str, *, opener: Callable[[str], Any] | None = None) ->
                 current = None
             if current is None:
                 current = {"__key__": key, "__url__": url}
-            current[ext] = tar.extractfile(member).read()
-        if current is not None:
-            count += 1
+            current[ext] = data
+        if current is not None:  # the last sample (before the end, or before a damaged header: its checks
+            count += 1           # in the decoding stage catch a member lost with the header)
             yield current
-            current = None
-        offset = tar.offset
-        if tar.fileobj.tell() < offset + tarfile.BLOCKSIZE:  # tarfile read less than the end-of-archive block
-            raise ShardDamage(url, count, offset, "the file ends without the end-of-archive marker (truncated)")
-        if not _rest_is_padding(tar.fileobj):
-            raise ShardDamage(url, count, offset, "a damaged member header (the archive stops there)")
-    except ShardDamage:
-        raise
-    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+        if damage is not None:
+            raise ShardDamage(url, count, damage.args[0], damage.args[1])
+    except OSError as exc:
         raise ShardDamage(url, count, offset, f"{type(exc).__name__}: {exc}") from exc
     finally:
         stream.close()
