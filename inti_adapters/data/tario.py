@@ -181,7 +181,8 @@ def iter_tar_samples(url: str, *, opener: Callable[[str], Any] | None = None) ->
     count, offset, damage = 0, None, None
     current: dict[str, Any] | None = None
     try:
-        for offset, name, data in _guarded(iter_tar_members(stream)):
+        for member_offset, name, data in _guarded(iter_tar_members(stream)):
+            offset = member_offset
             if isinstance(name, _Damaged):
                 damage = name
                 break
