@@ -32,7 +32,8 @@ def _run(code: str, timeout: float, **kw) -> subprocess.CompletedProcess:
 
 
 def test_worker_pools_after_torch_work_do_not_hang(tmp_path):
-    """Forked workers of a process that ran a multi-threaded forward + backward used to block on a futex."""
+    """Forked workers of a process that ran a multi-threaded forward + backward used to block on a futex
+    (built-in data generation, the shard writer); DataLoader workers must keep working there too."""
     code = f"""
         import torch, timm, numpy as np
         torch.set_num_threads(2)
@@ -40,8 +41,10 @@ def test_worker_pools_after_torch_work_do_not_hang(tmp_path):
         m = timm.create_model('vit_tiny_patch16_224', num_classes=10, img_size=32, patch_size=8, depth=3,
                               embed_dim=32, num_heads=2)
         m(torch.randn(4, 3, 32, 32)).sum().backward()
-        ensure_builtin_dataset({str(tmp_path / 'd')!r}, workers=2, num_train=32, num_val=8, num_frames=4,
-                               image_size=32, digit_size=12, samples_per_shard=16)
+        ds = ensure_builtin_dataset({str(tmp_path / 'd')!r}, workers=2, num_train=32, num_val=8, num_frames=4,
+                                    image_size=32, digit_size=12, samples_per_shard=16, store='frames')
+        from inti_adapters.data import build_dataloader  # DataLoader workers (fork) after torch work too
+        assert sum(len(y) for _, y in build_dataloader(ds.to_data_config(num_workers=2, batch_size=4), train=True)) == 32
         import pathlib
         root = pathlib.Path({str(tmp_path / 'v')!r})
         for c in range(2):

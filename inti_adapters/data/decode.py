@@ -331,8 +331,16 @@ def encode_video(
     return buf.getvalue()
 
 
+def _encoded_size(width: int, height: int, short_side: int | None) -> tuple[int, int]:
+    """Even ``(w, h)`` of a re-encoded video, the short side brought to ``short_side`` when given."""
+    if short_side is None:
+        return _even(width), _even(height)
+    s = short_side / min(width, height)
+    return _even(width * s), _even(height * s)
+
+
 def reencode_video(
-    path: str | Path,
+    path: str | Path | bytes,
     *,
     short_side: int | None = None,
     fps: float | None = None,
@@ -369,12 +377,7 @@ def reencode_video(
                 if frame_rotation(frame):  # a phone video: store it upright (the display matrix is not copied)
                     frame = av.VideoFrame.from_ndarray(_to_rgb(frame), format="rgb24")
                 if stream is None:
-                    w, h = frame.width, frame.height
-                    if short_side is not None:
-                        s = short_side / min(w, h)
-                        w, h = _even(w * s), _even(h * s)
-                    else:
-                        w, h = _even(w), _even(h)
+                    w, h = _encoded_size(frame.width, frame.height, short_side)
                     stream = out.add_stream(codec, rate=Fraction(out_fps).limit_denominator(1001))
                     stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
                     stream.thread_count = 1  # parallelism comes from the writer's processes
