@@ -230,8 +230,9 @@ class ShardWriterConfig(Config):
     output: str = field(default="", metadata={"help": "Folder the shards are written to."})
     format: str = field(
         default="auto",
-        metadata={"help": "Annotation format; 'auto' = folder for a directory, CSV header sniffing for .csv, "
-                          "ssv2_json for .json."},
+        metadata={"help": "Annotation format; 'auto' = folder for a directory (shards for a folder holding only "
+                          ".tar files), CSV header sniffing for .csv, ssv2_json for .json, shards for a .tar path "
+                          "or pattern."},
     )
     video_root: str | None = field(
         default=None,

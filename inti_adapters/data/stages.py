@@ -120,7 +120,7 @@ class ReadSamples:
     def __init__(self, state: ReaderState, expected: dict[str, int] | None = None) -> None:
         self.state, self.expected = state, expected or {}
 
-    def _shard(self, url: str) -> Iterator[dict[str, Any]]:
+    def _shard(self, url: str, modulo: tuple[int, int] | None) -> Iterator[dict[str, Any]]:
         read = 0
         try:
             for sample in iter_tar_samples(url):
@@ -132,7 +132,8 @@ class ReadSamples:
         listed = self.expected.get(url)
         if listed is not None and read != listed:
             logger.warning("shard %s: read %d samples, sizes.json lists %d", url, read, listed)
-            self.state.count(MISSING, listed - read)
+            lost = range(read, listed)  # in sample-split mode, only this reader's share of them
+            self.state.count(MISSING, len(lost) if modulo is None else sum(1 for i in lost if i % modulo[1] == modulo[0]))
 
     def __call__(self, jobs: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         current_pass, kept, ordinal = None, 0, 0
@@ -145,7 +146,7 @@ class ReadSamples:
                         f"last shard: {job['url']}"
                     )
                 current_pass, kept, ordinal = job["pass"], 0, 0
-            for sample in self._shard(job["url"]):
+            for sample in self._shard(job["url"], job["modulo"]):
                 ordinal += 1
                 if job["modulo"] is not None and (ordinal - 1) % job["modulo"][1] != job["modulo"][0]:
                     continue
