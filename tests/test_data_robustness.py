@@ -31,6 +31,7 @@ def _run(code: str, timeout: float, **kw) -> subprocess.CompletedProcess:
                           text=True, env=env, **kw)
 
 
+@pytest.mark.slow
 def test_worker_pools_after_torch_work_do_not_hang(tmp_path):
     """Forked workers of a process that ran a multi-threaded forward + backward used to block on a futex
     (built-in data generation, the shard writer); DataLoader workers must keep working there too."""
@@ -84,6 +85,7 @@ KILLED_WRITER = """
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("store", ["video", "frames"])
 def test_sigkill_mid_write_then_rerun_gives_identical_shards(tmp_path, store):
     src = _tree(tmp_path / "videos")
