@@ -46,13 +46,14 @@ class EncodedBatch:
 
     data: torch.Tensor  # uint8, every JPEG of the batch back to back
     offsets: torch.Tensor  # int64 (n + 1,)
-    items: list[EncodedClip | None]
+    items: list[EncodedClip | None]  # their ``jpegs`` travel in ``data``: item i owns ``counts[i]`` of them
+    counts: list[int]
     decoded: dict[int, torch.Tensor]
     labels: torch.Tensor
 
     def pin_memory(self) -> EncodedBatch:
         """What ``DataLoader(pin_memory=True)`` calls."""
-        return EncodedBatch(self.data.pin_memory(), self.offsets, self.items,
+        return EncodedBatch(self.data.pin_memory(), self.offsets, self.items, self.counts,
                             {i: t.pin_memory() for i, t in self.decoded.items()}, self.labels.pin_memory())
 
 
@@ -60,19 +61,21 @@ def collate_encoded(items: Sequence[tuple[EncodedClip | torch.Tensor, int]]) -> 
     """Pack a batch of encoded clips (and clips decoded on the CPU) into one :class:`EncodedBatch`."""
     blobs: list[bytes] = []
     encoded: list[EncodedClip | None] = []
+    counts: list[int] = []
     decoded: dict[int, torch.Tensor] = {}
     for i, (clip, _) in enumerate(items):
         if isinstance(clip, torch.Tensor):
             decoded[i] = clip
             encoded.append(None)
+            counts.append(0)
         else:
             blobs += clip.jpegs
+            counts.append(len(clip.jpegs))
             encoded.append(EncodedClip([], clip.clips, clip.boxes, clip.view_clip, clip.size, clip.multi_view))
-            encoded[-1].jpegs = [b""] * len(clip.jpegs)  # placeholders: the bytes travel in `data`
     sizes = torch.tensor([0] + [len(b) for b in blobs], dtype=torch.int64)
     data = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8) if blobs else torch.empty(0, dtype=torch.uint8)
     labels = torch.tensor([label for _, label in items], dtype=torch.int64)
-    return EncodedBatch(data, sizes.cumsum(0), encoded, decoded, labels)
+    return EncodedBatch(data, sizes.cumsum(0), encoded, counts, decoded, labels)
 
 
 def _views(frames: torch.Tensor, clip: EncodedClip) -> torch.Tensor:
@@ -96,8 +99,8 @@ def decode_batch(batch: EncodedBatch, device: str | torch.device) -> tuple[torch
     """
     device = torch.device(device)
     offsets = batch.offsets.tolist()
-    blobs = [batch.data[a:b].numpy().tobytes() for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
-    images = decode_jpegs_by_sample(blobs, batch.items, device)
+    blobs = [batch.data[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]  # views, no copy
+    images = decode_jpegs_by_sample(blobs, batch.counts, device)
     out = []
     for i, clip in enumerate(batch.items):
         if clip is None:
@@ -107,13 +110,12 @@ def decode_batch(batch: EncodedBatch, device: str | torch.device) -> tuple[torch
     return torch.stack(out), batch.labels.to(device, non_blocking=True)
 
 
-def decode_jpegs_by_sample(blobs: list[bytes], items: Sequence[EncodedClip | None],
-                           device: torch.device) -> dict[int, torch.Tensor]:
-    """All JPEGs of a batch decoded in one call, regrouped per sample as ``(U, 3, h, w)`` stacks."""
+def decode_jpegs_by_sample(blobs: list[torch.Tensor], counts: Sequence[int], device: torch.device) -> dict[int, torch.Tensor]:
+    """All JPEGs of a batch decoded in one call, regrouped per sample (``counts[i]`` each) as ``(U, 3, h, w)``."""
     images = decode_jpegs(blobs, device=device, what=f"a batch of {len(blobs)} frames", same_size=False) if blobs else []
     grouped, start = {}, 0
-    for i, clip in enumerate(items):
-        if clip is not None:
-            grouped[i] = torch.stack(images[start:start + len(clip.jpegs)])
-            start += len(clip.jpegs)
+    for i, n in enumerate(counts):
+        if n:
+            grouped[i] = torch.stack(images[start:start + n])
+            start += n
     return grouped

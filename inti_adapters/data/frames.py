@@ -285,13 +285,14 @@ class FrameReader:
         return hwc.permute(0, 3, 1, 2)
 
 
-def decode_jpegs(data: Sequence[bytes], *, device: str | torch.device = "cpu", what: str = "frames",
+def decode_jpegs(data: Sequence[bytes | torch.Tensor], *, device: str | torch.device = "cpu", what: str = "frames",
                  same_size: bool = True) -> list[torch.Tensor]:
-    """Batched ``torchvision.io.decode_jpeg`` of encoded frames to RGB ``(3, H, W)`` uint8 tensors.
+    """Batched ``torchvision.io.decode_jpeg`` of encoded frames (bytes, or uint8 CPU tensors) to RGB
+    ``(3, H, W)`` uint8 tensors on ``device``.
 
     With ``same_size`` all frames must have one size. Raises :class:`VideoDecodeError` on any failure.
     """
-    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
+    tensors = [d if isinstance(d, torch.Tensor) else torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
     try:
         images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
     except Exception as exc:
