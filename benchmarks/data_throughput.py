@@ -88,6 +88,8 @@ def time_clips(batches: Iterator[Any], untimed: int, clips: int) -> float:
     while taken < clips:
         video, _ = next(batches)
         taken += video.shape[0]
+    if video.is_cuda:  # GPU decoding queues its work: wait for it
+        torch.cuda.synchronize(video.device)
     return time.perf_counter() - start
 
 
@@ -109,10 +111,12 @@ def readers(args: argparse.Namespace, video_shards: list[str], frame_shards: lis
     """``name -> (shards, decoder, clips per timing)``: video shards per decoder, then frame shards."""
     from inti_adapters.data.decode import torchcodec_available
 
-    out = {"video shards, PyAV": (video_shards, "pyav", args.clips)}
+    out = {"video shards, PyAV": (video_shards, "pyav", args.clips, "cpu")}
     if torchcodec_available():
-        out["video shards, torchcodec"] = (video_shards, "torchcodec", args.clips)
-    out["frame shards, CPU JPEG"] = (frame_shards, "pyav", args.clips * args.frame_clip_factor)
+        out["video shards, torchcodec"] = (video_shards, "torchcodec", args.clips, "cpu")
+    out["frame shards, CPU JPEG"] = (frame_shards, "pyav", args.clips * args.frame_clip_factor, "cpu")
+    if torch.cuda.is_available():  # nvJPEG in the main process; the workers only read and choose boxes
+        out["frame shards, GPU JPEG"] = (frame_shards, "pyav", args.clips * args.frame_clip_factor, "cuda")
     return out
 
 
@@ -124,10 +128,11 @@ def measure(args: argparse.Namespace, shards: dict[str, tuple]) -> dict[tuple[st
     rates: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
     for r in range(args.rounds + 1):
         for name, workers in configs[r % len(configs):] + configs[:r % len(configs)]:
-            paths, decoder, clips = shards[name]
+            paths, decoder, clips, device = shards[name]
             clips *= max(1, workers)
             cfg = DataConfig(train_shards=paths, num_frames=args.frames, sampling=args.sampling, crop_size=args.crop,
                              hflip=True, batch_size=4, num_workers=workers, decoder=decoder, shuffle_buffer=0,
+                             decode_device=device,
                              seed=r, resampled=True, train_samples=4 * (clips + 16) * max(1, workers) * 2)
             seconds = time_reader(cfg, clips, epoch=r)
             if r:
@@ -146,7 +151,9 @@ def breakdown(shards: dict[str, tuple], args: argparse.Namespace) -> list[list[s
 
     rows = []
     torch.set_num_threads(1)
-    for name, (paths, decoder, _) in shards.items():
+    for name, (paths, decoder, _, device) in shards.items():
+        if device != "cpu":
+            continue
         cfg = DataConfig(num_frames=args.frames, crop_size=args.crop, decoder=decoder)
         stage = DecodeClip(cfg, ReaderState(0, 0, 0, 1, 1), train=True, decoder=decoder)
         samples = [s for p in paths for s in iter_tar_samples(p)]
