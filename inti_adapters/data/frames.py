@@ -279,9 +279,7 @@ class FrameReader:
         positions = self.positions(indices)
         unique, inverse = np.unique(positions, return_inverse=True)
         images = decode_jpegs([self.encoded(int(p)) for p in unique], what=f"{len(unique)} frames of the sample")
-        hwc = torch.stack([img.permute(1, 2, 0) for img in images])
-        if len(unique) < len(positions) or np.any(np.diff(positions) < 0):
-            hwc = hwc[torch.from_numpy(inverse.reshape(-1))]
+        hwc = torch.stack([images[i].permute(1, 2, 0) for i in inverse.reshape(-1)])  # one copy, repeats included
         return hwc.permute(0, 3, 1, 2)
 
 
