@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.inti-installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean ffmpeg-libs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,23 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# FFmpeg's shared libraries, which torchcodec loads at run time (PyAV ships its own). Installed
+# from the system's package manager when missing and we may (root, or password-less sudo);
+# otherwise a notice: torchcodec then reports itself unavailable, its tests skip and the
+# loader uses PyAV. Never fails.
+ffmpeg-libs:
+	@if ldconfig -p 2>/dev/null | grep -q 'libavcodec\.so\.'; then \
+	  echo "FFmpeg shared libraries: present"; \
+	elif command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] || sudo -n true 2>/dev/null; }; then \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+	  ($$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null) \
+	    && echo "FFmpeg shared libraries: installed with apt-get" \
+	    || echo "notice: apt-get could not install ffmpeg; torchcodec will be unavailable (PyAV is used)"; \
+	else \
+	  echo "notice: FFmpeg's shared libraries are missing and cannot be installed here (no apt-get, or not root"; \
+	  echo "        and no password-less sudo); torchcodec will be unavailable (PyAV is used). Install ffmpeg 4-8."; \
+	fi
 
 lint: $(STAMP)
 	$(PY) -m ruff check inti_adapters tests benchmarks

@@ -1,19 +1,23 @@
-"""Data pipeline throughput: decoded, sampled and cropped training clips per second per worker.
+"""Data pipeline throughput against what a GPU consumes: training clips per second per CPU core.
 
-Writes a few synthetic videos (320-pixel short side, H.264 MP4, smooth moving content) with
-PyAV, packs them into WebDataset shards with ``inti_adapters.data.write_shards``, then reads
-16-frame 224^2 training clips back through ``build_dataloader(DataConfig(...), train=True)``:
+Writes realistic videos (default 10 s at 25 fps, 340x256 like a Kinetics clip, H.264; or real
+files with ``--video-dir``), packs them into video shards and into frame shards
+(``store='frames'``: 32 JPEG frames per video at short side 256), then reads 16-frame 224^2
+training clips (random resized crop + flip) through ``build_dataloader(..., train=True)``:
 
-- in one process (``loader.iter_worker(0)``, exactly what one DataLoader worker runs), which
-  is the per-worker throughput, with a breakdown into decoding (open + seek/decode the sampled
-  frames) and the crop/resize transform;
-- through a ``DataLoader`` with 1..W worker processes (total clips/s, and per worker).
+- ``in process``: one DataLoader worker's pipeline run in this process (``loader.iter_worker(0)``),
+  i.e. the rate of one CPU core;
+- ``DataLoader, W workers``: total clips/s with W worker processes.
 
-Each configuration is measured in several rounds, round-robin over the configurations, and the
-median is reported; PyAV and torchcodec (when installed) are compared side by side.
+Readers side by side: video shards decoded with PyAV, with torchcodec (when it loads), and frame
+shards decoded with ``torchvision.io.decode_jpeg`` on the CPU. Every configuration is timed in
+several rounds, round-robin, after a warm-up round; medians. A second table turns
+``count_gflops`` into the clips per second one H100 consumes in training (forward + backward =
+3x the forward, 2 FLOPs per multiply-add, 40% of 989 TFLOP/s bf16) and the CPU cores per GPU
+each reader needs.
 
-    python benchmarks/data_throughput.py               # ~2-3 minutes on 2 cores
-    python benchmarks/data_throughput.py --quick       # ~30 s smoke run
+    python benchmarks/data_throughput.py            # ~5 minutes on 2 busy cores
+    python benchmarks/data_throughput.py --quick    # ~1 minute smoke run
 
 Writes ``benchmarks/results/data_throughput[_quick].md``.
 """
@@ -22,12 +26,8 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
-import importlib.util
-import itertools
-import multiprocessing
 import os
 import sys
-import tarfile
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -38,12 +38,17 @@ import numpy as np
 import torch
 from _common import log, machine_info, markdown_table, median, spread, write_results
 
+H100_BF16_TFLOPS = 989.0
+UTILISATION = 0.4
+TARGET_PER_CORE, TARGET_RATIO, TARGET_SCALING = 60.0, 10.0, 1.7
+GPU_MODELS = [("ViT-B/16", "vit_base_patch16_clip_224", [4, 6]), ("ViT-L/14", "vit_large_patch14_clip_224", [9, 13])]
+
 
 def synthetic_frames(num_frames: int, height: int, width: int, seed: int) -> np.ndarray:
-    """Smooth moving content (a drifting colour gradient, two moving discs, light texture), uint8 (T, H, W, 3)."""
+    """Smooth moving content (a drifting colour gradient, two moving discs, texture), uint8 (T, H, W, 3)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    texture = rng.normal(0, 6, (height // 8 + 1, width // 8 + 1, 3)).repeat(8, 0).repeat(8, 1)[:height, :width]
+    texture = rng.normal(0, 8, (height // 4 + 1, width // 4 + 1, 3)).repeat(4, 0).repeat(4, 1)[:height, :width]
     base_colour = rng.uniform(40, 200, 3)
     velocity = rng.uniform(-4, 4, (2, 2))
     start = rng.uniform([0, 0], [height, width], (2, 2))
@@ -56,34 +61,23 @@ def synthetic_frames(num_frames: int, height: int, width: int, seed: int) -> np.
             cy, cx = (start[k] + velocity[k] * t) % (height, width)
             disc = (yy - cy) ** 2 + (xx - cx) ** 2 < (height / 6) ** 2
             frame[disc] = (255 - base_colour) if k else base_colour / 3
-        out[t] = np.clip(frame, 0, 255).astype(np.uint8)
+        out[t] = np.clip(frame + rng.normal(0, 3, frame.shape), 0, 255).astype(np.uint8)
     return out
 
 
-def write_videos(root: Path, count: int, seconds: float, fps: int, height: int, width: int) -> list[Path]:
-    """``count`` synthetic MP4s under ``root/<class>/`` (two classes)."""
+def write_videos(root: Path, args: argparse.Namespace) -> str:
+    """Synthetic MP4s under ``root/<class>/`` (two classes); returns a description."""
     from inti_adapters.data import encode_video
 
-    paths = []
-    for i in range(count):
+    width = int(round(args.short_side * args.aspect / 2)) * 2
+    frames = int(round(args.seconds * args.fps))
+    for i in range(args.videos):
         path = root / f"class_{i % 2}" / f"video_{i:03d}.mp4"
         path.parent.mkdir(parents=True, exist_ok=True)
-        frames = synthetic_frames(int(round(seconds * fps)), height, width, seed=i)
-        path.write_bytes(encode_video(frames, fps=fps, crf=23, preset="veryfast"))
-        paths.append(path)
-    return paths
-
-
-def _shard_samples(shards: Sequence[str]) -> list[bytes]:
-    """The encoded videos inside the shards."""
-    out = []
-    for shard in shards:
-        with tarfile.open(shard) as tar:
-            out += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".mp4")]
-    return out
-
-
-PREFETCH = 2  # torch DataLoader's default prefetch_factor
+        path.write_bytes(encode_video(synthetic_frames(frames, args.short_side, width, seed=i), fps=args.fps,
+                                      crf=23, preset="veryfast"))
+    return (f"{args.videos} synthetic videos, {width}x{args.short_side}, {args.seconds:g} s at {args.fps} fps = "
+            f"{frames} frames, H.264 (libx264 crf 23, yuv420p)")
 
 
 def time_clips(batches: Iterator[Any], untimed: int, clips: int) -> float:
@@ -94,196 +88,225 @@ def time_clips(batches: Iterator[Any], untimed: int, clips: int) -> float:
     while taken < clips:
         video, _ = next(batches)
         taken += video.shape[0]
+    if video.is_cuda:  # GPU decoding queues its work: wait for it
+        torch.cuda.synchronize(video.device)
     return time.perf_counter() - start
 
 
-def time_in_process(cfg: Any, clips: int, epoch: int) -> float:
-    """One worker's pipeline run in this process (``iter_worker(0)``); the first clip is not timed."""
+def time_reader(cfg: Any, clips: int, epoch: int) -> float:
+    """One configuration: in this process (``num_workers == 0``) or through a DataLoader."""
     from inti_adapters.data import build_dataloader
 
     loader = build_dataloader(cfg, train=True, epoch=epoch)
-    return time_clips(loader.iter_worker(0), 1, clips)
-
-
-def time_dataloader(cfg: Any, clips: int, epoch: int) -> float:
-    """A DataLoader with fresh workers; their start-up and prefetched first batches are not timed."""
-    from inti_adapters.data import build_dataloader
-
-    loader = build_dataloader(cfg, train=True, epoch=epoch)
+    if cfg.num_workers == 0:
+        return time_clips(loader.iter_worker(0), 1, clips)
     batches = iter(loader)
     try:
-        return time_clips(batches, cfg.num_workers * (1 + PREFETCH), clips)
+        return time_clips(batches, cfg.num_workers * 3, clips)  # start-up and prefetched batches not timed
     finally:
         del batches  # shuts the workers down before the next configuration runs
 
 
+def readers(args: argparse.Namespace, video_shards: list[str], frame_shards: list[str]) -> dict[str, tuple]:
+    """``name -> (shards, decoder, clips per timing)``: video shards per decoder, then frame shards."""
+    from inti_adapters.data.decode import torchcodec_available
+
+    out = {"video shards, PyAV": (video_shards, "pyav", args.clips, "cpu")}
+    if torchcodec_available():
+        out["video shards, torchcodec"] = (video_shards, "torchcodec", args.clips, "cpu")
+    out["frame shards, CPU JPEG"] = (frame_shards, "pyav", args.clips * args.frame_clip_factor, "cpu")
+    if torch.cuda.is_available():  # nvJPEG in the main process; the workers only read and choose boxes
+        out["frame shards, GPU JPEG"] = (frame_shards, "pyav", args.clips * args.frame_clip_factor, "cuda")
+    return out
+
+
+def measure(args: argparse.Namespace, shards: dict[str, tuple]) -> dict[tuple[str, int], list[float]]:
+    """Clips/s of every (reader, workers) configuration, round-robin over rounds (round 0: warm-up)."""
+    from inti_adapters.data import DataConfig
+
+    configs = [(name, w) for name in shards for w in [0, *range(1, args.workers + 1)]]
+    rates: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
+    for r in range(args.rounds + 1):
+        for name, workers in configs[r % len(configs):] + configs[:r % len(configs)]:
+            paths, decoder, clips, device = shards[name]
+            clips *= max(1, workers)
+            cfg = DataConfig(train_shards=paths, num_frames=args.frames, sampling=args.sampling, crop_size=args.crop,
+                             hflip=True, batch_size=4, num_workers=workers, decoder=decoder, shuffle_buffer=0,
+                             decode_device=device,
+                             seed=r, resampled=True, train_samples=4 * (clips + 16) * max(1, workers) * 2)
+            seconds = time_reader(cfg, clips, epoch=r)
+            if r:
+                rates[name, workers].append(clips / seconds)
+        log(("warm-up" if r == 0 else f"round {r}/{args.rounds}") + " done"
+            + ("" if r == 0 else ": " + ", ".join(f"{n}/{w}w {v[-1]:.1f}" for (n, w), v in rates.items())))
+    return rates
+
+
+def breakdown(shards: dict[str, tuple], args: argparse.Namespace) -> list[list[str]]:
+    """Median ms per clip of decoding (the sampled frames) and of the crop + resize, in one thread."""
+    from inti_adapters.data import DataConfig, sample_indices
+    from inti_adapters.data.stages import DecodeClip, ReaderState
+    from inti_adapters.data.tario import iter_tar_samples
+    from inti_adapters.data.transforms import to_cthw, train_transform
+
+    rows = []
+    torch.set_num_threads(1)
+    for name, (paths, decoder, _, device) in shards.items():
+        if device != "cpu":
+            continue
+        cfg = DataConfig(num_frames=args.frames, crop_size=args.crop, decoder=decoder)
+        stage = DecodeClip(cfg, ReaderState(0, 0, 0, 1, 1), train=True, decoder=decoder)
+        samples = [s for p in paths for s in iter_tar_samples(p)]
+        rng, dec, tr = np.random.default_rng(0), [], []
+        for i in range(max(12, len(samples))):
+            t0 = time.perf_counter()
+            reader, _ = stage.open(samples[i % len(samples)])
+            frames = reader.get_frames(sample_indices(args.sampling, reader.num_frames, args.frames, stride=2, rng=rng))
+            t1 = time.perf_counter()
+            to_cthw(train_transform(frames, crop_size=args.crop, short_side=round(args.crop * 256 / 224),
+                                    scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3), hflip=True, rng=rng))
+            dec.append(t1 - t0)
+            tr.append(time.perf_counter() - t1)
+        a, b = median(dec), median(tr)
+        rows.append([name, f"{1e3 * a:.1f}", f"{1e3 * b:.1f}", f"{1 / (a + b):.1f}", f"{100 * a / (a + b):.0f}%"])
+    return rows
+
+
+def gpu_rates(frames: int, crop: int) -> list[tuple[str, float, float]]:
+    """``(model, forward GMACs, training clips/s per H100)`` from count_gflops on the meta device."""
+    import timm
+
+    import inti_adapters as ia
+
+    out = []
+    video = torch.empty(1, 3, frames, crop, crop, device="meta")
+    for label, name, layers in GPU_MODELS:
+        with torch.device("meta"):
+            vit = timm.create_model(name, pretrained=False, num_classes=400)
+        for variant, lay in (("naive", []), (f"InTI {layers}", layers)):
+            model = ia.inject(vit, layers=lay)
+            try:
+                gmacs = float(ia.count_gflops(model, video))
+            finally:
+                model.unload()
+            tflop_per_clip = gmacs * 2 * 3 / 1e3
+            out.append((f"{label} {variant}", gmacs, UTILISATION * H100_BF16_TFLOPS / tflop_per_clip))
+    return out
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--videos", type=int, default=None, help="synthetic videos to write (default 8; --quick 4)")
-    p.add_argument("--seconds", type=float, default=None, help="length of each video (default 8; --quick 3)")
+    p.add_argument("--videos", type=int, default=None, help="synthetic videos to write (default 6; --quick 4)")
+    p.add_argument("--video-dir", default=None, help="use the videos of this class-per-folder tree instead")
+    p.add_argument("--seconds", type=float, default=None, help="length of each video (default 10; --quick 4)")
     p.add_argument("--fps", type=int, default=25)
-    p.add_argument("--short-side", type=int, default=320, help="video height (short side) in pixels")
-    p.add_argument("--aspect", type=float, default=16 / 9, help="width / height")
+    p.add_argument("--short-side", type=int, default=256, help="video height (short side) in pixels")
+    p.add_argument("--aspect", type=float, default=340 / 256, help="width / height (default 340x256, as in Kinetics)")
     p.add_argument("--frames", type=int, default=16, help="frames per clip")
     p.add_argument("--crop", type=int, default=224, help="clip height and width")
-    p.add_argument("--clips", type=int, default=None, help="clips timed per configuration and round (default 16)")
+    p.add_argument("--sampling", default="uniform", choices=["uniform", "dense"])
+    p.add_argument("--frames-per-video", type=int, default=32, help="frames kept per video in the frame shards")
+    p.add_argument("--clips", type=int, default=None, help="video-shard clips per timing (default 12; --quick 6)")
+    p.add_argument("--frame-clip-factor", type=int, default=8, help="frame shards time this many times more clips")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 3; --quick 2)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="largest DataLoader worker count to try (default min(2, cores))")
-    p.add_argument("--decoders", default="pyav,torchcodec", help="decoders to compare (uninstalled ones are skipped)")
-    p.add_argument("--sampling", default="uniform,dense", help="frame sampling modes")
-    p.add_argument("--quick", action="store_true", help="smoke run: 4 short videos, 8 clips, 2 rounds")
-    p.add_argument("--timeout", type=float, default=1800, help="abort with a traceback after this many seconds")
+    p.add_argument("--workers", type=int, default=None, help="largest DataLoader worker count (default min(2, cores))")
+    p.add_argument("--quick", action="store_true", help="smoke run")
+    p.add_argument("--timeout", type=float, default=3600, help="abort with a traceback after this many seconds")
     p.add_argument("--results-name", default=None, help="file name under results/ (default data_throughput[_quick])")
     p.add_argument("--note", action="append", default=[], help="a line for the Notes section (repeatable)")
     args = p.parse_args(argv)
-    args.videos = args.videos or (4 if args.quick else 8)
-    args.seconds = args.seconds or (3.0 if args.quick else 8.0)
-    args.clips = args.clips or (8 if args.quick else 16)
+    args.videos = args.videos or (4 if args.quick else 6)
+    args.seconds = args.seconds or (4.0 if args.quick else 10.0)
+    args.clips = args.clips or (6 if args.quick else 12)
     args.rounds = args.rounds or (2 if args.quick else 3)
     args.workers = args.workers if args.workers is not None else min(2, os.cpu_count() or 1)
     return args
+
+
+def make_shards(tmp: Path, args: argparse.Namespace) -> tuple[str, list[str], list[str]]:
+    """Video shards and frame shards of the same videos; returns a description and both shard lists."""
+    from inti_adapters.data import write_shards
+
+    source = Path(args.video_dir) if args.video_dir else tmp / "videos"
+    what = f"the videos under {source}" if args.video_dir else write_videos(source, args)
+    per = max(1, args.videos // 2)
+    video = write_shards(source=str(source), output=str(tmp / "video"), samples_per_shard=per, progress=False)
+    t0 = time.perf_counter()
+    frames = write_shards(source=str(tmp / "video"), output=str(tmp / "frames"), samples_per_shard=per,
+                          store="frames", frames_per_video=args.frames_per_video, progress=False)
+    convert = time.perf_counter() - t0
+    setup = (f"{what}; video shards {video.bytes / video.written / 1e3:.0f} kB per video; frame shards (converted "
+             f"from the video shards with `--store frames`, {args.frames_per_video} frames per video, short side "
+             f"256, JPEG q90) {frames.bytes / frames.written / 1e3:.0f} kB per video, written at "
+             f"{frames.written / convert:.2f} videos/s on one core. Training clips: {args.frames} frames "
+             f"({args.sampling} sampling), random resized crop to {args.crop}^2 + horizontal flip, uint8 "
+             f"(3, T, H, W), batches of 4. Medians of {args.rounds} rounds round-robin over the configurations "
+             "after a warm-up round.")
+    return setup, video.shards, frames.shards
+
+
+def report(args, rates, rows_breakdown, gpu) -> tuple[list[tuple[str, str]], list[str]]:
+    """The result sections (tables + targets) and the lines printed to the console."""
+    per_core = {name: median(v) for (name, w), v in rates.items() if w == 0}
+    rows = [[name, "in process (one core)" if w == 0 else f"DataLoader, {w} worker" + ("s" if w > 1 else ""),
+             f"{median(v):.1f}", f"{median(v) / max(1, w):.1f}", f"±{100 * spread(v):.0f}%"] for (name, w), v in rates.items()]
+    clips = markdown_table(["reader", "readers", "clips/s", "clips/s per process", "spread"], rows, align="llrrr")
+    names = list(per_core)
+    gpu_rows = [[m, f"{g:.0f}", f"{c:.0f}", *[f"{c / per_core[n]:.0f}" for n in names]] for m, g, c in gpu]
+    gpu_table = markdown_table(["model (16x224, training)", "GMACs fwd", "clips/s per H100",
+                                *[f"cores/GPU: {n}" for n in names]], gpu_rows, align="lrr" + "r" * len(names))
+    frames, video = per_core["frame shards, CPU JPEG"], per_core["video shards, PyAV"]
+    scaling = {n: median(rates[n, args.workers]) / median(rates[n, 1]) for n in names if args.workers >= 2}
+    targets = [
+        f"- frame shards >= {TARGET_PER_CORE:.0f} training clips/s per core: {frames:.1f} -> "
+        f"**{'met' if frames >= TARGET_PER_CORE else 'missed'}**",
+        f"- frame shards >= {TARGET_RATIO:.0f}x the video-shard reader (PyAV) in the same run: {frames / video:.1f}x "
+        f"-> **{'met' if frames / video >= TARGET_RATIO else 'missed'}**",
+        *[f"- {n}: DataLoader {args.workers} workers / 1 worker = {s:.2f}x (target >= {TARGET_SCALING}) -> "
+          f"**{'met' if s >= TARGET_SCALING else 'missed'}**" for n, s in scaling.items()],
+    ]
+    brk = markdown_table(["reader", "decode ms/clip", "crop+resize ms/clip", "clips/s (sum)", "decode share"],
+                         rows_breakdown, align="lrrrr")
+    sections = [
+        ("Clips per second", clips + "\n\n'in process' runs one DataLoader worker's pipeline in this process: the "
+         "rate of one CPU core. DataLoader rows add worker start-up (not timed), inter-process transfer and the "
+         "main process's share of the cores."),
+        ("What one GPU consumes", gpu_table + f"\n\nclips/s per H100 = {UTILISATION:.0%} x {H100_BF16_TFLOPS:.0f} "
+         "TFLOP/s (bf16 dense) / (GMACs x 2 FLOPs x 3 for forward + backward); cores/GPU = that rate / the "
+         "reader's clips/s per core (in process). A node has 8-16 CPU cores per GPU."),
+        ("Targets", "\n".join(targets)),
+        ("Per-clip breakdown (one thread)", brk),
+    ]
+    return sections, [clips, gpu_table, *targets]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     faulthandler.dump_traceback_later(args.timeout, exit=True)  # a hung decoder or worker must not hang the run
     name = args.results_name or "data_throughput" + ("_quick" if args.quick else "")
-    info = machine_info("cpu", packages=("av", "torchcodec", "webdataset"))
-    notes: list[str] = []
-    try:
-        from inti_adapters.data import (
-            DataConfig,
-            build_dataloader,  # noqa: F401  (what the timed runs use)
-            open_video,
-            sample_indices,
-            write_shards,
-        )
-        from inti_adapters.data.transforms import train_transform
-    except ImportError as exc:
-        msg = (f"inti_adapters.data is not available ({exc}); this benchmark needs build_dataloader(DataConfig(...), "
-               "train=True) and write_shards, so it could not be run")
-        print(msg, file=sys.stderr)
-        write_results(name, "Data pipeline throughput", [("Status", msg)], info=info)
-        return 1
-
-    decoders = []
-    for d in (x.strip() for x in args.decoders.split(",")):
-        if d == "torchcodec" and importlib.util.find_spec("torchcodec") is None:
-            notes.append("torchcodec is not installed: its rows are missing (pip install torchcodec to compare)")
-        elif d in ("pyav", "torchcodec"):
-            decoders.append(d)
-        else:
-            notes.append(f"unknown decoder {d!r} skipped")
-    modes = [m.strip() for m in args.sampling.split(",")]
-    height = args.short_side
-    width = int(round(args.short_side * args.aspect / 2)) * 2
-
+    info = machine_info("cpu", packages=("av", "torchcodec", "torchvision", "webdataset"))
     with tempfile.TemporaryDirectory(prefix="inti_data_bench_") as tmp:
-        tmp_path = Path(tmp)
-        log(f"writing {args.videos} synthetic {width}x{height} videos of {args.seconds:g} s at {args.fps} fps")
-        write_videos(tmp_path / "videos", args.videos, args.seconds, args.fps, height, width)
-        summary = write_shards(source=str(tmp_path / "videos"), output=str(tmp_path / "shards"),
-                               samples_per_shard=max(1, args.videos // max(2, args.workers)), progress=False)
-        shard_bytes = sum(Path(s).stat().st_size for s in summary.shards)
-        samples = _shard_samples(summary.shards)
-        setup = (f"{args.videos} synthetic videos, {width}x{height} (short side {height}), {args.seconds:g} s at "
-                 f"{args.fps} fps = {int(round(args.seconds * args.fps))} frames, H.264 (libx264 crf 23, yuv420p), "
-                 f"{len(summary.shards)} shards, {shard_bytes / len(samples) / 1e3:.0f} kB per video. Training clips: "
-                 f"{args.frames} frames, random resized crop to {args.crop}^2 (short side resized to "
-                 f"{round(args.crop * 256 / 224)} first), uint8 (3, T, H, W). 'dense' takes frames 2 apart "
-                 "from a random start, 'uniform' one random frame per segment of the whole video. "
-                 f"{args.clips} clips per configuration and round, {args.rounds} rounds round-robin over the "
-                 "configurations after one warm-up round; medians.")
-
-        def config(decoder: str, mode: str, workers: int) -> DataConfig:
-            # resampled shards: an epoch of any length from a few videos, long enough for one timed run
-            epoch = 2 * (args.clips + 2 + PREFETCH) * max(1, workers)
-            return DataConfig(train_shards=summary.shards, num_frames=args.frames, sampling=mode, crop_size=args.crop,
-                              batch_size=1, num_workers=workers, decoder=decoder, shuffle_buffer=0, seed=0,
-                              resampled=True, train_samples=epoch)
-
-        # Only one configuration runs at a time, round-robin over the configurations in every round.
-        # The in-process pipeline runs in a helper process forked before anything is decoded here:
-        # a process that has decoded with PyAV holds a swscale context with worker threads, and a child
-        # forked from it hangs in its first sws_scale (inti_adapters.data.decode caches that context per
-        # process), which would hang the DataLoader workers forked later.
-        configs: dict[str, tuple[str, str, str, int]] = {}
-        for decoder, mode in itertools.product(decoders, modes):
-            configs[f"{decoder}/{mode}/in-process"] = (decoder, mode, "in process (one worker's work)", 0)
-            for w in range(1, args.workers + 1):
-                configs[f"{decoder}/{mode}/{w}-workers"] = (decoder, mode, f"DataLoader, {w} worker"
-                                                            + ("s" if w > 1 else ""), w)
-        timings: dict[str, list[float]] = {k: [] for k in configs}
-        names = list(configs)
-        with multiprocessing.get_context("fork").Pool(1) as helper:
-            for r in range(args.rounds + 1):  # round 0 is the warm-up
-                for key in names[r % len(names):] + names[:r % len(names)]:
-                    decoder, mode, _, workers = configs[key]
-                    cfg = config(decoder, mode, workers)
-                    clips = args.clips * max(1, workers)
-                    if workers:
-                        sec = time_dataloader(cfg, clips, epoch=r)
-                    else:
-                        sec = helper.apply(time_in_process, (cfg, clips, r))
-                    if r:
-                        timings[key].append(sec)
-                log(("warm-up" if r == 0 else f"round {r}/{args.rounds}") + " done" + (": " + ", ".join(
-                    f"{k} {args.clips * max(1, configs[k][3]) / timings[k][-1]:.1f} clips/s" for k in names)
-                    if r else ""))
-
-        # 3) where the time goes, per clip, in this process
-        log("per-clip breakdown: decode vs transform")
-        breakdown = {}
-        torch.set_num_threads(1)  # as in a DataLoader worker
-        for decoder, mode in itertools.product(decoders, modes):
-            rng = np.random.default_rng(0)
-            dec_t, tr_t = [], []
-            for i in range(max(args.clips, len(samples))):
-                data = samples[i % len(samples)]
-                t0 = time.perf_counter()
-                reader = open_video(data, decoder)
-                idx = sample_indices(mode, reader.num_frames, args.frames, stride=2, rng=rng)
-                frames = reader.get_frames(idx)
-                t1 = time.perf_counter()
-                train_transform(frames, crop_size=args.crop, short_side=round(args.crop * 256 / 224),
-                                scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3), hflip=False, rng=rng)
-                t2 = time.perf_counter()
-                dec_t.append(t1 - t0)
-                tr_t.append(t2 - t1)
-            breakdown[(decoder, mode)] = (median(dec_t), median(tr_t))
-
-    headers = ["decoder", "sampling", "readers", "clips/s", "clips/s per worker", "spread"]
-    rows = []
-    for key, ts in timings.items():
-        decoder, mode, readers, workers = configs[key]
-        rate = args.clips * max(1, workers) / median(ts)
-        rows.append([decoder, mode, readers, f"{rate:.2f}", f"{rate / max(1, workers):.2f}", f"±{100 * spread(ts):.0f}%"])
-    table = markdown_table(headers, rows, align="lllrrr")
-    brk = markdown_table(["decoder", "sampling", "decode ms/clip", "crop+resize ms/clip", "clips/s (sum)"],
-                         [[d, m, f"{1e3 * a:.1f}", f"{1e3 * b:.1f}", f"{1 / (a + b):.2f}"]
-                          for (d, m), (a, b) in breakdown.items()], align="llrrr")
-    print(table)
-    print()
-    print(brk)
-    sections = [
-        ("Setup", setup),
-        ("Clips per second", table + "\n\n'in process' runs the loader's pipeline for one worker slot in the main "
-         "process (no worker start-up, no inter-process transfer): the per-worker rate. DataLoader rows include "
-         "the transfer of the uint8 clips from the workers; their per-worker rate is the total divided by the "
-         "number of workers (on a 2-core machine, 2 workers compete with the main process and other jobs)."),
-        ("Per-clip breakdown (one thread, this process)", brk + "\n\n" + " ".join(
-            f"{d}/{m}: decoding is {100 * a / (a + b):.0f}% of the clip's time." for (d, m), (a, b) in breakdown.items())
-         + " Decoding covers opening the stream, decoding up to the last sampled frame and converting the "
-         "sampled frames to RGB; 'uniform' spreads its frames over the whole video, 'dense' stops after the "
-         "sampled span."),
-        ("Notes", "\n".join(f"- {n}" for n in [*notes, *args.note]) or "- none"),
-    ]
-    path = write_results(name, "Data pipeline throughput (CPU)", sections, info=info)
+        log("writing videos, video shards and frame shards")
+        setup, video_shards, frame_shards = make_shards(Path(tmp), args)
+        shards = readers(args, video_shards, frame_shards)
+        log(f"timing {', '.join(shards)} with 0..{args.workers} workers")
+        rates = measure(args, shards)
+        log("per-clip breakdown")
+        rows_breakdown = breakdown(shards, args)
+    log("GPU consumption from count_gflops")
+    gpu = gpu_rates(args.frames, args.crop)
+    sections, printed = report(args, rates, rows_breakdown, gpu)
+    print("\n\n".join(printed))
+    notes = [*args.note]
+    if "video shards, torchcodec" not in shards:
+        notes.append("torchcodec is not installed or cannot load FFmpeg's libraries here: its rows are missing")
+    path = write_results(name, "Data pipeline throughput (CPU) vs what a GPU consumes",
+                         [("Setup", setup), *sections, ("Notes", "\n".join(f"- {n}" for n in notes) or "- none")],
+                         info=info)
     print(f"\nwrote {path}")
     faulthandler.cancel_dump_traceback_later()
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

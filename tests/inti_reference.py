@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from inti_adapters import InTILayer, TokenLayout
-from inti_adapters.inti import frame_tokens, pair_frames
+from inti_adapters.inti import frame_tokens
+from inti_adapters.tokens import pair_frames
 
 
 def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:

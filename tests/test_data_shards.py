@@ -93,16 +93,16 @@ def test_resume_after_interruption(video_tree, tmp_path, monkeypatch):
     write_shards(source=str(video_tree), output=str(reference), samples_per_shard=4, progress=False)
 
     out = tmp_path / "resumed"
-    real = shards_mod.prepare_video
+    real = shards_mod.prepare_item
     calls = {"n": 0}
 
-    def flaky(path, options):
+    def flaky(item, options):
         calls["n"] += 1
         if calls["n"] == 7:  # in the middle of the second shard
             raise KeyboardInterrupt
-        return real(path, options)
+        return real(item, options)
 
-    monkeypatch.setattr(shards_mod, "prepare_video", flaky)
+    monkeypatch.setattr(shards_mod, "prepare_item", flaky)
     with pytest.raises(KeyboardInterrupt):
         write_shards(source=str(video_tree), output=str(out), samples_per_shard=4, progress=False)
     # only the first shard has a final name; it is complete and recorded; no temporary file is left
@@ -113,7 +113,7 @@ def test_resume_after_interruption(video_tree, tmp_path, monkeypatch):
     # a hard kill would leave a temporary file: the next run must remove it
     (out / "shard-000001.tar.tmp").write_bytes(b"half a shard")
 
-    monkeypatch.setattr(shards_mod, "prepare_video", real)
+    monkeypatch.setattr(shards_mod, "prepare_item", real)
     summary = write_shards(source=str(video_tree), output=str(out), samples_per_shard=4, progress=False)
     assert summary.resumed_shards == 1 and summary.written == 12 and summary.skipped == 2
     assert not list(out.glob("*.tmp"))

@@ -1,4 +1,5 @@
-"""Video data: WebDataset shards (writer and reader), decoding, frame sampling, transforms, built-in data.
+"""Video data: WebDataset shards of videos or of JPEG frames (writer and reader), decoding on the CPU or
+the GPU, frame sampling, transforms, built-in data.
 
     >>> from inti_adapters.data import DataConfig, build_dataloader, ensure_builtin_dataset
     >>> ds = ensure_builtin_dataset("cache/digits")                       # doctest: +SKIP
@@ -21,9 +22,11 @@ from .digits import (
     label_accuracies,
     make_label,
 )
-from .pipeline import VideoLoader, build_dataloader, expand_shards, read_shard_sizes
+from .frames import FrameReader, extract_frames, nearest_stored, stored_frame_indices
+from .pipeline import ReadReport, VideoLoader, build_dataloader, expand_shards, read_shard_sizes
 from .sampling import dense_indices, sample_indices, uniform_indices
 from .shards import ShardSummary, write_shards
+from .tario import ShardDamage
 
 __all__ = [
     "DIGITS_CLASS_NAMES",
@@ -32,6 +35,9 @@ __all__ = [
     "BuiltinDataset",
     "DataConfig",
     "DigitsOptions",
+    "FrameReader",
+    "ReadReport",
+    "ShardDamage",
     "ShardSummary",
     "ShardWriterConfig",
     "VideoDecodeError",
@@ -44,15 +50,18 @@ __all__ = [
     "encode_video",
     "ensure_builtin_dataset",
     "expand_shards",
+    "extract_frames",
     "label_accuracies",
     "load_class_index",
     "make_label",
+    "nearest_stored",
     "open_video",
     "probe_video",
     "read_annotations",
     "read_shard_sizes",
     "reencode_video",
     "sample_indices",
+    "stored_frame_indices",
     "uniform_indices",
     "write_class_index",
     "write_shards",

@@ -11,6 +11,12 @@ Supported layouts:
 - **ssv2_json**: a list of ``{"id": ..., "template": ...}`` (or ``"label"``) entries plus a labels
   JSON ``{class name: index}``; the template's ``[something]`` brackets are dropped, as in the
   official files. Videos are ``<id>.webm`` or ``<id>.mp4``.
+- **shards**: existing video shards (a brace pattern, a glob, or a folder of ``.tar`` files), to
+  convert them to frame shards; one item per sample with a video member, labelled by its
+  ``.cls``, with the class names of the ``classes.json`` beside the shards.
+
+Folder trees: hidden folders (``.ipynb_checkpoints``, ...) and class folders without any video
+file are left out of the class index, with a warning naming them.
 """
 
 from __future__ import annotations
@@ -18,11 +24,15 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
+import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .config import VIDEO_EXTENSIONS, ShardWriterConfig
+from .tario import expand_shards, split_member_name
 
 logger = logging.getLogger("inti_adapters.data")
 
@@ -31,11 +41,17 @@ CLASS_INDEX_FILE = "classes.json"
 
 @dataclass(frozen=True)
 class VideoItem:
-    """One video to write: where it is, its label, and how the annotation named it."""
+    """One video to write: where it is, its label, and how the annotation named it.
+
+    A video inside a shard has ``member = (offset, size)`` of its bytes in the tar file ``path``
+    and ``meta``, the JSON metadata of its sample.
+    """
 
     path: str
     label: int
     source: str
+    member: tuple[int, int] | None = None
+    meta: str | None = None
 
 
 @dataclass
@@ -78,18 +94,68 @@ def _index_labels(labels: Iterable[str], class_names: list[str] | None, where: s
 def read_folder(root: str | Path, class_names: list[str] | None = None) -> Annotations:
     """One sub-folder per class; every file with a video extension below it is a sample."""
     root = Path(root)
-    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise ValueError(f"{root} has no class sub-folders; expected root/<class name>/<video files>")
+    videos = {folder.name: [f for f in sorted(folder.rglob("*"))
+                            if f.is_file() and f.suffix.lower().lstrip(".") in VIDEO_EXTENSIONS] for folder in folders}
+    empty = [name for name, files in videos.items() if not files]
+    if empty:
+        logger.warning("%d class folder(s) of %s hold no video file (%s)%s", len(empty), root, ", ".join(empty[:10]),
+                       " and are left out of the class index" if class_names is None else "")
+    if class_names is None:
+        folders = [f for f in folders if videos[f.name]]
     names, lookup = _index_labels([p.name for p in folders], class_names, str(root))
-    items = []
-    for folder in folders:
-        for f in sorted(folder.rglob("*")):
-            if f.is_file() and f.suffix.lower().lstrip(".") in VIDEO_EXTENSIONS:
-                items.append(VideoItem(str(f), lookup[folder.name], str(f.relative_to(root))))
+    items = [VideoItem(str(f), lookup[folder.name], str(f.relative_to(root))) for folder in folders
+             for f in videos[folder.name]]
     if not items:
         raise ValueError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) under {root}")
     return Annotations(items, names)
+
+
+def _shard_videos(path: str) -> Iterable[tuple[str, tuple[int, int] | None, int | None, str | None]]:
+    """``(key, (offset, size) of the video, label, json text)`` of every sample of a local shard."""
+    samples: dict[str, dict[str, Any]] = {}
+    with tarfile.open(path) as tar:
+        for m in tar:
+            parts = split_member_name(m.name) if m.isreg() else None
+            if parts is None:
+                continue
+            sample = samples.setdefault(parts[0], {})
+            if parts[1] in VIDEO_EXTENSIONS:
+                sample["video"] = (m.offset_data, m.size)
+            elif parts[1] in ("cls", "json"):
+                sample[parts[1]] = tar.extractfile(m).read().decode("utf-8", "replace")
+    for key, sample in samples.items():
+        label = int(sample["cls"].strip()) if sample.get("cls", "").strip().lstrip("-").isdigit() else None
+        yield key, sample.get("video"), label, sample.get("json")
+
+
+def read_shards(spec: str, class_names: list[str] | None = None) -> Annotations:
+    """Video shards written earlier (``inti-shards --store video`` or any webdataset video shards)."""
+    shards = expand_shards(spec)
+    items, problems = [], []
+    for shard in shards:
+        try:
+            for key, video, label, meta in _shard_videos(shard):
+                if video is None or label is None:
+                    problems.append(f"{os.path.basename(shard)}:{key} has no {'video member' if video is None else '.cls label'}")
+                    continue
+                items.append(VideoItem(shard, label, key, member=video, meta=meta))
+        except (tarfile.TarError, OSError) as exc:
+            raise ValueError(f"cannot read source shard {shard}: {type(exc).__name__}: {exc}") from exc
+    if problems:
+        logger.warning("%d samples of %s are left out: %s", len(problems), spec, "; ".join(problems[:5]))
+    if not items:
+        raise ValueError(f"the shards {spec!r} hold no sample with a video member ({', '.join(VIDEO_EXTENSIONS)}) "
+                         "and a .cls label (frame shards cannot be converted again)")
+    if class_names is None:
+        index = Path(os.path.dirname(shards[0])) / CLASS_INDEX_FILE
+        class_names = load_class_index(index) if index.exists() else [str(i) for i in range(max(i.label for i in items) + 1)]
+    bad = sorted({i.label for i in items if not 0 <= i.label < len(class_names)})
+    if bad:
+        raise ValueError(f"labels {bad[:5]} of {spec!r} are outside the class index ({len(class_names)} classes)")
+    return Annotations(items, list(class_names))
 
 
 def _kinetics_path(root: Path, row: dict[str, str], name: str) -> Path:
@@ -200,10 +266,13 @@ def read_ssv2_json(path: str | Path, video_root: str | Path | None = None, *,
 
 
 def detect_format(source: str | Path) -> str:
-    """Guess the layout of ``source`` (folder, kinetics_csv, path_csv or ssv2_json)."""
+    """Guess the layout of ``source`` (folder, kinetics_csv, path_csv, ssv2_json or shards)."""
     p = Path(source)
     if p.is_dir():
-        return "folder"
+        has_tars = any(p.glob("*.tar"))
+        return "shards" if has_tars and not any(c.is_dir() for c in p.iterdir()) else "folder"
+    if str(source).endswith(".tar") or (".tar" in str(source) and any(c in str(source) for c in "{*?[")):
+        return "shards"
     if not p.exists():
         raise FileNotFoundError(f"source {p} does not exist")
     if p.suffix.lower() == ".csv":
@@ -225,6 +294,8 @@ def read_annotations(cfg: ShardWriterConfig) -> Annotations:
         ann = read_kinetics_csv(cfg.source, cfg.video_root, split=cfg.split, class_names=classes)
     elif fmt == "path_csv":
         ann = read_path_csv(cfg.source, cfg.video_root, class_names=classes)
+    elif fmt == "shards":
+        ann = read_shards(cfg.source, classes)
     else:
         if classes is None and cfg.labels_file is None:
             raise ValueError("Something-Something JSON needs labels_file (its labels JSON, class name -> index) "

@@ -8,6 +8,7 @@ command-line options with :func:`inti_adapters._config.add_config_arguments`.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,8 +18,12 @@ SAMPLING_MODES = ("uniform", "dense")
 DECODERS = ("auto", "pyav", "torchcodec")
 CORRUPT_POLICIES = ("skip", "raise")
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
-ANNOTATION_FORMATS = ("auto", "folder", "kinetics_csv", "path_csv", "ssv2_json")
+ANNOTATION_FORMATS = ("auto", "folder", "kinetics_csv", "path_csv", "ssv2_json", "shards")
 CHECK_MODES = ("probe", "full")
+STORE_MODES = ("video", "frames")
+INCOMPLETE_POLICIES = ("raise", "warn")
+START_METHODS = (None, "fork", "spawn", "forkserver")
+FRAME_SHORT_SIDE = 256  # default short side of frame shards
 
 
 def _check_shards(name: str, value: Any) -> Any:
@@ -118,8 +123,8 @@ class DataConfig(Config):
     )
     decoder: str = field(
         default="auto",
-        metadata={"help": "Video decoder: 'pyav', 'torchcodec' (if installed), or 'auto' = torchcodec when "
-                          "importable, else PyAV."},
+        metadata={"help": "Video decoder: 'pyav', 'torchcodec' (needs torchcodec and FFmpeg's shared "
+                          "libraries; about as fast here) or 'auto' = PyAV. Frame shards use neither."},
     )
     on_corrupt: str = field(
         default="skip",
@@ -133,9 +138,24 @@ class DataConfig(Config):
     video_extensions: tuple[str, ...] = field(
         default=VIDEO_EXTENSIONS, metadata={"help": "Sample members read as the video, first match wins."}
     )
+    decode_device: str = field(
+        default="cpu",
+        metadata={"help": "Where the JPEG frames of frame shards are decoded: 'cpu' (batched in the DataLoader "
+                          "workers) or 'cuda' / 'cuda:N' (the workers pass the encoded frames and crop boxes; "
+                          "decode, crop and resize run batched on that GPU in the main process, and batches "
+                          "arrive there). Video samples are always decoded on the CPU."},
+    )
+    on_incomplete: str = field(
+        default="raise",
+        metadata={"help": "Evaluation that read a different number of samples than sizes.json lists (a "
+                          "damaged or truncated shard): 'raise' an error or 'warn' loudly."},
+    )
     pin_memory: bool = field(default=False, metadata={"help": "DataLoader pin_memory."})
     multiprocessing_context: str | None = field(
-        default=None, metadata={"help": "DataLoader worker start method ('fork', 'spawn', ...); None = default."}
+        default=None,
+        metadata={"help": "DataLoader worker start method: 'fork', 'spawn', 'forkserver', or None = the platform "
+                          "default (fork on Linux: the workers only decode and crop, single-threaded, which is "
+                          "safe after the parent has run torch on several threads)."},
     )
 
     def __post_init__(self) -> None:
@@ -170,6 +190,11 @@ class DataConfig(Config):
         self.video_extensions = tuple(e.lstrip(".").lower() for e in self.video_extensions)
         if not self.video_extensions:
             raise ValueError("video_extensions must name at least one member extension such as 'mp4'")
+        if not isinstance(self.decode_device, str) or not (
+                self.decode_device == "cpu" or re.fullmatch(r"cuda(:\d+)?", self.decode_device)):
+            raise ValueError(f"decode_device must be 'cpu', 'cuda' or 'cuda:N', got {self.decode_device!r}")
+        check_choice("on_incomplete", self.on_incomplete, INCOMPLETE_POLICIES)
+        check_choice("multiprocessing_context", self.multiprocessing_context, START_METHODS)
 
     @property
     def resolved_short_side(self) -> int:
@@ -197,15 +222,17 @@ class ShardWriterConfig(Config):
 
     source: str = field(
         default="",
-        metadata={"help": "A folder with one sub-folder per class, or an annotation file: Kinetics CSV "
-                          "(label,youtube_id,time_start,time_end,split), a 'path,label' CSV, or a "
-                          "Something-Something JSON list."},
+        metadata={"help": "A folder with one sub-folder per class, an annotation file (Kinetics CSV "
+                          "label,youtube_id,time_start,time_end,split; a 'path,label' CSV; a Something-Something "
+                          "JSON list), or existing video shards to convert (a brace pattern, a glob, or a folder "
+                          "of .tar files) with --store frames."},
     )
     output: str = field(default="", metadata={"help": "Folder the shards are written to."})
     format: str = field(
         default="auto",
-        metadata={"help": "Annotation format; 'auto' = folder for a directory, CSV header sniffing for .csv, "
-                          "ssv2_json for .json."},
+        metadata={"help": "Annotation format; 'auto' = folder for a directory (shards for a folder holding only "
+                          ".tar files), CSV header sniffing for .csv, ssv2_json for .json, shards for a .tar path "
+                          "or pattern."},
     )
     video_root: str | None = field(
         default=None,
@@ -230,11 +257,26 @@ class ShardWriterConfig(Config):
                           "classes. The assignment is deterministic, which is what makes resuming safe."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the video -> shard assignment."})
+    store: str = field(
+        default="video",
+        metadata={"help": "What a sample holds: 'video' (the encoded video, copied or re-encoded) or 'frames' "
+                          "(decoded once, frames_per_video frames resized to short_side, as JPEG; read many "
+                          "times faster, see inti_adapters.data.frames)."},
+    )
+    frames_per_video: int = field(
+        default=32,
+        metadata={"help": "With store=frames: frames kept per video, one per equal segment; 0 = every frame "
+                          "(needed for dense sampling with small strides)."},
+    )
+    jpeg_quality: int = field(default=90, metadata={"help": "With store=frames: JPEG quality, 1-100."})
     reencode: bool = field(
         default=False, metadata={"help": "Re-encode every video with PyAV (H.264 in MP4) instead of copying it."}
     )
     short_side: int | None = field(
-        default=None, metadata={"help": "With reencode: resize so the short side has this many pixels."}
+        default=None,
+        metadata={"help": "With reencode: resize so the short side has this many pixels. With store=frames: "
+                          f"bring larger short sides down to this (None = {FRAME_SHORT_SIDE}; smaller frames are "
+                          "kept as they are)."},
     )
     fps: float | None = field(
         default=None, metadata={"help": "With reencode: output frame rate (frames are dropped/repeated); None = keep."}
@@ -266,11 +308,21 @@ class ShardWriterConfig(Config):
         check_choice("check", self.check, CHECK_MODES)
         if self.fps is not None and not self.fps > 0:
             raise ValueError(f"fps must be > 0 or None, got {self.fps!r}")
-        if not self.reencode and (self.short_side is not None or self.fps is not None):
+        check_choice("store", self.store, STORE_MODES)
+        check_int("frames_per_video", self.frames_per_video, 0)
+        check_int("jpeg_quality", self.jpeg_quality, 1)
+        if self.jpeg_quality > 100:
+            raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+        if self.store == "frames" and (self.reencode or self.fps is not None):
+            raise ValueError("store='frames' keeps decoded frames; reencode / fps apply to store='video' only")
+        if self.store == "video" and not self.reencode and (self.short_side is not None or self.fps is not None):
             raise ValueError(
-                f"short_side={self.short_side!r} / fps={self.fps!r} only apply when re-encoding; "
-                "set reencode=True (--reencode) or leave them unset"
+                f"short_side={self.short_side!r} / fps={self.fps!r} only apply when re-encoding or with "
+                "store='frames'; set reencode=True (--reencode) or --store frames, or leave them unset"
             )
+        if self.format == "shards" and self.store != "frames":
+            raise ValueError("existing shards (format='shards') can only be converted to frame shards: "
+                             "pass store='frames' (--store frames)")
         if "/" in self.prefix or not self.prefix:
             raise ValueError(f"prefix must be a non-empty file-name prefix without '/', got {self.prefix!r}")
 
@@ -278,4 +330,12 @@ class ShardWriterConfig(Config):
         """The options that decide shard contents; a resumed run must match them."""
         keys = ("samples_per_shard", "shuffle", "seed", "reencode", "short_side", "fps", "codec", "crf",
                 "preset", "prefix")
-        return {k: getattr(self, k) for k in keys}
+        out = {k: getattr(self, k) for k in keys}
+        if self.store != "video":  # older manifests (video only) keep matching
+            out.update(store=self.store, frames_per_video=self.frames_per_video, jpeg_quality=self.jpeg_quality)
+        return out
+
+    @property
+    def frame_short_side(self) -> int:
+        """The short side frame shards bring frames down to."""
+        return self.short_side if self.short_side is not None else FRAME_SHORT_SIDE

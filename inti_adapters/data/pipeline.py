@@ -8,12 +8,16 @@ by a typed :class:`DataConfig`:
 stage                     what it does
 ========================  ======================================================================
 ``ShardSource``           this reader's shards for the epoch (split by rank, then by worker)
-``ReadSamples``           tar members grouped into samples; counts them (an empty pass is an error)
+``ReadSamples``           tar members grouped into samples; counts them (an empty pass is an error);
+                          a damaged shard or one shorter than ``sizes.json`` is warned about and counted
 ``ShuffleSamples``        (train) a seeded shuffle buffer, drained at the end of every pass
 ``SkipSamples``           (train) numbers samples; drops the ones of skipped batches *before* decoding
-``DecodeClip``            decode (PyAV / torchcodec), sample frames, crop -> uint8 ``(3, T, H, W)``
-                          (test: ``(V, 3, T, H, W)``); corrupt samples are skipped and counted
+``DecodeClip``            video samples: decode (PyAV / torchcodec); frame samples: batched JPEG
+                          decode; sample frames, crop -> uint8 ``(3, T, H, W)`` (test:
+                          ``(V, 3, T, H, W)``); corrupt samples are skipped and counted. With
+                          ``decode_device='cuda'`` frame samples stay encoded (frames + crop boxes)
 ``Batch``                 stack into ``(B, 3, T, H, W)`` / ``(B, V, 3, T, H, W)`` and int64 labels
+                          (GPU decoding: an ``EncodedBatch``, decoded on the device in the main process)
 ``TakeBatches``           (train) stop after this worker's share of the epoch
 ========================  ======================================================================
 
@@ -43,24 +47,26 @@ inside the skipped range, which shifts later batch boundaries by one sample).
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
-import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import braceexpand
 import torch
 from torch.utils.data import DataLoader
 from webdataset import DataPipeline
 
 from .config import DataConfig
 from .decode import resolve_decoder
+from .device import EncodedBatch, decode_batch
 from .shards import SIZES_FILE
 from .stages import (
+    DAMAGED,
+    MISSING,
+    UNDECODABLE,
     Batch,
     DecodeClip,
     ReaderState,
@@ -70,52 +76,12 @@ from .stages import (
     SkipSamples,
     TakeBatches,
 )
+from .tario import count_tar_samples, expand_shards, is_local
 
 logger = logging.getLogger("inti_adapters.data")
 
 # ---------------------------------------------------------------------------------------------------
 # shard lists
-
-
-def _is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
-
-
-def expand_shards(spec: str | list[str] | tuple[str, ...]) -> list[str]:
-    """Expand a shard spec: a brace pattern, a glob, a directory (its ``*.tar``), a path, or a list of these.
-
-    Raises:
-        ValueError: the spec names no shard.
-    """
-    if isinstance(spec, (list, tuple)):
-        out = [s for part in spec for s in expand_shards(part)]
-    elif isinstance(spec, str):
-        out = []
-        for part in braceexpand.braceexpand(spec):
-            if _is_local(part) and os.path.isdir(part):
-                out.extend(sorted(glob.glob(os.path.join(part, "*.tar"))))
-            elif _is_local(part) and any(c in part for c in "*?["):
-                out.extend(sorted(glob.glob(part)))
-            else:
-                out.append(part)
-    else:
-        raise TypeError(f"shards must be a string or a list of strings, got {type(spec).__name__}: {spec!r}")
-    if not out:
-        raise ValueError(f"the shard spec {spec!r} names no shard (empty directory or glob without matches)")
-    missing = [s for s in out if _is_local(s) and not os.path.exists(s)]
-    if missing:
-        raise ValueError(f"{len(missing)} shard(s) of {spec!r} do not exist, e.g. {missing[0]}")
-    return out
-
-
-def _count_tar_samples(path: str) -> int:
-    keys = set()
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if member.isfile():
-                name = os.path.basename(member.name)
-                keys.add(os.path.join(os.path.dirname(member.name), name.split(".", 1)[0]))
-    return len(keys)
 
 
 def read_shard_sizes(shards: list[str]) -> list[int] | None:
@@ -129,11 +95,11 @@ def read_shard_sizes(shards: list[str]) -> list[int] | None:
         folder, name = os.path.split(s)
         if folder not in listings:
             path = os.path.join(folder, SIZES_FILE)
-            listings[folder] = json.loads(Path(path).read_text()) if _is_local(path) and os.path.exists(path) else {}
+            listings[folder] = json.loads(Path(path).read_text()) if is_local(path) and os.path.exists(path) else {}
         if name in listings[folder]:
             sizes.append(int(listings[folder][name]))
-        elif _is_local(s):
-            sizes.append(_count_tar_samples(s))
+        elif is_local(s):
+            sizes.append(count_tar_samples(s))
         else:
             return None
     return sizes
@@ -141,6 +107,19 @@ def read_shard_sizes(shards: list[str]) -> list[int] | None:
 
 # ---------------------------------------------------------------------------------------------------
 # the loader
+
+
+@dataclass
+class ReadReport:
+    """What one evaluation pass of one rank read: ``expected`` (from ``sizes.json``, None if unknown),
+    ``read`` (samples read from the tar files), ``undecodable`` (read but skipped), ``missing`` (listed
+    but not in their damaged shards) and ``damaged_shards``."""
+
+    expected: int | None
+    read: int
+    undecodable: int
+    missing: int
+    damaged_shards: int
 
 
 class VideoLoader:
@@ -174,7 +153,11 @@ class VideoLoader:
                 "1/%d of its samples; write more, smaller shards to avoid the extra reading",
                 len(self.shards), slots, world_size, max(1, self.num_workers), slots)
         self._pending_skip = 0
-        self._failures = torch.zeros(max(1, self.num_workers) + 1, dtype=torch.int64).share_memory_()
+        # shared with the workers: per worker UNDECODABLE, READ, MISSING, DAMAGED (see stages.py)
+        self._counters = torch.zeros(max(1, self.num_workers) + 1, 4, dtype=torch.int64).share_memory_()
+        self._last_read: ReadReport | None = None
+        self.decode_device = torch.device(cfg.decode_device)
+        self.on_incomplete = cfg.on_incomplete
         if train:
             total = cfg.train_samples if cfg.train_samples is not None else (
                 sum(self.shard_sizes) if self.shard_sizes is not None else None)
@@ -242,30 +225,46 @@ class VideoLoader:
     @property
     def corrupt_skipped(self) -> int:
         """Samples skipped as undecodable since this loader was made (all its workers)."""
-        return int(self._failures.sum())
+        return int(self._counters[:, UNDECODABLE].sum())
+
+    @property
+    def samples_missing(self) -> int:
+        """Samples that ``sizes.json`` lists but that could not be read from their (damaged) shards, since made."""
+        return int(self._counters[:, MISSING].sum())
+
+    @property
+    def damaged_shards(self) -> int:
+        """Times a damaged shard was met since this loader was made (each warned about, naming the shard)."""
+        return int(self._counters[:, DAMAGED].sum())
+
+    @property
+    def read_report(self) -> ReadReport | None:
+        """What the last complete evaluation pass of this rank read (None before one finished)."""
+        return self._last_read
 
     # -- iteration -----------------------------------------------------------------------------------------
 
     def _state(self, worker_override: int | None = None) -> ReaderState:
         return ReaderState(seed=self.cfg.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size,
                             num_workers=max(1, self.num_workers), skip=self._pending_skip if self.train else 0,
-                            worker_override=worker_override, failures=self._failures)
+                            worker_override=worker_override, counters=self._counters)
 
     def stages(self, state: ReaderState | None = None) -> list[Any]:
         """The pipeline stages for one epoch (see the table in the module docstring)."""
         st = state or self._state()
         cfg = self.cfg
         if not self.train:
-            return [ShardSource(self.shards, st, mode="eval", shard_shuffle=False), ReadSamples(),
-                    DecodeClip(cfg, st, train=False, decoder=self.decoder), Batch(self.batch_size, partial=True)]
+            return [ShardSource(self.shards, st, mode="eval", shard_shuffle=False), ReadSamples(st, self._listed()),
+                    DecodeClip(cfg, st, train=False, decoder=self.decoder, encoded=self.encoded),
+                    Batch(self.batch_size, partial=True)]
         skipper = SkipSamples(st, self.batch_size)
         return [
             ShardSource(self.shards, st, mode="resampled" if cfg.resampled else "train",
                         shard_shuffle=cfg.shard_shuffle),
-            ReadSamples(),
+            ReadSamples(st, self._listed()),
             ShuffleSamples(st, cfg.shuffle_buffer),
             skipper,
-            DecodeClip(cfg, st, train=True, decoder=self.decoder),
+            DecodeClip(cfg, st, train=True, decoder=self.decoder, encoded=self.encoded),
             Batch(self.batch_size, partial=False),
             TakeBatches(skipper, self.batches_per_worker),
         ]
@@ -274,20 +273,43 @@ class VideoLoader:
         """The ``webdataset.DataPipeline`` of the current epoch (what the DataLoader workers iterate)."""
         return DataPipeline(self.stages())
 
+    @property
+    def encoded(self) -> bool:
+        """Whether frame samples travel encoded, to be decoded on ``decode_device`` (a GPU)."""
+        return self.decode_device.type != "cpu"
+
+    def _listed(self) -> dict[str, int]:
+        return dict(zip(self.shards, self.shard_sizes, strict=True)) if self.shard_sizes is not None else {}
+
+    def _batches(self, batches: Iterator[Any], before: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Decode GPU batches; after a whole evaluation pass, record what it read (:attr:`read_report`).
+
+        ``before`` is a copy of the counters taken before the workers started.
+        """
+        for batch in batches:
+            yield decode_batch(batch, self.decode_device) if isinstance(batch, EncodedBatch) else batch
+        if not self.train:
+            undecodable, read, missing, damaged = (self._counters.sum(0) - before).tolist()
+            counts = self._eval_counts()
+            self._last_read = ReadReport(expected=None if counts is None else sum(counts), read=read,
+                                         undecodable=undecodable, missing=missing, damaged_shards=damaged)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         pipeline = self.dataset()
         self._pending_skip = 0  # a skip applies to one iteration
+        before = self._counters.sum(0)
         loader = DataLoader(
             pipeline, batch_size=None, num_workers=self.num_workers, pin_memory=self.cfg.pin_memory,
             multiprocessing_context=self.cfg.multiprocessing_context if self.num_workers else None,
         )
-        return iter(loader)
+        return self._batches(iter(loader), before)
 
     def iter_worker(self, worker: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Iterate, in this process, what DataLoader worker ``worker`` would yield (tests, debugging)."""
         if not 0 <= worker < max(1, self.num_workers):
             raise ValueError(f"worker must be in [0, {max(1, self.num_workers)}), got {worker}")
-        return iter(DataPipeline(self.stages(self._state(worker_override=worker))))
+        before = self._counters.sum(0)
+        return self._batches(iter(DataPipeline(self.stages(self._state(worker_override=worker)))), before)
 
     def __repr__(self) -> str:
         kind = "train" if self.train else "eval"

@@ -2,7 +2,10 @@
 
 One sample per video: ``<key>.mp4`` (the encoded video; a copied ``.webm``/``.mkv``/... keeps its
 own extension), ``<key>.cls`` (the integer label as text) and ``<key>.json`` (source path, label,
-class name, frame count, fps, duration, size). Beside the shards the writer leaves
+class name, frame count, fps, duration, size). With ``store='frames'`` the video is decoded once
+and the sample holds ``frames_per_video`` JPEG frames instead (``<key>.00000.jpg`` ...; see
+:mod:`inti_adapters.data.frames`); the source may then also be existing video shards, which
+are converted. Beside the shards the writer leaves
 ``classes.json`` (class name -> index), ``sizes.json`` (shard file -> sample count, read by the
 loader to size epochs) and ``manifest.json`` (the bookkeeping that makes runs resumable).
 
@@ -14,8 +17,15 @@ Robustness:
   shards and writes the rest, so no sample is lost or duplicated and no half shard ever has a
   final name.
 - A video that cannot be read is skipped with one log line and counted, never stopping the run.
+  A shard whose videos were all skipped is not written (its samples are listed as skipped), a
+  class that ends up with no sample is named in a warning, and a run that reads no video at all
+  is an error.
+- Worker processes are made single-threaded in torch first, so a pool started after torch work
+  cannot hang (see :mod:`inti_adapters.data._processes`).
 
     $ inti-shards --source videos/ --output shards/train --samples-per-shard 500 --workers 4
+    $ inti-shards --source videos/ --output shards/train-frames --store frames      # 32 JPEG frames a video
+    $ inti-shards --source 'shards/train/shard-{000000..000099}.tar' --output shards/train-frames --store frames
 """
 
 from __future__ import annotations
@@ -26,7 +36,6 @@ import hashlib
 import io
 import json
 import logging
-import multiprocessing
 import re
 import sys
 import tarfile
@@ -40,9 +49,11 @@ from tqdm.auto import tqdm
 
 from .._config import add_config_arguments, config_from_namespace
 from .._io import AtomicFile, atomic_write, temporary_name_pattern
+from ._processes import worker_pool
 from .annotations import CLASS_INDEX_FILE, VideoItem, read_annotations, write_class_index
 from .config import VIDEO_EXTENSIONS, ShardWriterConfig
 from .decode import VideoDecodeError, probe_video, reencode_video
+from .frames import extract_frames
 
 logger = logging.getLogger("inti_adapters.data")
 
@@ -120,26 +131,45 @@ def sample_key(position: int, source: str) -> str:
 # preparing one video (runs in worker processes)
 
 
-def prepare_video(path: str, options: dict[str, Any]) -> tuple[bytes, str, dict[str, Any]]:
-    """Read (or re-encode) one video; returns ``(bytes, extension, info)``.
+def read_item(item: VideoItem) -> tuple[bytes | str, dict[str, Any]]:
+    """The video of an item (a file path, or the bytes of a shard member) and its earlier metadata."""
+    if item.member is None:
+        return item.path, {}
+    offset, size = item.member
+    with open(item.path, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise VideoDecodeError(f"the shard {item.path} ends inside sample {item.source}")
+    meta = json.loads(item.meta) if item.meta else {}
+    return data, {k: v for k, v in meta.items() if k in ("source", "path", "class_name")}
+
+
+def prepare_item(item: VideoItem, options: dict[str, Any]) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """Read, re-encode or turn into frames one video; returns ``(members by extension, metadata)``.
 
     Raises:
         VideoDecodeError / OSError: the video is missing or unreadable.
     """
+    video, base = read_item(item)
+    if options["store"] == "frames":
+        members, info = extract_frames(video, frames_per_video=options["frames_per_video"],
+                                       short_side=options["frame_short_side"], quality=options["jpeg_quality"])
+        return members, {**base, **info}
     if options["reencode"]:
-        data, info = reencode_video(path, short_side=options["short_side"], fps=options["fps"],
+        data, info = reencode_video(video, short_side=options["short_side"], fps=options["fps"],
                                     codec=options["codec"], crf=options["crf"], preset=options["preset"])
-        return data, "mp4", info.to_dict()
-    data = Path(path).read_bytes()
+        return {"mp4": data}, info.to_dict()
+    data = Path(video).read_bytes() if isinstance(video, str) else video
     info = probe_video(data, full=options["check"] == "full")
-    ext = Path(path).suffix.lower().lstrip(".")
-    return data, (ext if ext in VIDEO_EXTENSIONS else "mp4"), info.to_dict()
+    ext = Path(item.path).suffix.lower().lstrip(".")
+    return {ext if ext in VIDEO_EXTENSIONS else "mp4": data}, info.to_dict()
 
 
-def _prepare_safe(job: tuple[str, dict[str, Any]]) -> tuple[str, Any]:
-    path, options = job
+def _prepare_safe(job: tuple[VideoItem, dict[str, Any]]) -> tuple[str, Any]:
+    item, options = job
     try:
-        return "ok", prepare_video(path, options)
+        return "ok", prepare_item(item, options)
     except FileNotFoundError:
         return "skip", "file not found"
     except (VideoDecodeError, OSError, ValueError) as exc:
@@ -169,28 +199,38 @@ class ShardSummary:
         """A brace pattern naming every shard (what ``DataConfig.train_shards`` accepts)."""
         return shard_pattern(self.shards)
 
+    store: str = "video"
+    empty_classes: list[str] = field(default_factory=list)
+
     def __str__(self) -> str:
         mib = self.bytes / 2**20
-        return (f"{self.written} videos written to {len(self.shards)} shards in {self.output} ({mib:.1f} MiB), "
-                f"{self.skipped} skipped, {self.num_classes} classes"
-                + (f", {self.resumed_shards} shards kept from an earlier run" if self.resumed_shards else ""))
+        per_video = self.bytes / max(self.written, 1) / 1e3
+        return (f"{self.written} videos written to {len(self.shards)} shards in {self.output} ({mib:.1f} MiB, "
+                f"{per_video:.0f} kB per video, {self.store}), {self.skipped} skipped, {self.num_classes} classes"
+                + (f", {self.resumed_shards} shards kept from an earlier run" if self.resumed_shards else "")
+                + (f"; WARNING: {len(self.empty_classes)} classes have no sample: "
+                   f"{', '.join(self.empty_classes[:10])}" if self.empty_classes else ""))
 
 
 def shard_pattern(shards: Sequence[str]) -> str:
-    """``dir/prefix-{000000..000009}.tar`` for consecutive shards (a single path for one shard)."""
+    """``dir/prefix-{000000..000009}.tar`` for consecutive shards (a single path for one shard);
+    ``dir/prefix-??????.tar`` when numbers are missing (shards left empty are not written)."""
     if len(shards) == 1:
         return shards[0]
     first, last = Path(shards[0]), Path(shards[-1])
     m1, m2 = re.match(r"(.*-)(\d{6})\.tar$", first.name), re.match(r"(.*-)(\d{6})\.tar$", last.name)
     if not (m1 and m2) or m1.group(1) != m2.group(1):
         raise ValueError(f"shards {first.name} .. {last.name} do not share a '<prefix>-NNNNNN.tar' name")
+    if int(m2.group(2)) - int(m1.group(2)) + 1 != len(shards):
+        return str(first.parent / f"{m1.group(1)}??????.tar")
     return str(first.parent / f"{m1.group(1)}{{{m1.group(2)}..{m2.group(2)}}}.tar")
 
 
 def _digest(items: Sequence[VideoItem]) -> str:
     h = hashlib.sha256()
     for it in items:
-        h.update(f"{it.path}\t{it.label}\n".encode())
+        member = f"\t{it.source}\t{it.member}" if it.member is not None else ""
+        h.update(f"{it.path}\t{it.label}{member}\n".encode())
     return h.hexdigest()
 
 
@@ -216,35 +256,27 @@ def _load_manifest(out: Path, cfg: ShardWriterConfig, digest: str, num_shards: i
 
 
 def _jobs(items: Sequence[VideoItem], shard_ids: Sequence[int], per_shard: int,
-          options: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+          options: dict[str, Any]) -> Iterator[tuple[VideoItem, dict[str, Any]]]:
     for s in shard_ids:
         for it in items[s * per_shard:(s + 1) * per_shard]:
-            yield it.path, options
+            yield it, options
 
 
-def write_shards(config: ShardWriterConfig | None = None, **options: Any) -> ShardSummary:
-    """Turn a folder tree or an annotation file into WebDataset shards; see the module docstring.
-
-        >>> summary = write_shards(source="videos/", output="shards/", samples_per_shard=500)  # doctest: +SKIP
-        >>> summary.pattern                                                                  # doctest: +SKIP
-        'shards/shard-{000000..000011}.tar'
-
-    Pass either a :class:`ShardWriterConfig` or its fields as keyword arguments.
-    """
-    if config is None:
-        config = ShardWriterConfig(**options)
-    elif options:
-        config = dataclasses.replace(config, **options)
-    cfg = config
+def _ordered_items(cfg: ShardWriterConfig) -> tuple[Any, list[VideoItem]]:
+    """The annotations and their videos in shard order (sorted, then shuffled with the seed)."""
     ann = read_annotations(cfg)
-    items = sorted(ann.items, key=lambda it: (it.path, it.label))
+    if ann.items and ann.items[0].member is not None and cfg.store != "frames":
+        raise ValueError(f"{cfg.source} holds shards; they can only be converted to frame shards (--store frames)")
+    items = sorted(ann.items, key=lambda it: (it.path, it.label, it.source))
     if cfg.shuffle:
         order = np.random.default_rng(cfg.seed).permutation(len(items))
         items = [items[i] for i in order]
-    per = cfg.samples_per_shard
-    num_shards = -(-len(items) // per)
-    names = [f"{cfg.prefix}-{s:06d}.tar" for s in range(num_shards)]
+    return ann, items
 
+
+def _open_output(cfg: ShardWriterConfig, items: Sequence[VideoItem], num_shards: int,
+                 class_names: list[str]) -> tuple[Path, dict[str, Any]]:
+    """Create the output folder, load or start the manifest, drop unfinished shards."""
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     manifest = _load_manifest(out, cfg, _digest(items), num_shards)
@@ -254,56 +286,112 @@ def write_shards(config: ShardWriterConfig | None = None, **options: Any) -> Sha
         stale.unlink()
     done = manifest["shards"]
     for name in list(done):
-        if not (out / name).exists() or (out / name).stat().st_size != done[name]["bytes"]:
+        size = done[name]["bytes"]
+        if size and (not (out / name).exists() or (out / name).stat().st_size != size):
             logger.warning("shard %s is listed as complete but is missing or changed; writing it again", name)
             del done[name]
-    write_class_index(out / CLASS_INDEX_FILE, ann.class_names)
+    write_class_index(out / CLASS_INDEX_FILE, class_names)
     manifest["complete"] = False
     write_json_atomic(out / MANIFEST_FILE, manifest)
-    resumed = len(done)
+    return out, manifest
 
+
+def _write_shard(path: Path, index: int, shard_items: Sequence[VideoItem], results: Iterator[tuple[str, Any]],
+                 class_names: list[str], per: int, bar: Any) -> dict[str, Any]:
+    """Write one shard from the prepared results of its items; a shard left empty is not written."""
+    skipped: list[tuple[str, str]] = []
+    labels: list[int] = []
+    with ShardSink(path) as sink:
+        for offset, item in enumerate(shard_items):
+            status, payload = next(results)
+            bar.update(1)
+            if status == "skip":
+                logger.warning("skipped %s: %s", item.source if item.member else item.path, payload)
+                skipped.append((item.source, payload))
+                continue
+            members, info = payload
+            meta = {"source": item.source, "path": item.path, "class_name": class_names[item.label], **info,
+                    "label": item.label}
+            sink.add(sample_key(index * per + offset, item.source),
+                     {**members, "cls": str(item.label).encode(), "json": json.dumps(meta).encode()})
+            labels.append(item.label)
+        count = sink.count
+        if count == 0:
+            logger.warning("every video of shard %s was skipped: the shard is not written", path.name)
+            sink.abort()
+            size = 0
+        else:
+            size = sink.commit()
+    return {"index": index, "count": count, "bytes": size, "skipped": skipped, "labels": labels}
+
+
+def write_shards(config: ShardWriterConfig | None = None, **options: Any) -> ShardSummary:
+    """Turn a folder tree, an annotation file or video shards into WebDataset shards; see the module docstring.
+
+        >>> summary = write_shards(source="videos/", output="shards/", samples_per_shard=500)  # doctest: +SKIP
+        >>> summary.pattern                                                                  # doctest: +SKIP
+        'shards/shard-{000000..000011}.tar'
+
+    Pass either a :class:`ShardWriterConfig` or its fields as keyword arguments.
+
+    Raises:
+        ValueError: bad options, an unreadable source, or no readable video at all.
+    """
+    if config is None:
+        config = ShardWriterConfig(**options)
+    elif options:
+        config = dataclasses.replace(config, **options)
+    cfg = config
+    ann, items = _ordered_items(cfg)
+    per = cfg.samples_per_shard
+    num_shards = -(-len(items) // per)
+    names = [f"{cfg.prefix}-{s:06d}.tar" for s in range(num_shards)]
+    out, manifest = _open_output(cfg, items, num_shards, ann.class_names)
+    done = manifest["shards"]
+    resumed = len(done)
     pending = [s for s in range(num_shards) if names[s] not in done]
-    job_options = {k: getattr(cfg, k) for k in ("reencode", "short_side", "fps", "codec", "crf", "preset", "check")}
+    job_options = {k: getattr(cfg, k) for k in ("reencode", "short_side", "fps", "codec", "crf", "preset", "check",
+                                                "store", "frames_per_video", "jpeg_quality", "frame_short_side")}
     bar = tqdm(total=len(items), initial=sum(d["count"] + len(d["skipped"]) for d in done.values()),
                unit="video", disable=not cfg.progress, desc=f"shards -> {out}")
-    pool = multiprocessing.get_context().Pool(cfg.workers) if cfg.workers > 1 and pending else None
+    pool = worker_pool(cfg.workers) if cfg.workers > 1 and pending else None
     try:
         jobs = _jobs(items, pending, per, job_options)
         results = pool.imap(_prepare_safe, jobs, chunksize=2) if pool else map(_prepare_safe, jobs)
         for s in pending:
-            shard_items = items[s * per:(s + 1) * per]
-            skipped: list[tuple[str, str]] = []
-            with ShardSink(out / names[s]) as sink:
-                for offset, item in enumerate(shard_items):
-                    status, payload = next(results)
-                    if status == "skip":
-                        logger.warning("skipped %s: %s", item.path, payload)
-                        skipped.append((item.source, payload))
-                    else:
-                        data, ext, info = payload
-                        meta = {"source": item.source, "path": item.path, "label": item.label,
-                                "class_name": ann.class_names[item.label], **info}
-                        sink.add(sample_key(s * per + offset, item.source),
-                                 {ext: data, "cls": str(item.label).encode(), "json": json.dumps(meta).encode()})
-                    bar.update(1)
-                count = sink.count
-                size = sink.commit()
-            done[names[s]] = {"index": s, "count": count, "bytes": size, "skipped": skipped}
+            done[names[s]] = _write_shard(out / names[s], s, items[s * per:(s + 1) * per], results,
+                                          ann.class_names, per, bar)
             write_json_atomic(out / MANIFEST_FILE, manifest)
     finally:
         bar.close()
         if pool is not None:
             pool.terminate()
             pool.join()
+    return _finish(cfg, out, manifest, names, ann, resumed)
 
-    write_json_atomic(out / SIZES_FILE, {n: done[n]["count"] for n in names})
+
+def _finish(cfg: ShardWriterConfig, out: Path, manifest: dict[str, Any], names: list[str], ann: Any,
+            resumed: int) -> ShardSummary:
+    """Write sizes.json, mark the run complete, warn about empty classes, and summarise."""
+    done = manifest["shards"]
+    written = [n for n in names if done[n]["count"]]
+    skipped_all = [tuple(x) for n in names for x in done[n]["skipped"]]
+    if not written:
+        reasons = "; ".join(f"{src}: {why}" for src, why in skipped_all[:3])
+        raise ValueError(f"no video of {cfg.source} could be read ({len(skipped_all)} skipped, e.g. {reasons})")
+    write_json_atomic(out / SIZES_FILE, {n: done[n]["count"] for n in written})
     manifest["complete"] = True
     write_json_atomic(out / MANIFEST_FILE, manifest)
-    skipped_all = [tuple(x) for n in names for x in done[n]["skipped"]]
+    seen = {lab for n in names for lab in done[n].get("labels", range(len(ann.class_names)))}
+    empty = [name for i, name in enumerate(ann.class_names) if i not in seen]
+    if empty:
+        logger.warning("%d of %d classes have no sample in %s (every video skipped, or none listed): %s",
+                       len(empty), len(ann.class_names), out, ", ".join(empty[:20]))
     summary = ShardSummary(
-        output=str(out), shards=[str(out / n) for n in names], written=sum(done[n]["count"] for n in names),
+        output=str(out), shards=[str(out / n) for n in written], written=sum(done[n]["count"] for n in names),
         skipped=len(skipped_all), bytes=sum(done[n]["bytes"] for n in names), num_classes=len(ann.class_names),
-        resumed_shards=resumed, unlabelled=len(ann.unlabelled), skipped_videos=skipped_all,
+        resumed_shards=resumed, unlabelled=len(ann.unlabelled), skipped_videos=skipped_all, store=cfg.store,
+        empty_classes=empty,
     )
     logger.info("%s", summary)
     return summary

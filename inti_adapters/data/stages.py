@@ -16,14 +16,19 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import get_worker_info
-from webdataset.tariterators import tarfile_samples
 
 from .config import DataConfig
 from .decode import open_video
+from .device import EncodedClip, collate_encoded
+from .frames import FrameReader, frame_members
 from .sampling import sample_indices
-from .transforms import test_views, train_transform
+from .tario import ShardDamage, iter_tar_samples
+from .transforms import test_view_boxes, test_views, to_cthw, train_crop_box, train_transform
 
 logger = logging.getLogger("inti_adapters.data")
+
+# columns of ReaderState.counters (one row per worker, row 0 = the main process)
+UNDECODABLE, READ, MISSING, DAMAGED = range(4)
 
 
 @dataclass
@@ -37,7 +42,7 @@ class ReaderState:
     num_workers: int
     skip: int = 0  # training batches of this epoch to skip (all workers together)
     worker_override: int | None = None  # simulate worker i of num_workers in this process
-    failures: torch.Tensor | None = None  # shared per-worker counters of skipped samples
+    counters: torch.Tensor | None = None  # shared (workers + 1, 4) counts: UNDECODABLE, READ, MISSING, DAMAGED
 
     @property
     def slots(self) -> int:
@@ -60,6 +65,12 @@ class ReaderState:
 
     def rng(self, *parts: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch, *parts])
+
+    def count(self, column: int, n: int = 1) -> None:
+        """Add to this process's row of the shared counters."""
+        if self.counters is not None and n:
+            row = 0 if get_worker_info() is None and self.worker_override is None else self.worker() + 1
+            self.counters[row, column] += n
 
 
 class ShardSource:
@@ -98,13 +109,31 @@ class ShardSource:
                 yield {"url": self.shards[int(i)], "pass": p, "modulo": modulo}
 
 
-def _tar_error(exn: Exception) -> bool:
-    logger.warning("skipping an unreadable part of a shard: %s", exn)
-    return True
-
-
 class ReadSamples:
-    """Tar files -> sample dicts; keeps this slot's share in sample-split mode; refuses empty passes."""
+    """Tar files -> sample dicts; keeps this slot's share in sample-split mode; refuses empty passes.
+
+    A damaged shard (see :mod:`inti_adapters.data.tario`) and a shard with fewer samples than
+    ``sizes.json`` lists are reported with a warning naming the shard and counted (MISSING,
+    DAMAGED); reading goes on with the next shard.
+    """
+
+    def __init__(self, state: ReaderState, expected: dict[str, int] | None = None) -> None:
+        self.state, self.expected = state, expected or {}
+
+    def _shard(self, url: str, modulo: tuple[int, int] | None) -> Iterator[dict[str, Any]]:
+        read = 0
+        try:
+            for sample in iter_tar_samples(url):
+                read += 1
+                yield sample
+        except ShardDamage as exc:
+            logger.warning("%s", exc)
+            self.state.count(DAMAGED)
+        listed = self.expected.get(url)
+        if listed is not None and read != listed:
+            logger.warning("shard %s: read %d samples, sizes.json lists %d", url, read, listed)
+            lost = range(read, listed)  # in sample-split mode, only this reader's share of them
+            self.state.count(MISSING, len(lost) if modulo is None else sum(1 for i in lost if i % modulo[1] == modulo[0]))
 
     def __call__(self, jobs: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         current_pass, kept, ordinal = None, 0, 0
@@ -117,11 +146,12 @@ class ReadSamples:
                         f"last shard: {job['url']}"
                     )
                 current_pass, kept, ordinal = job["pass"], 0, 0
-            for sample in tarfile_samples([{"url": job["url"]}], handler=_tar_error):
+            for sample in self._shard(job["url"], job["modulo"]):
                 ordinal += 1
                 if job["modulo"] is not None and (ordinal - 1) % job["modulo"][1] != job["modulo"][0]:
                     continue
                 kept += 1
+                self.state.count(READ)
                 sample["__pass__"] = job["pass"]
                 yield sample
 
@@ -193,38 +223,76 @@ def _one_thread() -> Iterator[None]:
 
 
 class DecodeClip:
-    """Encoded sample -> ``(uint8 clip, label)``; undecodable samples are skipped (and counted) or raise."""
+    """Encoded sample -> ``(uint8 clip, label)``; undecodable samples are skipped (and counted) or raise.
 
-    def __init__(self, cfg: DataConfig, state: ReaderState, *, train: bool, decoder: str) -> None:
-        self.cfg, self.state, self.train, self.decoder = cfg, state, train, decoder
+    A sample is a video (a member with one of ``video_extensions``) or a frame-shard sample (JPEG
+    members ``00000.jpg`` ...); both are read through the same sampling and transforms. With
+    ``encoded=True`` frame samples are not decoded here: the stage yields an
+    :class:`~inti_adapters.data.device.EncodedClip` (frames + crop boxes) for the GPU.
+    """
 
-    def clip(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        cfg = self.cfg
-        ext = next((e for e in cfg.video_extensions if e in sample), None)
-        if ext is None:
-            raise ValueError(f"no video member ({', '.join(cfg.video_extensions)}); members: "
-                             f"{sorted(k for k in sample if not k.startswith('__'))}")
+    def __init__(self, cfg: DataConfig, state: ReaderState, *, train: bool, decoder: str,
+                 encoded: bool = False) -> None:
+        self.cfg, self.state, self.train, self.decoder, self.encoded = cfg, state, train, decoder, encoded
+
+    def open(self, sample: dict[str, Any]) -> tuple[Any, int]:
+        """The sample's reader (video or frames) and its label."""
         if "cls" not in sample:
             raise ValueError("no .cls label member")
         label = int(sample["cls"].decode().strip())
-        reader = open_video(sample[ext], self.decoder)
-        n = reader.num_frames
+        ext = next((e for e in self.cfg.video_extensions if e in sample), None)
+        if ext is not None:
+            return open_video(sample[ext], self.decoder), label
+        if frame_members(sample):
+            return FrameReader(sample), label
+        raise ValueError(f"no video member ({', '.join(self.cfg.video_extensions)}) and no JPEG frames; members: "
+                         f"{sorted(k for k in sample if not k.startswith('__'))}")
+
+    def indices(self, n: int, rng: np.random.Generator | None) -> list[np.ndarray]:
+        """Frame indices of the training clip (``rng``) or of every test clip."""
+        cfg = self.cfg
+        if rng is not None:
+            return [sample_indices(cfg.sampling, n, cfg.num_frames, stride=cfg.frame_stride, rng=rng)]
+        return [sample_indices(cfg.sampling, n, cfg.num_frames, stride=cfg.frame_stride, clip_index=c,
+                               num_clips=cfg.num_clips) for c in range(cfg.num_clips)]
+
+    def clip(self, sample: dict[str, Any]) -> tuple[torch.Tensor | EncodedClip, int]:
+        cfg = self.cfg
+        reader, label = self.open(sample)
+        rng = self.state.rng(self.state.slot(), sample["__number__"], 31) if self.train else None
+        clips = self.indices(reader.num_frames, rng)
+        if self.encoded and isinstance(reader, FrameReader):
+            return self.encode(reader, clips, rng), label
+        frames = reader.get_frames(np.concatenate(clips))
         if self.train:
-            rng = self.state.rng(self.state.slot(), sample["__number__"], 31)
-            idx = sample_indices(cfg.sampling, n, cfg.num_frames, stride=cfg.frame_stride, rng=rng)
-            frames = reader.get_frames(idx)
             out = train_transform(frames, crop_size=cfg.crop_size, short_side=cfg.resolved_short_side,
                                   scale=cfg.scale, ratio=cfg.ratio, hflip=cfg.hflip, rng=rng)
-            return out.permute(1, 0, 2, 3).contiguous(), label
-        clips = [sample_indices(cfg.sampling, n, cfg.num_frames, stride=cfg.frame_stride, clip_index=c,
-                                num_clips=cfg.num_clips) for c in range(cfg.num_clips)]
-        frames = reader.get_frames(np.concatenate(clips))
+            return to_cthw(out), label
         views = []
         for c in range(cfg.num_clips):
             clip = frames[c * cfg.num_frames:(c + 1) * cfg.num_frames]
             views += test_views(clip, crop_size=cfg.crop_size, short_side=cfg.resolved_short_side,
                                 num_crops=cfg.num_crops)
-        return torch.stack([v.permute(1, 0, 2, 3) for v in views]).contiguous(), label
+        return torch.stack([to_cthw(v) for v in views]), label
+
+    def encode(self, reader: FrameReader, clips: list[np.ndarray], rng: np.random.Generator | None) -> EncodedClip:
+        """Frames and crop boxes of a frame sample, for decoding on the device (same draws as :meth:`clip`)."""
+        cfg = self.cfg
+        positions = [reader.positions(c) for c in clips]
+        unique, inverse = np.unique(np.concatenate(positions), return_inverse=True)
+        height, width = reader.frame_size(unique)  # checks every frame's CRC and header here, in the worker
+        per_clip = np.split(inverse.reshape(-1), len(clips))
+        if self.train:
+            (y0, x0, y1, x1), flip = train_crop_box(height, width, short_side=cfg.resolved_short_side,
+                                                    scale=cfg.scale, ratio=cfg.ratio, hflip=cfg.hflip, rng=rng)
+            boxes, view_clip = [(y0, x0, y1, x1, flip)], [0]
+        else:
+            crops = test_view_boxes(height, width, crop_size=cfg.crop_size, short_side=cfg.resolved_short_side,
+                                    num_crops=cfg.num_crops)
+            boxes = [(*b, False) for _ in clips for b in crops]
+            view_clip = [c for c in range(len(clips)) for _ in crops]
+        return EncodedClip([reader.encoded(int(p)) for p in unique], per_clip, boxes, view_clip, cfg.crop_size,
+                           multi_view=not self.train)
 
     def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[tuple[torch.Tensor, int]]:
         in_a_row = 0
@@ -238,8 +306,7 @@ class DecodeClip:
                     raise RuntimeError(f"cannot decode {where}: {type(exc).__name__}: {exc}") from exc
                 in_a_row += 1
                 logger.warning("skipping %s: %s: %s", where, type(exc).__name__, exc)
-                if self.state.failures is not None:
-                    self.state.failures[self.state.worker() + 1] += 1
+                self.state.count(UNDECODABLE)
                 if in_a_row >= self.cfg.max_consecutive_failures:
                     raise RuntimeError(
                         f"{in_a_row} samples in a row could not be decoded (last: {where}: {exc}); the data "
@@ -257,7 +324,10 @@ class Batch:
         self.batch_size, self.partial = batch_size, partial
 
     @staticmethod
-    def collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def collate(items: list[tuple[Any, int]]) -> Any:
+        """``(clips, labels)`` tensors, or an :class:`~inti_adapters.data.device.EncodedBatch` for the GPU."""
+        if any(isinstance(v, EncodedClip) for v, _ in items):
+            return collate_encoded(items)
         return torch.stack([v for v, _ in items]), torch.tensor([lab for _, lab in items], dtype=torch.int64)
 
     def __call__(self, clips: Iterator[tuple[torch.Tensor, int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -17,6 +17,7 @@ every sample is on exactly one rank, and the counts (per class too) are summed o
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from ..video import normalize_video
 from .distributed import all_reduce_max, all_reduce_sum
 
 AVERAGE_CLIPS = ("prob", "score")
+logger = logging.getLogger("inti_adapters.train")
 
 
 @dataclass
@@ -45,6 +47,8 @@ class EvalResult:
     num_clips: int | None = None
     num_crops: int | None = None
     average_clips: str = "prob"
+    expected_samples: int | None = None  # what sizes.json lists (all ranks); None when unknown
+    read_samples: int | None = None  # what was read from the shards (including undecodable ones)
 
     @property
     def views(self) -> str:
@@ -58,6 +62,8 @@ class EvalResult:
         text = (f"top-1 {self.top1:.2f}  top-5 {self.top5:.2f}  mean class acc {self.mean_class_accuracy:.2f}  "
                 f"loss {self.loss:.4f}  ({self.num_samples} videos, views {self.views} frames×clips×crops, "
                 f"average_clips={self.average_clips})")
+        if self.expected_samples is not None:
+            text += f"  [{self.read_samples} of {self.expected_samples} listed samples read]"
         if self.gflops_per_view is not None:
             text += f"  {self.gflops_per_view:.2f} GFLOPs/view"
         return text
@@ -209,7 +215,7 @@ def evaluate(
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
-    device, tally = torch.device(device), _Tally()
+    device, tally, batches = torch.device(device), _Tally(), 0
     try:
         for batch in _batches(loader, device, max_batches):
             clips, b, v, labels = batch if batch is not None else (None, 0, 0, None)
@@ -217,10 +223,36 @@ def evaluate(
             passes = math.ceil(clips.shape[0] / chunk) if clips is not None else 0
             if (lockstep and not _agree_on_passes(model, clips, passes, device, dtype)) or (not lockstep and not passes):
                 break
+            batches += 1
             if clips is not None:
                 scores, logp = _video_scores(model, clips, (b, v), chunk, device, mean_std, dtype, average_clips)
                 tally.add(scores, logp, labels, v, clips.shape[2])
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
-    return tally.result(average_clips, num_crops)
+    result = tally.result(average_clips, num_crops)
+    _read_report(result, loader, complete=max_batches is None or batches < max_batches)
+    return result
+
+
+def _read_report(result: EvalResult, loader: Any, complete: bool) -> None:
+    """How many samples ``sizes.json`` listed and how many were read (all ranks); fail or warn on a gap."""
+    report = getattr(loader, "read_report", None) if complete else None
+    known = report is not None and report.expected is not None
+    expected, read, unknown = all_reduce_sum([report.expected if known else 0, report.read if known else 0,
+                                              0 if known else 1])
+    if unknown == 0:
+        result.expected_samples, result.read_samples = int(expected), int(read)
+        _check_complete(result, getattr(loader, "on_incomplete", "raise"))
+
+
+def _check_complete(result: EvalResult, policy: str) -> None:
+    """Fail (or warn loudly) when the shards held another number of samples than ``sizes.json`` lists."""
+    if result.read_samples == result.expected_samples:
+        return
+    msg = (f"evaluation read {result.read_samples} samples but sizes.json lists {result.expected_samples}: a shard is "
+           f"damaged or truncated (the loader's warnings name it); the accuracy ({result.top1:.2f} top-1 on "
+           f"{result.num_samples} videos) is not that of the whole set")
+    if policy == "raise":
+        raise RuntimeError(msg + " (set data.on_incomplete: warn to report it anyway)")
+    logger.warning("WARNING: %s", msg)
