@@ -82,8 +82,13 @@ def video_frames(video: Any, layout: str, in_chans: int = 3,
 
 def _check_dtype(video: torch.Tensor, weight: torch.dtype | None) -> None:
     """A video of another float dtype than the weights fails deep inside torch: say what is expected."""
+    if weight is None or video.dtype == weight:
+        return
     kind = video.device.type  # under autocast, float32 and the autocast dtype are cast by torch itself
-    autocast = torch.is_autocast_enabled(kind) and video.dtype in (torch.float32, torch.get_autocast_dtype(kind))
+    try:
+        autocast = torch.is_autocast_enabled(kind) and video.dtype in (torch.float32, torch.get_autocast_dtype(kind))
+    except RuntimeError:  # a device without autocast (meta, for counting FLOPs)
+        autocast = False
     if weight is not None and video.dtype != weight and not autocast:
         raise TypeError(f"the model's weights are {weight} but the video is {video.dtype}: convert it with "
                         f"video.to({weight}) (or normalize_video(..., dtype={weight})), or run mixed precision under "

@@ -31,7 +31,7 @@ def test_component_gflops_add_up_and_match_the_modules(temporal):
     counter = ia.FlopCounter()
     with torch.no_grad(), counter:
         model(video)
-    by_module = counter.gmacs_by_module()
+    by_module = counter.gflops_by_module()
     compressors = sum(v for k, v in by_module.items() if k.count(".") == 2 and ".compressors." in k)
     assert parts["compressors"] == pytest.approx(compressors, rel=1e-9)
     assert (parts["temporal adapters"] > 0) == bool(temporal)

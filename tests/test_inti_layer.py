@@ -159,9 +159,9 @@ def test_global_context_handles_short_sequences(t):
 
 def test_cube_context_needs_a_grid():
     layer = InTILayer(DIM)
-    with pytest.raises(ValueError, match="'cube' context needs the patch grid"):
+    with pytest.raises(ValueError, match="'cube' context mixes spatial neighbours and needs the patch grid"):
         layer(tokens(n=10), TokenLayout(1, 0, grid=None))
-    with pytest.raises(ValueError, match="do not match"):
+    with pytest.raises(ValueError, match="merged or dropped"):
         layer(tokens(n=12), LAYOUT)
     # without the cube context no grid is needed
     InTILayer(DIM, InTIConfig(contexts=("token", "frame", "global")))(tokens(n=12), TokenLayout(1, 0, None))

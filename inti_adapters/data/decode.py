@@ -339,6 +339,16 @@ def _encoded_size(width: int, height: int, short_side: int | None) -> tuple[int,
     return _even(width * s), _even(height * s)
 
 
+def _add_stream(out: Any, frame: Any, short_side: int | None, fps: float, codec: str, crf: int, preset: str) -> Any:
+    """The output video stream, sized from the first frame."""
+    w, h = _encoded_size(frame.width, frame.height, short_side)
+    stream = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+    stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+    stream.thread_count = 1  # parallelism comes from the writer's processes
+    stream.options = _x264_options(codec, crf, preset)
+    return stream
+
+
 def reencode_video(
     path: str | Path | bytes,
     *,
@@ -377,11 +387,7 @@ def reencode_video(
                 if frame_rotation(frame):  # a phone video: store it upright (the display matrix is not copied)
                     frame = av.VideoFrame.from_ndarray(_to_rgb(frame), format="rgb24")
                 if stream is None:
-                    w, h = _encoded_size(frame.width, frame.height, short_side)
-                    stream = out.add_stream(codec, rate=Fraction(out_fps).limit_denominator(1001))
-                    stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-                    stream.thread_count = 1  # parallelism comes from the writer's processes
-                    stream.options = _x264_options(codec, crf, preset)
+                    stream = _add_stream(out, frame, short_side, out_fps, codec, crf, preset)
                 t, n_in, last = n_in / in_fps, n_in + 1, frame
                 if fps is None:
                     emit(frame)
