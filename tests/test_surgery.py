@@ -185,3 +185,18 @@ def test_deepcopy_gives_an_independent_working_model():
         torch.testing.assert_close(model(video), ref, rtol=0, atol=0)  # the original is untouched
     assert twin.unload() is not vit and all("forward" not in m.__dict__ for m in twin.backbone.modules())
     assert "forward" in vit.blocks[0].__dict__  # the original keeps its sites
+
+
+def test_inject_and_load_never_change_the_callers_config(tmp_path):
+    """The model keeps a validated copy; the caller's InjectConfig (and its option dict) stay as given."""
+    from inti_adapters.model import build_video_model
+
+    options = {"fusion": "add"}
+    config = ia.InjectConfig(layers=(1,), compressor_config=options, temporal="uniformerv2_b")
+    before = config.to_dict()
+    model = build_video_model(make_vit(embed_dim=48, num_heads=2), config)
+    assert config.to_dict() == before and options == {"fusion": "add"}
+    assert model.config.compressor_config["fusion"] == "add" and len(model.config.compressor_config) > 1
+    assert isinstance(model.config.temporal, tuple) and model.config.temporal[0]["name"] == "global_mhra"
+    with pytest.raises(ValueError, match="already has inti_adapters hooks"):
+        build_video_model(model.backbone, config)  # the same guards as inject
