@@ -54,7 +54,7 @@ def toy_host():
         def pool(self, tokens):
             return tokens[:, 0]
 
-        def head(self, feats):
+        def classify(self, feats):
             return self.model.fc(feats)
 
         def head_module_names(self):
@@ -80,3 +80,12 @@ def test_registered_host_is_detected_and_keeps_the_invariant(toy_host):
 def test_duplicate_host_name_is_refused(toy_host):
     with pytest.raises(ValueError, match="already registered"):
         ia.register_host("toy_vit")(toy_host)
+
+
+def test_a_host_written_with_head_still_works_and_is_told_the_new_name():
+    with pytest.warns(DeprecationWarning, match=r"head\(features\) is now called classify"):
+        class OldHost(ia.Host):
+            def head(self, feats):
+                return feats * 2
+
+    assert torch.equal(OldHost(nn.Identity()).classify(torch.ones(2)), torch.full((2,), 2.0))
