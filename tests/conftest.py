@@ -55,3 +55,18 @@ def static_video(batch: int = 2, frames: int = 4, size: int = IMG, seed: int = 1
 @pytest.fixture
 def vit():
     return make_vit("cls")
+
+
+def read_tar_samples(shards: list[str]) -> list[dict]:
+    """Every sample of the shards as ``{ext: bytes, "__key__": key}``, in order (tarfile, no webdataset)."""
+    import tarfile
+
+    out = []
+    for path in shards:
+        with tarfile.open(path) as tar:
+            members: dict[str, dict] = {}
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+            out += [dict(v, __key__=k) for k, v in members.items()]
+    return out

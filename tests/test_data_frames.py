@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import read_tar_samples
 
 from inti_adapters.data import DataConfig, build_dataloader, encode_video, write_shards
 from inti_adapters.data import shards as shards_mod
@@ -37,18 +38,6 @@ def tree(tmp_path_factory) -> Path:
             n = 5 + 3 * i + c
             (root / f"class{c}" / f"v{i}.mp4").write_bytes(encode_video(_ramp_video(n, seed=c * 10 + i), 10, crf=4))
     return root
-
-
-def _samples(shards: list[str]) -> list[dict]:
-    out = []
-    for s in shards:
-        with tarfile.open(s) as tar:
-            members: dict[str, dict] = {}
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                members.setdefault(key, {})[ext] = tar.extractfile(m).read()
-        out += [dict(v, __key__=k) for k, v in members.items()]
-    return out
 
 
 def test_stored_frames_and_mapping():
@@ -91,7 +80,7 @@ def test_write_and_read_frame_shards(tree, tmp_path, capsys):
                            frames_per_video=6, short_side=SIZE, progress=False)
     assert (summary.written, summary.skipped, len(summary.shards), summary.store) == (12, 0, 3, "frames")
     assert "kB per video, frames" in str(summary)
-    samples = _samples(summary.shards)
+    samples = read_tar_samples(summary.shards)
     for s in samples:
         meta = json.loads(s["json"])
         jpgs = sorted(k for k in s if k.endswith(".jpg"))
@@ -149,7 +138,7 @@ def test_convert_video_shards_resumably(tree, tmp_path, monkeypatch):
     reference = write_shards(source=video.pattern, output=str(tmp_path / "ref"), samples_per_shard=5,
                              store="frames", frames_per_video=4, progress=False)
     assert reference.written == 12 and reference.num_classes == 3
-    metas = [json.loads(s["json"]) for s in _samples(reference.shards)]
+    metas = [json.loads(s["json"]) for s in read_tar_samples(reference.shards)]
     assert sorted(m["source"] for m in metas) == sorted(f"class{c}/v{i}.mp4" for c in range(3) for i in range(4))
     real, calls = shards_mod.prepare_item, {"n": 0}
 
@@ -192,7 +181,7 @@ def _rewrite(shard: str, change) -> None:
 def test_corrupt_jpeg_members_are_skipped_and_counted(tree, tmp_path, caplog):
     summary = write_shards(source=str(tree), output=str(tmp_path / "f"), samples_per_shard=12, store="frames",
                            frames_per_video=4, short_side=SIZE, progress=False, shuffle=False)
-    keys = sorted({s["__key__"] for s in _samples(summary.shards)})
+    keys = sorted({s["__key__"] for s in read_tar_samples(summary.shards)})
     bad = {keys[1]: "flip", keys[4]: "truncate", keys[7]: "drop"}
 
     def change(name, data):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+from conftest import read_tar_samples
 
 from inti_adapters.data import encode_video, load_class_index, open_video, write_shards
 from inti_adapters.data import shards as shards_mod
@@ -41,18 +41,6 @@ def video_tree(tmp_path) -> Path:
     return root
 
 
-def _read_samples(shards: list[str]) -> list[dict]:
-    out = []
-    for s in shards:
-        with tarfile.open(s) as tar:
-            members: dict[str, dict] = {}
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                members.setdefault(key, {})[ext] = tar.extractfile(m).read()
-            out += [dict(v, __key__=k) for k, v in members.items()]
-    return out
-
-
 def test_round_trip_from_folder(video_tree, tmp_path):
     out = tmp_path / "shards"
     summary = write_shards(source=str(video_tree), output=str(out), samples_per_shard=5, progress=False)
@@ -64,7 +52,7 @@ def test_round_trip_from_folder(video_tree, tmp_path):
     # class index beside the shards; sizes.json matches the tar contents
     assert load_class_index(out / "classes.json") == CLASSES
     sizes = json.loads((out / "sizes.json").read_text())
-    samples = _read_samples(summary.shards)
+    samples = read_tar_samples(summary.shards)
     assert sum(sizes.values()) == len(samples) == 12
     keys = [s["__key__"] for s in samples]
     assert len(set(keys)) == 12
@@ -78,7 +66,7 @@ def test_round_trip_from_folder(video_tree, tmp_path):
         assert meta["num_frames"] == reader.num_frames and meta["size"] == [32, 24] and meta["fps"] == 10
         assert meta["duration"] > 0
     # shards mix classes (videos are shuffled before sharding)
-    first = [int(s["cls"]) for s in _read_samples(summary.shards[:1])]
+    first = [int(s["cls"]) for s in read_tar_samples(summary.shards[:1])]
     assert len(set(first)) > 1
     # nothing temporary left behind
     assert not list(out.glob("*.tmp"))
@@ -117,7 +105,7 @@ def test_resume_after_interruption(video_tree, tmp_path, monkeypatch):
     summary = write_shards(source=str(video_tree), output=str(out), samples_per_shard=4, progress=False)
     assert summary.resumed_shards == 1 and summary.written == 12 and summary.skipped == 2
     assert not list(out.glob("*.tmp"))
-    keys = [s["__key__"] for s in _read_samples(summary.shards)]
+    keys = [s["__key__"] for s in read_tar_samples(summary.shards)]
     assert len(keys) == len(set(keys)) == 12  # no duplicate, no loss
     assert _snapshot(out) == _snapshot(reference)  # byte-identical to an uninterrupted run
     # a complete run is a no-op the second time
@@ -148,7 +136,7 @@ def test_reencode_with_short_side(video_tree, tmp_path):
     summary = write_shards(source=str(video_tree), output=str(tmp_path / "r"), samples_per_shard=20,
                            reencode=True, short_side=16, crf=10, progress=False)
     assert summary.written == 12 and summary.skipped == 2
-    for s in _read_samples(summary.shards):
+    for s in read_tar_samples(summary.shards):
         meta = json.loads(s["json"])
         src = av.open(io.BytesIO((video_tree / meta["source"]).read_bytes()))
         n_src = src.streams.video[0].frames
@@ -164,7 +152,7 @@ def test_reencode_changes_frame_rate(tmp_path):
     for fps, frames in ((5, 5), (20, 20)):
         summary = write_shards(source=str(tmp_path / "v"), output=str(tmp_path / f"o{fps}"), reencode=True,
                                fps=fps, progress=False)
-        (s,) = _read_samples(summary.shards)
+        (s,) = read_tar_samples(summary.shards)
         meta = json.loads(s["json"])
         assert meta["num_frames"] == frames == open_video(s["mp4"]).num_frames and meta["fps"] == fps
 

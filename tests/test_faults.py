@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train_engine import Crash, factory  # the same synthetic run
 
 from inti_adapters.train import SyntheticVideoLoader, Trainer, load_config
 from inti_adapters.train import checkpoint as ckpt_module
@@ -51,16 +52,6 @@ OVERRIDES = [
 
 def make_cfg(out, *overrides):
     return load_config(None, [*OVERRIDES, f"train.output_dir={out}", *overrides])
-
-
-def factory(train, rank, world_size, epoch):
-    # 16 clips / batch 2 = 8 micro-batches = 4 optimizer steps (grad_accum 2) per epoch
-    return SyntheticVideoLoader(num_samples=16 if train else 6, num_classes=4, num_frames=4, size=32, batch_size=2,
-                                train=train, rank=rank, world_size=world_size, num_views=2, epoch=epoch)
-
-
-class Crash(RuntimeError):
-    pass
 
 
 class Recording(Trainer):
