@@ -23,3 +23,139 @@ def test_variant_config_carries_every_option(name, spec, tmp_path):
     assert [t["name"] for t in cfg.model.temporal] == [t["name"] for t in spec["temporal"]]
     assert (cfg.train.seed, cfg.train.epochs, cfg.train.steps_per_epoch, cfg.optim.lr) == (3, 2, 7, 1e-3)
     assert cfg.model.model_kwargs == demo.MODEL_KWARGS
+
+
+# ---------------------------------------------------------------------------------------------------
+# image pre-training: frames drawn like the clips', token windows, the cache
+
+import io  # noqa: E402
+import json  # noqa: E402
+from contextlib import redirect_stdout  # noqa: E402
+
+import numpy as np  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+from inti_adapters.data import ensure_builtin_dataset  # noqa: E402
+from inti_adapters.data.digits import DigitsOptions, render_digit_images, scan_split, split_scans  # noqa: E402
+from inti_adapters.demo_pretrain import ImageRecipe, cache_key, pretrain_image_model, window_logits  # noqa: E402
+
+TINY_DIGITS = dict(num_train=16, num_val=8, samples_per_shard=8, seed=1, store="frames")
+
+
+def test_scan_split_is_the_clips_disjoint_split():
+    opts = DigitsOptions()
+    (train, train_digits), (val, val_digits) = scan_split(opts, "train"), scan_split(opts, "val")
+    ids_train, ids_val = split_scans(1797, opts.val_fraction, opts.seed)
+    assert train.shape == (len(ids_train), 1, opts.digit_size, opts.digit_size) and len(val) == len(ids_val)
+    assert train_digits.shape == (len(ids_train),) and set(val_digits.tolist()) == set(range(10))
+    assert float(train.min()) >= 0 and float(train.max()) <= 1
+    with pytest.raises(ValueError, match="split"):
+        scan_split(opts, "test")
+
+
+def test_unaugmented_frames_are_drawn_as_the_clips_draw_them():
+    """No jitter, no noise: each frame is the upscaled scan, dimmed by one factor, at an integer position."""
+    opts = DigitsOptions(noise_std=0.0)
+    scans, _ = scan_split(opts, "val")
+    frames, idx = render_digit_images(opts, scans, 12, generator=torch.Generator().manual_seed(0))
+    assert frames.shape == (12, 3, opts.image_size, opts.image_size) and frames.dtype == torch.uint8
+    assert torch.equal(frames[:, 0], frames[:, 2])
+    s = opts.digit_size
+    for frame, i in zip(frames[:, 0].float(), idx):
+        ref = scans[i, 0]
+        ys, xs = torch.nonzero(frame, as_tuple=True)
+        best = min((float((frame[y:y + s, x:x + s] - ref * frame.sum() / ref.sum()).abs().max()), y, x)
+                   for y in range(int(ys.max()) - s + 1, int(ys.min()) + 1)
+                   for x in range(int(xs.max()) - s + 1, int(xs.min()) + 1))
+        assert best[0] < 1.0  # equal up to rounding to uint8
+        y, x = best[1:]
+        assert float(frame.sum() - frame[y:y + s, x:x + s].sum()) == 0.0  # nothing outside the digit
+
+
+def test_augmented_frames_fit_a_window_and_follow_the_generator():
+    opts = DigitsOptions()
+    scans, _ = scan_split(opts, "train")
+    kw = dict(image_size=32, scale_jitter=0.15, rotation=12.0)
+    a, ia_ = render_digit_images(opts, scans, 6, generator=torch.Generator().manual_seed(4), **kw)
+    b, ib = render_digit_images(opts, scans, 6, generator=torch.Generator().manual_seed(4), **kw)
+    assert a.shape == (6, 3, 32, 32) and torch.equal(a, b) and torch.equal(ia_, ib)
+    c, _ = render_digit_images(opts, scans, 6, generator=torch.Generator().manual_seed(5), **kw)
+    assert not torch.equal(a, c)
+
+
+def test_window_logits_on_the_whole_grid_is_the_vit():
+    torch.manual_seed(0)
+    for kw in (demo.MODEL_KWARGS, {**demo.MODEL_KWARGS, "class_token": True, "global_pool": "token"}):
+        vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, **kw).eval()
+        x = torch.randn(3, 3, 64, 64)
+        zero = torch.zeros(3, dtype=torch.long)
+        torch.testing.assert_close(window_logits(vit, x, zero, zero), vit(x), rtol=1e-5, atol=1e-5)
+        # a window sees the position embeddings of its place in the grid: the same as the whole frame
+        # when the rest of the frame is dropped and attention cannot see it -> compare to a masked run
+        top, left = torch.tensor([0, 2, 4]), torch.tensor([4, 1, 0])
+        out = window_logits(vit, x[..., :32, :32], top, left)
+        assert out.shape == (3, 10) and torch.isfinite(out).all()
+        out.sum().backward()
+        assert vit.pos_embed.grad is not None and vit.pos_embed.grad.abs().sum() > 0
+
+
+def test_recipe_window_schedule_ends_on_the_whole_frame():
+    r = ImageRecipe(steps=100, windows=((0.5, 4), (0.8, 6)))
+    assert [r.window(s, 8) for s in (0, 49, 50, 79, 80, 99)] == [4, 4, 6, 6, 8, 8]
+    assert r.window(0, 3) == 3  # never larger than the grid
+    assert cache_key({"a": 1}, r, {"o": 2}) == cache_key({"a": 1}, r, {"o": 2})
+    assert cache_key({"a": 1}, r, {"o": 2}) != cache_key({"a": 1}, ImageRecipe(steps=101), {"o": 2})
+    assert cache_key({"a": 1}, r, {"o": 2}) != cache_key({"a": 2}, r, {"o": 2})
+
+
+def test_pretraining_is_cached_with_its_accuracy(tmp_path):
+    ds = ensure_builtin_dataset(tmp_path / "digits", workers=1, **TINY_DIGITS)
+    recipe = ImageRecipe(steps=4, batch=8, windows=((0.5, 4),))
+    calls = []
+
+    def make_vit(n):
+        calls.append(n)
+        return demo._vit(n)
+
+    first = pretrain_image_model(make_vit, ds, tmp_path / "cache", recipe=recipe, model_kwargs=demo.MODEL_KWARGS)
+    assert not first.cached and calls == [10] and first.frames == 8 * ds.num_frames
+    assert 0.0 <= first.accuracy <= 1.0 and first.path.exists()
+    from safetensors.torch import load_file
+    weights = load_file(first.path)
+    assert weights and not any(k.startswith("head.") for k in weights)
+    info = json.loads(first.path.with_suffix(".json").read_text())
+    assert info["recipe"]["steps"] == 4 and info["accuracy"] == first.accuracy
+    again = pretrain_image_model(make_vit, ds, tmp_path / "cache", recipe=recipe, model_kwargs=demo.MODEL_KWARGS)
+    assert again.cached and calls == [10] and (again.path, again.accuracy) == (first.path, first.accuracy)
+    other = pretrain_image_model(make_vit, ds, tmp_path / "cache", recipe=ImageRecipe(steps=3, batch=8),
+                                 model_kwargs=demo.MODEL_KWARGS)
+    assert not other.cached and other.path != first.path
+
+
+def test_progress_without_a_terminal_prints_a_few_lines(monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        p = demo.PhaseProgress(1000, "phase")
+        for i in range(1000):
+            p.update(loss=1.0 / (i + 1), window="4x4")
+        p.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 4 and lines[-1].startswith("phase: 1000/1000") and "\r" not in out.getvalue()
+
+
+def _row(acc, direction, gflops, ms):
+    return dict(accuracy=acc, digit=0.9, direction=direction, axis=0.9, gflops=gflops, step_ms=ms, train_seconds=ms)
+
+
+def test_table_and_verdict_state_what_was_measured():
+    rows = {"naive": _row(0.5, 0.4, 0.12, 200.0), "InTI [1, 2]": _row(0.6, 0.7, 0.09, 180.0),
+            "InTI [1, 2] + local temporal": _row(0.7, 0.8, 0.1, 190.0)}
+    table = demo.results_table(rows)
+    assert "| InTI [1, 2] | 60.0% |" in table and "-25% | 180 | -10% |" in table
+    assert all(line.startswith("yes") for line in demo.verdict(rows))
+    rows["InTI [1, 2]"]["step_ms"] = 250.0
+    rows["InTI [1, 2] + local temporal"]["direction"] = 0.5
+    v = demo.verdict(rows)
+    assert v[1].startswith("NO") and "time per training step" in v[1] and v[3].startswith("NO")

@@ -90,3 +90,20 @@ def test_torchrun_two_ranks_zero2(tmp_path):
     assert views == Counter({(s, v): 1 for s in range(9) for v in range(2)})
     assert all(r["eval"]["num_samples"] == 9 and r["eval"]["num_views"] == 18 for r in ranks)
     assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_unused_cpu_comm_op_is_not_compiled(monkeypatch):
+    """On a CPU, DeepSpeed's shared-memory op (1-2.5 min of JIT compile on a cold cache) is marked unavailable,
+    unless INTI_DS_SHM_COMM=1 asks for DeepSpeed's own behaviour."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    from inti_adapters.train.distributed import skip_unused_cpu_comm_op
+
+    if get_accelerator().device_name() != "cpu":
+        pytest.skip("DeepSpeed's accelerator is not the CPU here")
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm", True)
+    monkeypatch.setenv("INTI_DS_SHM_COMM", "1")
+    assert skip_unused_cpu_comm_op() is False and deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is True
+    monkeypatch.delenv("INTI_DS_SHM_COMM")
+    assert skip_unused_cpu_comm_op() is True and deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False

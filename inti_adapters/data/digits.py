@@ -232,6 +232,47 @@ def render_clip(opts: DigitsOptions, scans: np.ndarray, scan: int, direction: in
     return np.repeat(gray[..., None], 3, axis=-1)
 
 
+def scan_split(opts: DigitsOptions, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The digit images of one split (``'train'`` / ``'val'``: the same disjoint scans as the clips),
+    upscaled to ``digit_size`` exactly as the clips draw them: float in [0, 1] of shape
+    ``(N, 1, digit_size, digit_size)``, and their digits ``(N,)``."""
+    check_choice("split", split, ("train", "val"))
+    scans, targets = _load_scans(opts.digit_size)
+    ids = split_scans(len(scans), opts.val_fraction, opts.seed)[0 if split == "train" else 1]
+    return torch.from_numpy(scans[ids])[:, None], torch.from_numpy(targets[ids])
+
+
+def render_digit_images(opts: DigitsOptions, scans: torch.Tensor, count: int, *, generator: torch.Generator,
+                        image_size: int | None = None, scale_jitter: float = 0.0,
+                        rotation: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Still frames like those of the clips, for image pre-training: uint8 ``(count, 3, H, W)`` and the
+    index into ``scans`` (of :func:`scan_split`) of each frame's digit.
+
+    Without augmentation a frame is drawn as :func:`render_clip` draws one: the upscaled scan at an
+    integer position (uniform, inside the frame), the clips' brightness range and noise. Augmentation:
+    the digit's size is multiplied by ``1 ± scale_jitter`` and it is rotated by up to ``± rotation``
+    degrees (uniform, bilinear resampling). ``image_size`` (default the clips') may be as small as
+    the digit: a crop of a frame around it.
+    """
+    side = opts.image_size if image_size is None else int(image_size)
+    n, s = count, scans.shape[-1]
+    rand = functools.partial(torch.rand, generator=generator)
+    idx = torch.randint(len(scans), (n,), generator=generator)
+    size = s * (1 + scale_jitter * (2 * rand(n) - 1))
+    angle = torch.deg2rad(rotation * (2 * rand(n) - 1))
+    corner = torch.floor(rand(n, 2) * (side - size[:, None]).clamp(min=0) + 0.5)  # integer (x, y) of the top-left
+    # affine_grid maps output coordinates in [-1, 1] (of the frame) to input coordinates in [-1, 1] (of the scan)
+    zoom, cos, sin = side / size, torch.cos(angle), torch.sin(angle)
+    offset = (side / 2 - corner - size[:, None] / 2) / (size[:, None] / 2)
+    theta = torch.stack([torch.stack([zoom * cos, -zoom * sin, cos * offset[:, 0] - sin * offset[:, 1]], 1),
+                         torch.stack([zoom * sin, zoom * cos, sin * offset[:, 0] + cos * offset[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, [n, 1, side, side], align_corners=False)
+    img = F.grid_sample(scans[idx], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    img = img * (0.75 + 0.25 * rand(n, 1, 1, 1)) * 255.0
+    img = img + opts.noise_std * torch.randn(img.shape, generator=generator)
+    return img.round_().clamp_(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous(), idx
+
+
 def _write_shard(job: tuple[DigitsOptions, str, int, str, np.ndarray]) -> tuple[str, int]:
     opts, split, shard, path, scan_ids = job
     scans, targets = _load_scans(opts.digit_size)

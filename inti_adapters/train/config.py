@@ -171,7 +171,8 @@ class TrainLoopConfig(ConfigBase):
     )
     backend: str | None = option(None, help="torch.distributed backend; null = nccl with "
                                                              "CUDA, gloo without.")
-    progress: bool = option(True, help="tqdm progress bar on rank 0.")
+    progress: bool = option(True, help="tqdm progress bar on rank 0 when stderr is a terminal (a log file gets "
+                                           "the epoch lines only).")
     tensorboard: bool = option(True, help="Also log to TensorBoard when it is installed.")
 
     def __post_init__(self) -> None:

@@ -37,8 +37,8 @@ def _free_port() -> int:
 def set_env_defaults() -> None:
     """Fill in what a launcher would set, for a single process started without one.
 
-    Also points ``TORCH_EXTENSIONS_DIR`` at a persistent cache, so DeepSpeed's CPU
-    communication op is compiled once (~30 s) and reused by later runs.
+    Also points ``TORCH_EXTENSIONS_DIR`` at a persistent cache, so that a DeepSpeed op that is
+    compiled on first use (JIT) is compiled once and reused by later runs.
     """
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser(TORCH_EXTENSIONS_DIR))
     if any(k in os.environ for k in _MPI_VARS):
@@ -48,6 +48,32 @@ def set_env_defaults() -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ.setdefault("LOCAL_RANK", "0")
+
+
+def skip_unused_cpu_comm_op() -> bool:
+    """Keep DeepSpeed from compiling its shared-memory CPU communication op, which training never uses.
+
+    On a CPU accelerator, DeepSpeed's communication backend (created by ``deepspeed.init_distributed``
+    and again by ``deepspeed.initialize``) JIT-compiles the C++ op ``deepspeed_shm_comm`` whenever
+    DeepSpeed reports it compatible: 1-2.5 minutes of a 2-core machine on a cold
+    ``TORCH_EXTENSIONS_DIR``, every time that cache is empty. The op serves only
+    ``inference_all_reduce`` (DeepSpeed's tensor-parallel inference, ``module_inject``), which does
+    nothing at world size 1; training collectives (ZeRO's reduce-scatter / all-gather, our metric
+    reductions) go through ``torch.distributed`` on gloo either way. So the op is marked unavailable
+    in DeepSpeed's table of compatible ops (a dict DeepSpeed documents as persisting edits) before
+    the backend is created. ``INTI_DS_SHM_COMM=1`` keeps DeepSpeed's own behaviour.
+
+    Returns True when the op was marked unavailable.
+    """
+    if os.environ.get("INTI_DS_SHM_COMM", "0") == "1":
+        return False
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return False
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return True
 
 
 def default_backend() -> str:
@@ -64,6 +90,8 @@ def setup_distributed(backend: str | None = None, *, use_deepspeed: bool = True)
     """
     set_env_defaults()
     backend = backend or default_backend()
+    if use_deepspeed:  # before DeepSpeed creates its backend (here, or in deepspeed.initialize)
+        skip_unused_cpu_comm_op()
     if not dist.is_initialized():
         if use_deepspeed:
             import deepspeed

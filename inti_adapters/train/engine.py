@@ -158,6 +158,7 @@ class TrainResult:
     history: list[tuple[int, float]] = field(default_factory=list)  # (step, loss averaged over ranks)
     eval: EvalResult | None = None
     export_dir: Path | None = None
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each step this call trained, data wait included
 
 
 class Trainer:
@@ -358,7 +359,8 @@ class Trainer:
             cfg.dump(self.out_dir / "config.yaml", notes=self._notes)
         self._metrics = MetricsLogger(self.out_dir, enabled=rank0, tensorboard=cfg.train.tensorboard,
                                       resume_step=step if start.resumed else None)
-        self._bar = tqdm(total=self.total_steps, initial=step, disable=not (rank0 and cfg.train.progress),
+        # disable=None: a bar on a terminal only; a log file gets the epoch lines, not carriage-return updates
+        self._bar = tqdm(total=self.total_steps, initial=step, disable=None if rank0 and cfg.train.progress else True,
                          desc="train", dynamic_ncols=True)
         result = TrainResult(step=step, epoch=start.epoch)
         self.engine.train()
@@ -433,7 +435,9 @@ class Trainer:
             step = self.engine.global_steps
             window = [window[0] + step_loss, window[1] + 1]
             loss_sum, steps, trained = loss_sum + step_loss, steps + 1, trained + 1
-            clips_s = self.global_batch / max(time.perf_counter() - t0, 1e-9)
+            seconds = time.perf_counter() - t0
+            result.step_seconds.append(seconds)
+            clips_s = self.global_batch / max(seconds, 1e-9)
             self._bar.update(1)
             self._bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", clips_s=f"{clips_s:.1f}")
             if step % cfg.train.log_every == 0 or step == self.total_steps:
