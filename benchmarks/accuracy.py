@@ -6,7 +6,7 @@ clips (disjoint digit scans), GFLOPs per clip with ``count_gflops``. Each varian
 (the seed drives the video adaptation: head init, data order, augmentation); the table gives the mean
 and the sample standard deviation over seeds, and the plot draws it as error bars.
 
-    python benchmarks/accuracy.py [--seeds 0 1 2] [--epochs 2 --steps-per-epoch 100] [--variants ...]
+    python benchmarks/accuracy.py [--seeds 0 1 2] [--epochs 2 --steps-per-epoch 50] [--variants ...]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def ordering(rows: dict[str, dict]) -> list[str]:
     """The paper's orderings, each marked as it came out here (means over seeds, with the stds)."""
     lines = []
     present = [n for n in PAPER_ORDER if n in rows]
-    for a, b in zip(present, present[1:]):
+    for a, b in zip(present, present[1:], strict=False):
         (ma, sa), (mb, sb) = mean_std(rows[a]["accuracy"]), mean_std(rows[b]["accuracy"])
         same = "; within one std" if abs(ma - mb) <= max(sa, sb) else ""
         lines.append(f"- {a} > {b} (paper): {'holds' if ma > mb else 'does NOT hold'} here "
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--steps-per-epoch", type=int, default=100)
+    ap.add_argument("--steps-per-epoch", type=int, default=50)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--cache", default=None)

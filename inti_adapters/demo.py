@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", default=None, help="cache folder (default $INTI_CACHE or ~/.cache/inti_adapters)")
     ap.add_argument("--epochs", type=int, default=2, help="video adaptation epochs per variant")
-    ap.add_argument("--steps-per-epoch", type=int, default=100, help="optimizer steps per epoch (batch 16)")
+    ap.add_argument("--steps-per-epoch", type=int, default=50, help="optimizer steps per epoch (batch 16)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0, help="seed of the video adaptation (same for every variant)")
     ap.add_argument("--out", default=None, help="also write the table as markdown here")

@@ -3,7 +3,7 @@
 This stands in for the CLIP / ImageNet pre-training of the paper's backbones; ``make demo`` then
 adapts the image model to video. A ViT from scratch on 1,437 training scans is sample-hungry, and
 most of a 64x64 frame is background, so the recipe (:class:`ImageRecipe`) spends the budget where
-it helps (each choice measured on the held-out scans; ~225 s on 2 CPU cores):
+it helps (each choice measured on the held-out scans; ~5 minutes on 2 CPU cores):
 
 - Frames are rendered on the fly from the training scans (:func:`~inti_adapters.data.digits.render_digit_images`)
   exactly as the clips draw them (the upscaled scan at an integer position, the clips' brightness
@@ -117,7 +117,7 @@ def train_image_model(vit: torch.nn.Module, ds: BuiltinDataset, recipe: ImageRec
     gen = torch.Generator().manual_seed(recipe.seed)
     scans, digits = scan_split(ds.options, "train")
     patch, grid = vit.patch_embed.patch_size[0], vit.patch_embed.grid_size[0]
-    opt = torch.optim.AdamW(vit.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    opt = torch.optim.AdamW(vit.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.steps,
                                                 pct_start=recipe.warmup)
     vit.train()

@@ -32,7 +32,6 @@ import io  # noqa: E402
 import json  # noqa: E402
 from contextlib import redirect_stdout  # noqa: E402
 
-import numpy as np  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 
@@ -62,7 +61,7 @@ def test_unaugmented_frames_are_drawn_as_the_clips_draw_them():
     assert frames.shape == (12, 3, opts.image_size, opts.image_size) and frames.dtype == torch.uint8
     assert torch.equal(frames[:, 0], frames[:, 2])
     s = opts.digit_size
-    for frame, i in zip(frames[:, 0].float(), idx):
+    for frame, i in zip(frames[:, 0].float(), idx, strict=True):
         ref = scans[i, 0]
         ys, xs = torch.nonzero(frame, as_tuple=True)
         best = min((float((frame[y:y + s, x:x + s] - ref * frame.sum() / ref.sum()).abs().max()), y, x)
