@@ -145,7 +145,7 @@ def test_progress_without_a_terminal_prints_a_few_lines(monkeypatch):
 
 
 def _row(acc, direction, gflops, ms):
-    return dict(accuracy=acc, digit=0.9, direction=direction, axis=0.9, gflops=gflops, step_ms=ms, train_seconds=ms)
+    return dict(accuracy=acc, digit=0.9, direction=direction, axis=0.9, gflops=gflops, step_ms=ms, engine_step_ms=ms)
 
 
 def test_table_and_verdict_state_what_was_measured():
@@ -158,3 +158,29 @@ def test_table_and_verdict_state_what_was_measured():
     rows["InTI [1, 2] + local temporal"]["direction"] = 0.5
     v = demo.verdict(rows)
     assert v[1].startswith("NO") and "time per training step" in v[1] and v[3].startswith("NO")
+
+
+def test_side_by_side_timing_trains_every_parameter(tmp_path, monkeypatch):
+    """Each variant's timed step computes gradients for all its weights (full fine-tuning, as the recipe trains)."""
+    import inti_adapters as ia
+
+    ds = ensure_builtin_dataset(tmp_path / "digits", workers=1, **TINY_DIGITS)
+    dirs = {}
+    for name in ("naive", "InTI [1, 2]"):
+        model = ia.inject(demo._vit(ds.num_classes), layers=demo.VARIANTS[name]["layers"])
+        ia.save_pretrained(model, tmp_path / name.replace(" ", "_"))
+        dirs[name] = tmp_path / name.replace(" ", "_")
+    changed = {}
+    real_step = demo._train_step
+
+    def spy(model, opt, x, y):
+        seconds = real_step(model, opt, x, y)
+        params = list(model.parameters())
+        changed.setdefault(id(model), (all(p.requires_grad and p.grad is not None for p in params),
+                                       sum(p.numel() for p in params)))
+        return seconds
+    monkeypatch.setattr(demo, "_train_step", spy)
+    ms = demo.time_steps_side_by_side(dirs, ds, rounds=2)
+    assert set(ms) == set(dirs) and all(v > 0 for v in ms.values())
+    assert len(changed) == 2 and all(ok for ok, _ in changed.values())
+    assert sorted(n for _, n in changed.values())[0] < sorted(n for _, n in changed.values())[1]  # InTI adds weights
