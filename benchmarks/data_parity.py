@@ -17,6 +17,7 @@ even on a schedule too short for the accuracy to leave chance level.
 
     python benchmarks/data_parity.py                 # writes benchmarks/results/data_parity.md
     python benchmarks/data_parity.py --seeds 0 1 --steps-per-epoch 50   # a quicker look
+    python benchmarks/data_parity.py --checkpoint ~/.cache/inti_adapters/demo/vit_digits_<key>.safetensors
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def train_once(store: str, seed: int, data_root: Path, run_dir: Path, args: argp
                  "train.resume=never", f"train.eval_every_epochs={args.epochs}", f"train.save_every={10 ** 9}",
                  f"train.seed={seed}", f"data.seed={seed}", f"data.num_workers={args.workers}", "train.log_every=5",
                  f"optim.lr={args.lr}"]
+    if args.checkpoint:  # start from an image-pretrained ViT (the demo's), so a short schedule leaves chance level
+        overrides += [f"model.checkpoint={args.checkpoint}", "model.mean_std=imagenet"]
     cfg = load_config(RECIPE, overrides)
     t0 = time.perf_counter()
     result = Trainer(cfg).fit()
@@ -59,6 +62,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers (the recipe uses 1)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (the recipe's: 1e-3)")
     p.add_argument("--cache", default=None, help="where the two data sets are generated (default: a temporary folder)")
+    p.add_argument("--checkpoint", default=None, help="image-pretrained weights to start from (safetensors), e.g. "
+                   "the demo's ~/.cache/inti_adapters/demo/vit_digits_*.safetensors; default: from scratch")
     return p.parse_args(argv)
 
 
@@ -107,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log(f"  top-1 {res['top1']:.2f}% in {res['seconds']:.0f} s")
     table, verdict = summarise(results, args.seeds)
     print(table + "\n\n" + verdict)
-    setup = (f"recipes/digits_cpu.yaml through the engine, short schedule: {args.epochs} epochs x "
+    start = f"from the image-pretrained ViT {Path(args.checkpoint).name}" if args.checkpoint else "from scratch"
+    setup = (f"recipes/digits_cpu.yaml through the engine ({start}), short schedule: {args.epochs} epochs x "
              f"{args.steps_per_epoch} steps of 16 clips (the recipe: 15 epochs), peak lr {args.lr}, {args.workers} "
              "DataLoader worker(s), same seeds for both stores (model init, data order and augmentation). Data: the "
              "built-in digits (4000 train / 800 val clips, 8 frames of 64x64), store='video' (H.264 crf 8) vs "

@@ -38,7 +38,7 @@ from .data import BuiltinDataset, build_dataloader
 from .data.digits import render_digit_images, scan_split
 from .video import MEAN_STD, normalize_video
 
-FORMAT = 3  # bump when the training code changes what a recipe produces
+FORMAT = 4  # bump when the training code changes what a recipe produces
 
 
 @dataclass(frozen=True)
@@ -166,6 +166,7 @@ def pretrain_image_model(make_vit: Any, ds: BuiltinDataset, out_dir: Path, *, re
     from safetensors.torch import save_file
 
     t0 = time.perf_counter()
+    torch.manual_seed(recipe.seed)  # the initial weights too: the same settings give the same model in any process
     vit = make_vit(10)
     train_image_model(vit, ds, recipe, mean_std, progress)
     seconds = time.perf_counter() - t0
