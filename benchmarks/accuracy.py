@@ -100,8 +100,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--cache", default=None)
+    ap.add_argument("--added-lr-scale", type=float, default=1.0,
+                    help="lr multiplier for the added modules (optim.added_lr_scale; default 1 = the same lr)")
     ap.add_argument("--name", default="accuracy", help="results file name under results/ (and its .png)")
+    ap.add_argument("--note", action="append", default=[], help="a line for the Notes section (repeatable)")
     args = ap.parse_args(argv)
+    overrides = [f"optim.added_lr_scale={args.added_lr_scale}"]
     root = _cache_root(args.cache)
     ds = ensure_builtin_dataset(root / "data" / "digits", **DATA_OPTIONS)
     image = pretrained_image_model(ds, root)
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
             log(f"seed {seed}: {name}")
             run = root / "accuracy" / f"seed{seed}" / "".join(c if c.isalnum() else "_" for c in name)
             r = adapt(name, VARIANTS[name], checkpoint=image.path, ds=ds, run_dir=run, epochs=args.epochs,
-                      steps_per_epoch=args.steps_per_epoch, lr=args.lr, seed=seed)
+                      steps_per_epoch=args.steps_per_epoch, lr=args.lr, seed=seed, overrides=overrides)
             row = rows.setdefault(name, {"gflops": r["gflops"], "accuracy": [], "digit": [], "direction": [],
                                          "step_ms": []})
             for k in ("accuracy", "digit", "direction", "step_ms"):
@@ -126,16 +130,18 @@ def main(argv: list[str] | None = None) -> None:
     png = RESULTS_DIR / f"{args.name}.png"
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     plot(rows, png)
-    setup = (f"ViT (4 blocks, width 64, patch 8, mean-pooled) pretrained on single frames (still-frame digit "
-             f"accuracy {image.accuracy:.1%} on the held-out scans), then {args.epochs * args.steps_per_epoch} steps "
-             f"of 16 clips per variant, lr {args.lr}, cosine with warm-up, DeepSpeed ZeRO-2 on gloo, seeds "
+    added = f" ({args.added_lr_scale:g} x for the added modules)" if args.added_lr_scale != 1 else ""
+    setup = (f"ViT (4 blocks, width 64, patch 8, 4 heads, class token) pretrained on single frames (still-frame "
+             f"digit accuracy {image.accuracy:.1%} on the held-out scans), then {args.epochs * args.steps_per_epoch} "
+             f"steps of 16 clips per variant, lr {args.lr}{added}, cosine with warm-up, DeepSpeed ZeRO-2 on gloo, seeds "
              f"{args.seeds}; ± is the sample standard deviation over seeds. The compressors at layers [1, 2] cost "
              "slightly fewer GFLOPs than InTI there (InTI's weight predictor); ToMe's r is chosen to match InTI "
              "[1, 2]'s GFLOPs. Chance: top-1 2.5%, direction 25%. ms/step: median wall time of a training step "
              "(data included), mean over seeds.")
     write_results(args.name, "Accuracy vs GFLOPs on the built-in moving digits",
                   [("Setup", setup), ("Results", table), ("Against the paper's Table 2", order),
-                   ("Picture", f"![accuracy vs GFLOPs]({args.name}.png)")],
+                   ("Picture", f"![accuracy vs GFLOPs]({args.name}.png)"),
+                   *([("Notes", "\n".join(f"- {n}" for n in args.note))] if args.note else [])],
                   info=machine_info())
 
 

@@ -24,6 +24,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,9 +111,10 @@ def evaluate_digits(model: torch.nn.Module, ds: Any) -> dict[str, float]:
 
 
 def variant_config(spec: dict, *, checkpoint: Path, data_root: str | Path, run_dir: Path, epochs: int,
-                   steps_per_epoch: int, lr: float, seed: int = 0) -> Any:
-    """The engine config of one demo variant: the CPU recipe with the variant's overrides."""
-    overrides = [
+                   steps_per_epoch: int, lr: float, seed: int = 0, overrides: Sequence[str] = ()) -> Any:
+    """The engine config of one demo variant: the CPU recipe with the variant's overrides, then
+    ``overrides`` (``section.key=value`` strings, e.g. ``optim.added_lr_scale=10``)."""
+    base = [
         f"model.checkpoint={checkpoint}", f"model.layers={json.dumps(spec['layers'])}",
         f"model.temporal={json.dumps(spec['temporal'])}", f"model.model_kwargs={json.dumps(MODEL_KWARGS)}",
         f"model.mean_std={MEAN_STD}", f"builtin_data.root={data_root}", f"train.output_dir={run_dir}",
@@ -121,18 +123,18 @@ def variant_config(spec: dict, *, checkpoint: Path, data_root: str | Path, run_d
         f"model.compressor={spec.get('compressor', 'inti')}",
         f"model.compressor_config={json.dumps(spec.get('compressor_config', {}))}",
     ] + [f"builtin_data.{k}={v}" for k, v in DATA_OPTIONS.items()]
-    return load_config(RECIPE, overrides)
+    return load_config(RECIPE, [*base, *overrides])
 
 
 def adapt(name: str, spec: dict, *, checkpoint: Path, ds: Any, run_dir: Path, epochs: int, steps_per_epoch: int,
-          lr: float, seed: int = 0) -> dict[str, float]:
+          lr: float, seed: int = 0, overrides: Sequence[str] = ()) -> dict[str, float]:
     """Train one video variant with the engine from the CPU recipe; evaluate; count GFLOPs.
 
     Reports ``seconds`` (the whole run: setup, training, export), ``train_seconds`` (the steps
     alone, data waits included) and ``step_ms`` (their median).
     """
     cfg = variant_config(spec, checkpoint=checkpoint, data_root=ds.root, run_dir=run_dir, epochs=epochs,
-                         steps_per_epoch=steps_per_epoch, lr=lr, seed=seed)
+                         steps_per_epoch=steps_per_epoch, lr=lr, seed=seed, overrides=overrides)
     t0 = time.perf_counter()
     result = Trainer(cfg).fit()
     seconds = time.perf_counter() - t0

@@ -19,6 +19,7 @@ from inti_adapters.train import (
     TrainLoopConfig,
     WarmupCosine,
     build_model,
+    build_optimizer,
     build_scheduler,
     create_backbone,
     deepspeed_config,
@@ -254,6 +255,26 @@ def test_param_groups_weight_decay_and_layer_decay():
     assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
     # no layer decay: one scale
     assert {g["lr_scale"] for g in param_groups(model, OptimConfig(lr=1.0))} == {1.0}
+
+
+def test_param_groups_added_lr_scale():
+    model, _ = build_model(_tiny_cfg(layers=[1], temporal=[{"name": "local_mhra", "blocks": [2]}]), 5)
+    groups = param_groups(model, OptimConfig(lr=2.0, layer_decay=0.5, added_lr_scale=10.0))
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    added = [n for n in scale if n.startswith(("compressors.", "temporal."))]
+    assert any(n.startswith("compressors.") for n in added) and any(n.startswith("temporal.") for n in added)
+    assert all(scale[n] == 10.0 for n in added)  # added modules sit above the blocks: decay factor 1
+    assert scale["backbone.head.weight"] == 1.0 and scale["backbone.blocks.3.mlp.fc1.weight"] == 0.5
+    assert all(g["lr"] == 2.0 * g["lr_scale"] for g in groups)
+    # a group never mixes added and backbone parameters, and the scale reaches the optimizer
+    for g in groups:
+        assert len({n.startswith(("compressors.", "temporal.")) for n in g["names"]}) == 1
+    opt = build_optimizer(model, OptimConfig(lr=2.0, added_lr_scale=10.0))
+    lr_of = {id(p): grp["lr"] for grp in opt.param_groups for p in grp["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named[added[0]])] == 20.0 and lr_of[id(named["backbone.head.weight"])] == 2.0
+    with pytest.raises(ConfigError, match="added_lr_scale must be > 0, got 0"):
+        OptimConfig(added_lr_scale=0)
 
 
 def test_warmup_cosine_schedule():

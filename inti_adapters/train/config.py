@@ -115,6 +115,11 @@ class OptimConfig(ConfigBase):
         help="Layer-wise lr decay: block i of L gets lr * decay**(L - i); embeddings decay**(L+1). "
                        "null or 1.0 = off.",
     )
+    added_lr_scale: float = option(
+        1.0,
+        help="Learning-rate multiplier for the added modules (InTI layers / compressors, temporal adapters), "
+             "which start from scratch while the backbone starts pretrained; 1.0 = the same lr.",
+    )
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -130,6 +135,8 @@ class OptimConfig(ConfigBase):
                               f"warmup_steps={self.warmup_steps}")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ConfigError(f"optim.layer_decay must be in (0, 1] or null, got {self.layer_decay}")
+        if not self.added_lr_scale > 0:
+            raise ConfigError(f"optim.added_lr_scale must be > 0, got {self.added_lr_scale}")
 
 
 @dataclass

@@ -24,7 +24,8 @@ def param_groups(model: nn.Module, config: OptimConfig) -> list[dict[str, Any]]:
     """Trainable parameters grouped by (layer scale, weight decay), ready for ``torch.optim.AdamW``.
 
     Each group carries ``lr`` (= ``config.lr * lr_scale``), ``lr_scale`` and ``weight_decay``.
-    No decay on 1-D parameters (norms, biases) and on what the model declares
+    ``lr_scale`` is the layer-wise decay factor times ``config.added_lr_scale`` for the added
+    modules (compressors, temporal adapters). No decay on 1-D parameters (norms, biases) and on what the model declares
     (:meth:`InTIModel.no_weight_decay`: the host's tokens and position tables, the added modules'
     own). Layer ids for layer-wise decay come from :meth:`InTIModel.layer_ids` (host facts).
     """
@@ -35,15 +36,18 @@ def param_groups(model: nn.Module, config: OptimConfig) -> list[dict[str, Any]]:
     ids = {id(p): layer_ids[n] for n, p in video.named_parameters()}  # by identity: names differ under peft
     no_decay = video.no_weight_decay()
     no_decay_ids = {id(p) for n, p in video.named_parameters() if n in no_decay}
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    added_ids = {id(p) for p in (*video.compressors.parameters(), *video.temporal.parameters())}
+    groups: dict[tuple[int, bool, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         exempt = p.ndim <= 1 or name.endswith(".bias") or id(p) in no_decay_ids
         lid = ids.get(id(p), num_blocks + 1) if decay is not None else num_blocks + 1
-        key = (lid, exempt)
+        added = id(p) in added_ids
+        key = (lid, exempt, added)
         if key not in groups:
             scale = decay ** (num_blocks + 1 - lid) if decay is not None else 1.0
+            scale *= config.added_lr_scale if added else 1.0
             groups[key] = {
                 "params": [], "names": [], "lr": config.lr * scale, "lr_scale": scale,
                 "weight_decay": 0.0 if exempt else config.weight_decay,
