@@ -144,8 +144,8 @@ class _ContextInputs(torch.autograd.Function):
 
 class _Interpolate(torch.autograd.Function):
     """``y = w_a * a + w_b * b`` of each frame pair of ``x`` ``(B, 2T', N, C)`` with weights ``w``
-    ``(B, T', N, 2)``: one fused multiply-add forward, and a backward that writes ``x``'s gradient
-    in place of the broadcast products autograd would build over the pair dimension."""
+    ``(B, T', N, 2)``: one fused multiply-add forward (no ``(B, T', 2, N, C)`` product to sum), and
+    a backward with ``x``'s gradient computed in ``x``'s own layout."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -161,13 +161,10 @@ class _Interpolate(torch.autograd.Function):
         b, t, n, c = x.shape
         pairs = x.view(b, t // 2, 2, n, c)
         gx = gw = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.empty_like(x, memory_format=torch.contiguous_format)
-            per_frame = gx.view(b, t // 2, 2, n, c)
-            for j in range(2):
-                torch.mul(g, w[..., j : j + 1], out=per_frame[:, :, j])
+        if ctx.needs_input_grad[0]:  # (B, T', 2, N, C) in x's layout: a view of it is x's gradient
+            gx = (g.unsqueeze(2) * w.movedim(-1, 2).contiguous().unsqueeze(-1)).view(b, t, n, c)
         if ctx.needs_input_grad[1]:
-            gw = torch.stack([(g * pairs[:, :, j]).sum(-1) for j in range(2)], dim=-1)
+            gw = (g.unsqueeze(2) * pairs).sum(-1).movedim(2, -1)
         return gx, gw
 
 
