@@ -20,9 +20,12 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .compressors._base import Compressor, register_compressor
 from .config import InTIConfig
@@ -88,6 +91,81 @@ def frame_tokens(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     patches = x[:, :, p:] if p else x
     # the mean as sum / count: the sum's backward is a broadcast view, not a full-size division
     return patches.sum(dim=2) / patches.shape[2]
+
+
+class _ContextInputs(torch.autograd.Function):
+    """What the contexts read from ``x``, in one node: the frame pairs ``[a ; b]`` (token context),
+    the patch tokens (cube context) and one token per frame (frame / global contexts).
+
+    Equal to ``pair_concat(x)``, ``x[:, :, p:]`` and :func:`frame_tokens`, each a contiguous copy.
+    The backward writes all their gradients into one tensor of ``x``'s size; through autograd each
+    slice would get its own zero-filled gradient of that size, to be summed with the others.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, p: int, cls_index: int | None, odd_frames: str, pairs: bool,
+                patches: bool, frame: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ctx.set_materialize_grads(False)
+        ctx.shape, ctx.p, ctx.cls_index = x.shape, p, cls_index
+        empty = x.new_empty(0)
+        return (pair_concat(x, odd_frames).contiguous() if pairs else empty,
+                x[:, :, p:].contiguous() if patches else empty,
+                frame_tokens(x, TokenLayout(p, cls_index, None)).contiguous() if frame else empty)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g_pairs: torch.Tensor | None, g_patches: torch.Tensor | None,
+                 g_frame: torch.Tensor | None) -> tuple[torch.Tensor | None, None, None, None, None, None, None]:
+        b, t, n, c = ctx.shape
+        p, nones = ctx.p, (None,) * 6
+        if g_pairs is None and g_patches is None and g_frame is None:
+            return None, *nones
+        if g_pairs is not None:
+            t2 = g_pairs.shape[1]
+            per_frame = g_pairs.unflatten(-1, (2, c)).movedim(-2, 2)  # (B, T', 2, N, C): frames 0, 1, 2, ...
+            if 2 * t2 == t:
+                gx = g_pairs.new_empty(b, t, n, c)
+                gx.view(b, t2, 2, n, c).copy_(per_frame)
+            else:  # odd T: the last frame was paired with itself, both its copies get gradient
+                full = per_frame.reshape(b, 2 * t2, n, c)
+                gx = full[:, :t].clone()
+                gx[:, -1] += full[:, t]
+        else:
+            gx = (g_patches if g_patches is not None else g_frame).new_zeros(b, t, n, c)
+        if g_patches is not None:
+            gx[:, :, p:] += g_patches
+        if g_frame is not None:
+            if ctx.cls_index is not None:
+                gx[:, :, ctx.cls_index] += g_frame
+            else:
+                gx[:, :, p:] += (g_frame / (n - p))[:, :, None]
+        return gx, *nones
+
+
+class _Interpolate(torch.autograd.Function):
+    """``y = w_a * a + w_b * b`` of each frame pair of ``x`` ``(B, 2T', N, C)`` with weights ``w``
+    ``(B, T', N, 2)``: one fused multiply-add forward (no ``(B, T', 2, N, C)`` product to sum), and
+    a backward with ``x``'s gradient computed in ``x``'s own layout."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        b, t, n, c = x.shape
+        pairs = x.view(b, t // 2, 2, n, c)
+        return torch.addcmul(pairs[:, :, 0] * w[..., 0:1], pairs[:, :, 1], w[..., 1:2])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, w = ctx.saved_tensors
+        b, t, n, c = x.shape
+        pairs = x.view(b, t // 2, 2, n, c)
+        gx = gw = None
+        if ctx.needs_input_grad[0]:  # (B, T', 2, N, C) in x's layout: a view of it is x's gradient
+            gx = (g.unsqueeze(2) * w.movedim(-1, 2).contiguous().unsqueeze(-1)).view(b, t, n, c)
+        if ctx.needs_input_grad[1]:
+            gw = (g.unsqueeze(2) * pairs).sum(-1).movedim(2, -1)
+        return gx, gw
 
 
 @register_compressor("inti")
@@ -156,12 +234,10 @@ class InTILayer(Compressor):
         return f"dim={self.dim}, hidden={self.hidden_dim}, contexts={list(c.contexts)}, fusion={c.fusion}, weight_head={c.weight_head}"
 
     # -- context features -------------------------------------------------------------------
-    def _cube_feature(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """``phi_cube`` of the paired cube-conv features, patch tokens only: ``(B, T', HW, C')``."""
-        patches = patch_volume(x, layout, who="InTI's 'cube' context",  # a view: channels-last grid
-                               hint="Drop 'cube' from contexts for hosts without a spatial grid.")
+    def _cube_feature(self, patches: torch.Tensor) -> torch.Tensor:
+        """``phi_cube`` of the paired cube-conv features of the patch volume ``(B, T, H, W, C)``: ``(B, T', HW, C')``."""
         b, t, gh, gw, c = patches.shape
-        vol = self.cube_conv(patches).reshape(b, t, gh * gw, c)  # (B, T, HW, C), no NCTHW round trip
+        vol = self.cube_conv(patches).reshape(b, t, gh * gw, c)  # channels-last: no NCTHW round trip
         return self.cube_proj(pair_concat(vol, self.config.odd_frames))
 
     def _fused(self, feats: dict[str, torch.Tensor], full: tuple[int, int, int, int], p: int) -> torch.Tensor:
@@ -184,23 +260,47 @@ class InTILayer(Compressor):
         tok = feats["token"]
         return tok if others is None else torch.cat([tok, others.expand(full)], dim=-1)
 
+    def _predict(self, feats: dict[str, torch.Tensor], full: tuple[int, int, int, int], p: int) -> torch.Tensor:
+        """``predictor(_fused(feats))``. For 'sep' fusion with the token feature and others, the first
+        linear layer is applied to each part on its own (``W [t ; o] = W_t t + W_o o``): the frame and
+        global features once per frame, the cube feature on the patch rows only, with no
+        concatenated (and expanded) input of width ``2C'``."""
+        others = [k for k in ("cube", "frame", "global") if k in feats]
+        if self.config.fusion != "sep" or "token" not in feats or not others:
+            return self.predictor(self._fused(feats, full, p))
+        first, rest = self.predictor[0], self.predictor[1:]
+        w_tok, w_other = first.weight.split(self.hidden_dim, dim=1)
+        bcast = [feats[k] for k in ("frame", "global") if k in feats]
+        z = F.linear(feats["token"], w_tok, first.bias)
+        if bcast:
+            z = z + F.linear(_sum(bcast), w_other)  # (B, T' or 1, 1, C') broadcast over the tokens
+        if "cube" in feats:  # z is a fresh tensor that no backward needs: add in place, no concatenation
+            z[:, :, p:] += F.linear(feats["cube"], w_other)
+        return rest(z)
+
     def _weights(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """Interpolation weights ``(B, T', N, 2)`` (or broadcastable over ``N``) of each frame pair."""
         odd = self.config.odd_frames
+        grid = None
+        if self.cube_proj is not None:  # checks the grid (a view of x, unused otherwise)
+            grid = patch_volume(x, layout, who="InTI's 'cube' context",
+                                hint="Drop 'cube' from contexts for hosts without a spatial grid.").shape
+        per_frame = self.frame_proj is not None or self.global_ctx is not None
+        pairs, patches, cls = _ContextInputs.apply(x, layout.num_prefix_tokens, layout.cls_index, odd,
+                                                   self.token_proj is not None, grid is not None, per_frame)
         feats: dict[str, torch.Tensor] = {}
         if self.token_proj is not None:
-            feats["token"] = self.token_proj(pair_concat(x, odd))
-        if self.cube_proj is not None:
-            feats["cube"] = self._cube_feature(x, layout)
-        if self.frame_proj is not None or self.global_ctx is not None:
-            cls = frame_tokens(x, layout)  # (B, T, C)
+            feats["token"] = self.token_proj(pairs)
+        if grid is not None:
+            feats["cube"] = self._cube_feature(patches.view(grid))
+        if per_frame:  # cls: (B, T, C)
             if self.frame_proj is not None:
                 feats["frame"] = self.frame_proj(pair_concat(cls, odd))[:, :, None]
             if self.global_ctx is not None:
                 feats["global"] = self.global_ctx(cls)[:, None, None]
 
         full = (x.shape[0], (x.shape[1] + 1) // 2, x.shape[2], self.hidden_dim)
-        out = self.predictor(self._fused(feats, full, layout.num_prefix_tokens))
+        out = self._predict(feats, full, layout.num_prefix_tokens)
         head = self.config.weight_head
         if head == "softmax":
             return out.softmax(dim=-1)
@@ -236,10 +336,8 @@ class InTILayer(Compressor):
                 f"{t} input frames give {t2} output frames, more than the {self.time_embed.shape[0]} "
                 f"rows of this layer's temporal position table; build it with max_frames>={t2}"
             )
-        pairs = even_frames(x, self.config.odd_frames).reshape(bsz, t2, 2, n, c)  # a view for even T
         w = self._weights(x, layout).to(x.dtype).expand(bsz, t2, n, 2)
-        # w_a * a + w_b * b as one product summed over the pair: its backward writes x's gradient directly
-        y = (pairs * w.movedim(-1, 2)[..., None]).sum(dim=2)
+        y = _Interpolate.apply(even_frames(x, self.config.odd_frames).contiguous(), w)  # w_a * a + w_b * b
         if self.time_embed is not None:
             y = y + (self.alpha * self.time_embed[:t2]).to(y.dtype)[None, :, None, :]
         return (y, w) if return_weights else y

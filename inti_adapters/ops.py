@@ -63,16 +63,34 @@ def _shift_frames(y: torch.Tensor, s: int) -> torch.Tensor:
     return F.pad(y[:, : t + s], [*pad, -s, 0])
 
 
-def _shifted(v: torch.Tensor, s: int) -> torch.Tensor:
-    """``_shift_frames`` written once into a new tensor (no autograd): one pass, zeros only where needed."""
-    out = torch.empty_like(v, memory_format=torch.contiguous_format)
-    t = v.shape[1]
-    if s >= 0:
-        out[:, : t - s] = v[:, s:]
-        out[:, t - s :] = 0
-    else:
-        out[:, -s:] = v[:, : t + s]
-        out[:, :-s] = 0
+def _tap_weight_grad(g: torch.Tensor, x: torch.Tensor, s: int, weight2d: torch.Tensor) -> torch.Tensor:
+    """Weight gradient ``(C, 1, kh, kw)`` (the shape of ``weight2d``) of one temporal tap of a depth-wise 3-D convolution:
+    ``sum_(b, t)`` of the depth-wise 2-D weight gradient of output frame ``g[b, t]`` against input
+    frame ``x[b, t + s]`` (``0 <= t + s < T``), for channels-last ``(B, T, H, W, C)`` ``g`` and ``x``.
+
+    Over the ``B * T`` frames laid end to end, ``x[b, t + s]`` is the frame ``s`` further on, so one
+    call on two offset (uncopied) slices covers every pair; it also pairs the last ``s`` frames of each
+    clip with the first of the next (``s < 0``: the reverse), which one small call takes off again.
+    """
+    b, t, h, w, c = x.shape
+    kh, kw = weight2d.shape[2:]
+
+    def weight_grad(go: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:  # (N, H, W, C) frames each
+        return torch.ops.aten.convolution_backward(
+            go.permute(0, 3, 1, 2), xi.permute(0, 3, 1, 2), weight2d, None, [1, 1], [kh // 2, kw // 2],
+            [1, 1], False, [0, 0], c, [False, True, False])[1]
+
+    g2, x2 = g.reshape(b * t, h, w, c), x.reshape(b * t, h, w, c)
+    if s == 0:
+        return weight_grad(g2, x2)
+    k = abs(s)
+    out = weight_grad(g2[: b * t - s], x2[s:]) if s > 0 else weight_grad(g2[k:], x2[: b * t - k])
+    if b > 1:  # the pairs that crossed from one clip into the next
+        if s > 0:
+            stray = weight_grad(g[:-1, t - k :].reshape(-1, h, w, c), x[1:, :k].reshape(-1, h, w, c))
+        else:
+            stray = weight_grad(g[1:, :k].reshape(-1, h, w, c), x[:-1, t - k :].reshape(-1, h, w, c))
+        out = out - stray
     return out
 
 
@@ -86,7 +104,7 @@ class _Conv3dFn(torch.autograd.Function):
     """Formulation ``conv3d``: oneDNN's depth-wise 3-D forward on the channels-last view, and a
     backward without PyTorch's slow one: input gradient = the same convolution with the flipped
     kernel, weight gradient = one depth-wise 2-D weight gradient per temporal tap (the input frames
-    shifted by the tap)."""
+    offset by the tap, :func:`_tap_weight_grad`)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -105,17 +123,8 @@ class _Conv3dFn(torch.autograd.Function):
         gx = _conv3d_channels_last(g, weight.flip(2, 3, 4), None) if ctx.needs_input_grad[0] else None
         gw = None
         if ctx.needs_input_grad[1]:
-            g2d = g.reshape(b * t, h, w, c).permute(0, 3, 1, 2)
-            taps = []
-            for i in range(kt):
-                s = i - kt // 2
-                if abs(s) >= t:  # the tap never meets a frame of the clip
-                    taps.append(weight.new_zeros(c, 1, kh, kw))
-                    continue
-                xs = (_shifted(x, s) if s else x).reshape(b * t, h, w, c).permute(0, 3, 1, 2)
-                taps.append(torch.ops.aten.convolution_backward(
-                    g2d, xs, weight[:, :, i], None, [1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], c,
-                    [False, True, False])[1])
+            taps = [_tap_weight_grad(g, x, i - kt // 2, weight[:, :, i]) if abs(i - kt // 2) < t  # the tap meets a frame
+                    else weight.new_zeros(c, 1, kh, kw) for i in range(kt)]
             gw = torch.stack(taps, dim=2)
         gb = g.sum((0, 1, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb

@@ -9,7 +9,7 @@ import torch
 
 from inti_adapters import InTIConfig, InTILayer, TokenLayout
 from inti_adapters.inti import frame_tokens
-from inti_adapters.tokens import pair_frames
+from inti_adapters.tokens import pair_frames, patch_volume
 
 DIM = 16
 LAYOUT = TokenLayout(num_prefix_tokens=1, cls_index=0, grid=(3, 3))
@@ -172,7 +172,7 @@ def test_cube_feature_is_zero_for_prefix_tokens_and_local_in_space(fusion):
     layer = InTILayer(DIM, InTIConfig(fusion=fusion))
     perturb(layer)
     x = tokens(n=10)
-    f = layer._cube_feature(x, LAYOUT)
+    f = layer._cube_feature(patch_volume(x, LAYOUT, who="test"))
     assert f.shape == (2, 3, 9, DIM)  # the patch tokens only
     # the prefix token takes a zero cube feature: its fused input is that of a layer without the cube
     fused = layer._fused({"cube": f}, (2, 3, 10, DIM), LAYOUT.num_prefix_tokens)
@@ -181,7 +181,7 @@ def test_cube_feature_is_zero_for_prefix_tokens_and_local_in_space(fusion):
     # a change in one corner patch of frame 0 moves the cube feature only of its 3x3 neighbourhood
     x2 = x.clone()
     x2[:, 0, 1] += 1.0  # patch (0, 0)
-    diff = (layer._cube_feature(x2, LAYOUT) - f).abs().sum((0, 3))  # (T', HW)
+    diff = (layer._cube_feature(patch_volume(x2, LAYOUT, who="test")) - f).abs().sum((0, 3))  # (T', HW)
     changed = {int(i) for i in torch.nonzero(diff[0] > 0).flatten()}
     assert changed == {0, 1, 3, 4}  # patches (0,0), (0,1), (1,0), (1,1): kernel 3 reaches one step
     assert torch.count_nonzero(diff[2]) == 0  # frames 4 and 5 are out of the temporal kernel's reach
@@ -307,3 +307,44 @@ def test_saved_cube_conv3d_weights_load():
     assert torch.equal(layer.cube_conv.weight, old.weight) and torch.equal(layer.cube_conv.bias, old.bias)
     assert {k: tuple(v.shape) for k, v in layer.state_dict().items() if k.startswith("cube_conv.")} == {
         "cube_conv.weight": (DIM, 1, 3, 3, 3), "cube_conv.bias": (DIM,)}
+
+
+# -- the backward writes x's gradient without zero-filled full-size pieces ------------------------------
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(o, torch.Tensor):
+                self.ops.append((func.overloadpacket.__name__, tuple(o.shape)))
+        return out
+
+
+@pytest.mark.parametrize("layout", ["cls", "registers"])
+def test_backward_builds_x_gradient_once(layout):
+    t, lay, n = REF_LAYOUTS[layout]
+    layer = InTILayer(DIM)
+    perturb(layer)
+    x = tokens(t=t, n=n).requires_grad_()
+    y = layer(x, lay)
+    with _RecordOps() as rec:
+        y.sum().backward()
+    full = [name for name, shape in rec.ops if shape == tuple(x.shape)]
+    # the contexts' reads (pairs, patch tokens, class tokens) give one gradient, the interpolation
+    # another: one addition of x's size, and no zero-filled gradient of a slice of x
+    assert full.count("add") == 1, full
+    assert not {"select_backward", "slice_backward", "zeros", "zeros_like", "new_zeros", "fill_", "zero_"} & set(full)
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_input_without_gradient_still_trains_the_layer():
+    """A frozen backbone before the layer: x needs no gradient, the layer's parameters still get theirs."""
+    t, lay, n = REF_LAYOUTS["cls"]
+    layer = InTILayer(DIM)
+    perturb(layer)
+    x = tokens(t=t, n=n)
+    layer(x, lay).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
