@@ -94,44 +94,59 @@ def frame_tokens(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
 
 
 class _ContextInputs(torch.autograd.Function):
-    """What the contexts read from ``x``, in one node: the frame pairs ``[a ; b]`` (token context),
-    the patch tokens (cube context) and one token per frame (frame / global contexts).
+    """``x`` itself (for the interpolation) and what the contexts read from it, in one node: the frame
+    pairs ``[a ; b]`` (token context), the patch tokens (cube context) and one token per frame
+    (frame / global contexts).
 
-    Equal to ``pair_concat(x)``, ``x[:, :, p:]`` and :func:`frame_tokens`, each a contiguous copy.
-    The backward writes all their gradients into one tensor of ``x``'s size; through autograd each
-    slice would get its own zero-filled gradient of that size, to be summed with the others.
+    Equal to ``x``, ``pair_concat(x)``, ``x[:, :, p:]`` and :func:`frame_tokens` (the last three
+    contiguous copies). The backward sums all their gradients into one tensor of ``x``'s size in one
+    pass; through autograd each slice would get its own zero-filled gradient of that size, and each
+    of them would be added to the others.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, p: int, cls_index: int | None, odd_frames: str, pairs: bool,
-                patches: bool, frame: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                patches: bool, frame: bool) -> tuple[torch.Tensor, ...]:
         ctx.set_materialize_grads(False)
         ctx.shape, ctx.p, ctx.cls_index = x.shape, p, cls_index
         empty = x.new_empty(0)
-        return (pair_concat(x, odd_frames).contiguous() if pairs else empty,
+        return (x.view_as(x),
+                pair_concat(x, odd_frames).contiguous() if pairs else empty,
                 x[:, :, p:].contiguous() if patches else empty,
                 frame_tokens(x, TokenLayout(p, cls_index, None)).contiguous() if frame else empty)
 
     @staticmethod
+    def _pairs_grad(g_x: torch.Tensor | None, g_pairs: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """``g_x + (the gradient of pair_concat(x))`` in one pass (a new tensor)."""
+        b, t, n, c = shape
+        t2 = g_pairs.shape[1]
+        per_frame = g_pairs.unflatten(-1, (2, c)).movedim(-2, 2)  # (B, T', 2, N, C): frames 0, 1, 2, ...
+        if 2 * t2 == t:
+            gx = g_pairs.new_empty(b, t, n, c)
+            if g_x is None:
+                gx.view(b, t2, 2, n, c).copy_(per_frame)
+            else:
+                torch.add(g_x.reshape(b, t2, 2, n, c), per_frame, out=gx.view(b, t2, 2, n, c))
+            return gx
+        full = per_frame.reshape(b, 2 * t2, n, c)  # odd T: the last frame was paired with itself
+        gx = full[:, :t] + g_x if g_x is not None else full[:, :t].clone()
+        gx[:, -1] += full[:, t]
+        return gx
+
+    @staticmethod
     @once_differentiable
-    def backward(ctx: Any, g_pairs: torch.Tensor | None, g_patches: torch.Tensor | None,
+    def backward(ctx: Any, g_x: torch.Tensor | None, g_pairs: torch.Tensor | None, g_patches: torch.Tensor | None,
                  g_frame: torch.Tensor | None) -> tuple[torch.Tensor | None, None, None, None, None, None, None]:
         b, t, n, c = ctx.shape
         p, nones = ctx.p, (None,) * 6
-        if g_pairs is None and g_patches is None and g_frame is None:
-            return None, *nones
         if g_pairs is not None:
-            t2 = g_pairs.shape[1]
-            per_frame = g_pairs.unflatten(-1, (2, c)).movedim(-2, 2)  # (B, T', 2, N, C): frames 0, 1, 2, ...
-            if 2 * t2 == t:
-                gx = g_pairs.new_empty(b, t, n, c)
-                gx.view(b, t2, 2, n, c).copy_(per_frame)
-            else:  # odd T: the last frame was paired with itself, both its copies get gradient
-                full = per_frame.reshape(b, 2 * t2, n, c)
-                gx = full[:, :t].clone()
-                gx[:, -1] += full[:, t]
-        else:
+            gx = _ContextInputs._pairs_grad(g_x, g_pairs, ctx.shape)
+        elif g_x is not None:
+            gx = g_x.clone(memory_format=torch.contiguous_format)  # never write into autograd's own buffer
+        elif g_patches is not None or g_frame is not None:
             gx = (g_patches if g_patches is not None else g_frame).new_zeros(b, t, n, c)
+        else:
+            return None, *nones
         if g_patches is not None:
             gx[:, :, p:] += g_patches
         if g_frame is not None:
@@ -280,14 +295,19 @@ class InTILayer(Compressor):
 
     def _weights(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """Interpolation weights ``(B, T', N, 2)`` (or broadcastable over ``N``) of each frame pair."""
+        return self._tokens_and_weights(x, layout)[1]
+
+    def _tokens_and_weights(self, x: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` as the node that reads the contexts returns it (to be interpolated: its gradient then
+        joins theirs in that node's backward) and the weights of :meth:`_weights`."""
         odd = self.config.odd_frames
         grid = None
         if self.cube_proj is not None:  # checks the grid (a view of x, unused otherwise)
             grid = patch_volume(x, layout, who="InTI's 'cube' context",
                                 hint="Drop 'cube' from contexts for hosts without a spatial grid.").shape
         per_frame = self.frame_proj is not None or self.global_ctx is not None
-        pairs, patches, cls = _ContextInputs.apply(x, layout.num_prefix_tokens, layout.cls_index, odd,
-                                                   self.token_proj is not None, grid is not None, per_frame)
+        x, pairs, patches, cls = _ContextInputs.apply(x, layout.num_prefix_tokens, layout.cls_index, odd,
+                                                      self.token_proj is not None, grid is not None, per_frame)
         feats: dict[str, torch.Tensor] = {}
         if self.token_proj is not None:
             feats["token"] = self.token_proj(pairs)
@@ -303,12 +323,12 @@ class InTILayer(Compressor):
         out = self._predict(feats, full, layout.num_prefix_tokens)
         head = self.config.weight_head
         if head == "softmax":
-            return out.softmax(dim=-1)
+            return x, out.softmax(dim=-1)
         if head == "sigmoid":
-            return out.sigmoid()
+            return x, out.sigmoid()
         # attention: one feature per frame of the pair, dotted with a learnable query
         per_frame = out.unflatten(-1, (2, self.hidden_dim))
-        return (per_frame @ self.query.to(per_frame.dtype)).softmax(dim=-1)
+        return x, (per_frame @ self.query.to(per_frame.dtype)).softmax(dim=-1)
 
     # -- forward ----------------------------------------------------------------------------
     def forward(
@@ -336,7 +356,8 @@ class InTILayer(Compressor):
                 f"{t} input frames give {t2} output frames, more than the {self.time_embed.shape[0]} "
                 f"rows of this layer's temporal position table; build it with max_frames>={t2}"
             )
-        w = self._weights(x, layout).to(x.dtype).expand(bsz, t2, n, 2)
+        x, w = self._tokens_and_weights(x, layout)
+        w = w.to(x.dtype).expand(bsz, t2, n, 2)
         y = _Interpolate.apply(even_frames(x, self.config.odd_frames).contiguous(), w)  # w_a * a + w_b * b
         if self.time_embed is not None:
             y = y + (self.alpha * self.time_embed[:t2]).to(y.dtype)[None, :, None, :]
