@@ -155,10 +155,12 @@ def count_gflops(args: argparse.Namespace, variant: Variant, meta_backbone: nn.M
 
 def match_tome(args: argparse.Namespace, variant: Variant, target: float, meta_backbone: nn.Module,
                meta_video: torch.Tensor) -> str:
-    """Bisect tome's ``r`` so its GFLOPs are closest to ``target`` (per clip); returns a note."""
-    from inti_adapters.compressors.tome import r_for_budget
+    """Bisect tome's ``r`` so its GFLOPs are closest to ``target`` (per clip); returns a note.
 
-    r = r_for_budget(meta_backbone, meta_video, list(variant.layers), target * args.batch)
+    Raises:
+        ValueError: If no ``r`` brings tome down to ``target`` (``inti_adapters.r_for_budget``).
+    """
+    r = ia.r_for_budget(meta_backbone, meta_video, list(variant.layers), target * args.batch)
     best = None
     for cand in sorted({max(0, r - 1), r}):
         variant.options = {"r": cand}
@@ -288,8 +290,12 @@ def prepare(args: argparse.Namespace) -> tuple[list[Variant], list[str], int]:
     if "tome" in by_name:
         if "inti_middle" in by_name:
             tome = by_name["tome"]
-            notes.append(match_tome(args, tome, by_name["inti_middle"].gflops, meta_backbone, meta_video))
-            tome.gflops, tome.compressor_gflops = count_gflops(args, tome, meta_backbone, meta_video)
+            try:
+                notes.append(match_tome(args, tome, by_name["inti_middle"].gflops, meta_backbone, meta_video))
+                tome.gflops, tome.compressor_gflops = count_gflops(args, tome, meta_backbone, meta_video)
+            except ValueError as e:  # too few tokens per frame to merge down to InTI's budget
+                notes.append(f"skipped tome: {e}")
+                variants.remove(tome)
         else:
             notes.append("skipped tome: its r is matched to inti_middle, which is not measured")
             variants.remove(by_name["tome"])
