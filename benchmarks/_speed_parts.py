@@ -243,7 +243,7 @@ def share_targets(variants: list[Variant]) -> list[Target]:
         runs = ", ".join(f"{s / tot:.3f}" for s, tot in zip(v.component_s["compressors"], v.component_s["total"],
                                                                  strict=True))
         targets.append(Target(goal, t <= SHARE_LIMIT * g, f"time share {t:.3f} vs GFLOPs share {g:.3f} "
-                              f"(x{t / g:.2f}; per profiled round {runs})", [("train", v.name)]))
+                              f"(x{t / g:.3f}; per profiled round {runs})", [("train", v.name)]))
     return targets
 
 
