@@ -20,7 +20,7 @@ measures them against ``nn.Conv3d``, with and without ``channels_last_3d`` input
 - ``conv3d`` (default on the CPU). oneDNN does have a fast depth-wise 3-D *forward*: it runs on
   the channels-last-3d view of the tokens, and a hand-written backward avoids PyTorch's slow one:
   the input gradient is the same convolution with the flipped kernel, the weight gradient one
-  depth-wise 2-D weight gradient per temporal tap (input frames shifted by the tap).
+  depth-wise 2-D weight gradient per temporal tap, on offset views of the frames (no copies).
 
 Example:
     >>> import torch
