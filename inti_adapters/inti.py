@@ -293,13 +293,10 @@ class InTILayer(Compressor):
             z[:, :, p:] += F.linear(feats["cube"], w_other)
         return rest(z)
 
-    def _weights(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """Interpolation weights ``(B, T', N, 2)`` (or broadcastable over ``N``) of each frame pair."""
-        return self._tokens_and_weights(x, layout)[1]
-
     def _tokens_and_weights(self, x: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` as the node that reads the contexts returns it (to be interpolated: its gradient then
-        joins theirs in that node's backward) and the weights of :meth:`_weights`."""
+        joins theirs in that node's backward) and the interpolation weights ``(B, T', N, 2)`` (or
+        broadcastable over ``N``) of each frame pair."""
         odd = self.config.odd_frames
         grid = None
         if self.cube_proj is not None:  # checks the grid (a view of x, unused otherwise)

@@ -117,7 +117,7 @@ class _Conv3dFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        b, t, h, w, c = x.shape
+        t, c = x.shape[1], x.shape[-1]
         kt, kh, kw = weight.shape[2:]
         g = g.contiguous()
         gx = _conv3d_channels_last(g, weight.flip(2, 3, 4), None) if ctx.needs_input_grad[0] else None

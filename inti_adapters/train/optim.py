@@ -23,11 +23,11 @@ def _video_model(model: nn.Module) -> InTIModel:
 def param_groups(model: nn.Module, config: OptimConfig) -> list[dict[str, Any]]:
     """Trainable parameters grouped by (layer scale, weight decay), ready for ``torch.optim.AdamW``.
 
-    Each group carries ``lr`` (= ``config.lr * lr_scale``), ``lr_scale`` and ``weight_decay``.
-    ``lr_scale`` is the layer-wise decay factor times ``config.added_lr_scale`` for the added
-    modules (compressors, temporal adapters). No decay on 1-D parameters (norms, biases) and on what the model declares
-    (:meth:`InTIModel.no_weight_decay`: the host's tokens and position tables, the added modules'
-    own). Layer ids for layer-wise decay come from :meth:`InTIModel.layer_ids` (host facts).
+    Each group carries ``lr`` (= ``config.lr * lr_scale``), ``lr_scale`` and ``weight_decay``;
+    ``lr_scale`` is the layer-wise decay factor, times ``config.added_lr_scale`` for the added
+    modules (compressors, temporal adapters). No decay on 1-D parameters (norms, biases) and on
+    what the model declares (:meth:`InTIModel.no_weight_decay`: the host's tokens and position
+    tables, the added modules' own). Layer ids for layer-wise decay come from :meth:`InTIModel.layer_ids` (host facts).
     """
     video = _video_model(model)
     num_blocks = len(video.host.blocks)
