@@ -49,6 +49,7 @@ SCRIPT = textwrap.dedent('''
                    "world": dist.get_world_size(), "grad_accum": trainer.grad_accum,
                    "zero_stage": trainer.engine.zero_optimization_stage(),
                    "optimizer": type(trainer.engine.optimizer).__name__}, f)
+    dist.destroy_process_group()  # no gloo thread teardown abort at exit after the work is done
 ''')
 
 
