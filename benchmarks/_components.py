@@ -18,6 +18,8 @@ the adapter's, not the block's).
   component whose forward op created it (same thread and sequence number). ``other`` is the
   profiled step minus the components, so the parts add up to the step by construction. On CUDA
   the kernels' device time replaces wall time (each kernel charged through the op that launched it).
+  On the CPU the time of the matrix products and convolutions (the ops that GFLOPs count) is also
+  charged this way, under ``PRODUCTS + component``: how much of a component's time its FLOPs explain.
 
 The profiler's own overhead (a few microseconds per op) lands on every component in proportion to
 its op count; the InTI layers have more ops per FLOP than the blocks, so their share is, if
@@ -41,6 +43,9 @@ from inti_adapters.surgery import probe
 COMPONENTS = ("blocks", "compressors", "temporal adapters", "head/pool", "other")
 _RANGE = "component::"
 _BACKWARD_NODE = "autograd::engine::evaluate_function: "
+PRODUCTS = "products:"  # component_times' keys for the seconds in matrix products and convolutions
+_PRODUCT_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
+                          "aten::convolution_backward", "aten::_slow_conv2d_forward", "aten::slow_conv3d_forward"})
 
 
 def component_modules(model: ia.InTIModel) -> dict[str, list[nn.Module]]:
@@ -126,6 +131,18 @@ def component_gflops(model: ia.InTIModel, video: torch.Tensor) -> dict[str, floa
     return {c: totals.get(c, 0.0) for c in COMPONENTS}
 
 
+def _is_product(name: str) -> bool:
+    """A matrix product or convolution kernel: the ops that GFLOPs count."""
+    return name in _PRODUCT_OPS or name.startswith(("aten::_scaled_dot_product", "aten::_flash_attention"))
+
+
+def _ancestors(evt: Any) -> Iterator[Any]:
+    evt = evt.cpu_parent
+    while evt is not None:
+        yield evt
+        evt = evt.cpu_parent
+
+
 def _innermost(evt: Any) -> str | None:
     """The component range that encloses a profiler event (itself included), or None."""
     while evt is not None:
@@ -182,6 +199,11 @@ def component_times(model: ia.InTIModel, fwd_bwd: Callable[[], Any], device: tor
                     out[outer] -= e.cpu_time_total / 1e6
             elif e.name.startswith(_BACKWARD_NODE) and _backward_node(e.cpu_parent) is None:
                 out[owner_of_seq.get((e.fwd_thread, e.sequence_nr), "other")] += e.cpu_time_total / 1e6
+            if _is_product(e.name) and not any(_is_product(a.name) for a in _ancestors(e)):
+                node = _backward_node(e)
+                who = owner_of_seq.get((node.fwd_thread, node.sequence_nr), "other") if node else _innermost(e)
+                out[PRODUCTS + (who or "other")] += e.cpu_time_total / 1e6
         total = next(e.cpu_time_total for e in events if e.name == "step::fwd_bwd") / 1e6
-        out["other"] += total - sum(out.values())
-    return {**{c: out.get(c, 0.0) for c in COMPONENTS}, "total": total}
+        out["other"] += total - sum(out[c] for c in COMPONENTS)
+    return {**{c: out.get(c, 0.0) for c in COMPONENTS}, "total": total,
+            **{PRODUCTS + c: out.get(PRODUCTS + c, 0.0) for c in COMPONENTS if device.type != "cuda"}}

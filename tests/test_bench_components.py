@@ -13,7 +13,7 @@ from conftest import IMG, make_vit
 import inti_adapters as ia
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from _components import COMPONENTS, component_gflops, component_times  # noqa: E402
+from _components import COMPONENTS, PRODUCTS, component_gflops, component_times  # noqa: E402
 
 TEMPORAL = [{"name": "local_mhra", "blocks": "all"}]
 
@@ -53,5 +53,9 @@ def test_component_times_add_up_to_the_profiled_step(temporal):
     assert all(times[c] > 0 for c in ("blocks", "compressors", "head/pool"))
     assert (times["temporal adapters"] > 0) == bool(temporal)
     assert times["blocks"] > times["head/pool"]
+    # the matrix products / convolutions inside each component: part of its time, never more
+    assert all(0 < times[PRODUCTS + c] < times[c] for c in ("blocks", "compressors"))
+    assert times[PRODUCTS + "head/pool"] < times["head/pool"]
+    assert (times[PRODUCTS + "temporal adapters"] > 0) == bool(temporal)
     assert model.forward_head.__func__ is ia.InTIModel.forward_head  # the tracker's wrapper is gone
     assert all(not m._forward_pre_hooks for m in model.compressors.values())
