@@ -12,6 +12,8 @@ and the sample standard deviation over seeds, and the plot draws it as error bar
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -101,6 +103,27 @@ def plot(rows: dict[str, dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _inti_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` -> ``(key, value)``, the value parsed as JSON (a bare word stays a string); the key
+    must be an InTIConfig field."""
+    key, sep, value = text.partition("=")
+    fields = {f.name for f in dataclasses.fields(ia.InTIConfig)}
+    if not sep or key not in fields:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY one of {sorted(fields)}, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def variant_spec(name: str, inti_options: dict[str, object]) -> dict:
+    """``VARIANTS[name]``, with ``inti_options`` added to the compressor options of an InTI variant."""
+    spec = VARIANTS[name]
+    if inti_options and spec["layers"] and spec.get("compressor", "inti") == "inti":
+        spec = {**spec, "compressor_config": {**spec.get("compressor_config", {}), **inti_options}}
+    return spec
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -111,10 +134,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache", default=None)
     ap.add_argument("--added-lr-scale", type=float, default=1.0,
                     help="lr multiplier for the added modules (optim.added_lr_scale; default 1 = the same lr)")
+    ap.add_argument("--inti-option", action="append", default=[], type=_inti_option, metavar="KEY=VALUE",
+                    help="an InTIConfig option for the InTI variants, the value as JSON (e.g. head_init_std=0.02; "
+                         "repeatable)")
     ap.add_argument("--name", default="accuracy", help="results file name under results/ (and its .png)")
     ap.add_argument("--note", action="append", default=[], help="a line for the Notes section (repeatable)")
     args = ap.parse_args(argv)
     overrides = [f"optim.added_lr_scale={args.added_lr_scale}"]
+    inti_options = dict(args.inti_option)
     root = _cache_root(args.cache)
     ds = ensure_builtin_dataset(root / "data" / "digits", **DATA_OPTIONS)
     image = pretrained_image_model(ds, root)
@@ -123,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.variants:
             log(f"seed {seed}: {name}")
             run = root / "accuracy" / f"seed{seed}" / "".join(c if c.isalnum() else "_" for c in name)
-            r = adapt(name, VARIANTS[name], checkpoint=image.path, ds=ds, run_dir=run, epochs=args.epochs,
+            r = adapt(name, variant_spec(name, inti_options), checkpoint=image.path, ds=ds, run_dir=run, epochs=args.epochs,
                       steps_per_epoch=args.steps_per_epoch, lr=args.lr, seed=seed, overrides=overrides)
             row = rows.setdefault(name, {"gflops": r["gflops"], "accuracy": [], "digit": [], "direction": [],
                                          "axis": [], "step_ms": []})
@@ -140,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     plot(rows, png)
     added = f" ({args.added_lr_scale:g} x for the added modules)" if args.added_lr_scale != 1 else ""
+    if inti_options:
+        added += f"; InTI layers built with {', '.join(f'{k}={v!r}' for k, v in inti_options.items())}"
     setup = (f"ViT (4 blocks, width 64, patch 8, 4 heads, class token) pretrained on single frames (still-frame "
              f"digit accuracy {image.accuracy:.1%} on the held-out scans), then {args.epochs * args.steps_per_epoch} "
              f"steps of 16 clips per variant, lr {args.lr}{added}, cosine with warm-up, DeepSpeed ZeRO-2 on gloo, seeds "

@@ -65,6 +65,13 @@ class InTIConfig(Config):
     embed_init_std: float = field(
         default=0.02, metadata={"help": "Std of the truncated-normal init of the temporal table."}
     )
+    head_init_std: float = field(
+        default=0.0,
+        metadata={"help": "Std of a normal init of the weight head's last layer (the query of the 'attention' "
+                          "head). 0 (the paper's choice) = zeros: a fresh layer averages each pair exactly, and "
+                          "the layers before the last get no gradient until it moves. With 'softmax' and "
+                          "'attention' any value still keeps static videos unchanged (the weights sum to 1)."},
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.contexts, str):
@@ -85,8 +92,10 @@ class InTIConfig(Config):
             raise ValueError(f"hidden_dim must be a positive int or None, got {self.hidden_dim!r}")
         if not isinstance(self.max_frames, int) or self.max_frames < 1:
             raise ValueError(f"max_frames must be a positive int, got {self.max_frames!r}")
-        if self.embed_init_std < 0:
-            raise ValueError(f"embed_init_std must be >= 0, got {self.embed_init_std}")
+        for name in ("embed_init_std", "head_init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
 
 
 @dataclass

@@ -223,13 +223,19 @@ class InTILayer(Compressor):
         out = 2 * h if config.weight_head == "attention" else 2
         # predicts the pair's weights from the fused contexts (the paper's 'head')
         self.predictor = nn.Sequential(nn.Linear(in_dim, h), nn.GELU(), nn.Linear(h, out))
+        std = config.head_init_std
         if config.weight_head == "attention":
-            # zero query: equal logits for both frames, i.e. a plain average at init
+            # zero query (default): equal logits for both frames, i.e. a plain average at init
             self.query = nn.Parameter(torch.zeros(h))
+            if std:
+                nn.init.normal_(self.query, std=std)
         else:
             self.query = None
-            nn.init.zeros_(self.predictor[-1].weight)
             nn.init.zeros_(self.predictor[-1].bias)
+            if std:
+                nn.init.normal_(self.predictor[-1].weight, std=std)
+            else:
+                nn.init.zeros_(self.predictor[-1].weight)
 
         if config.temporal_embed:
             self.time_embed = nn.Parameter(torch.empty(config.max_frames, dim))

@@ -11,6 +11,7 @@ from inti_adapters import demo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from accuracy import VARIANTS as ACCURACY_VARIANTS  # noqa: E402
+from accuracy import _inti_option, variant_spec  # noqa: E402
 
 
 @pytest.mark.parametrize("name, spec", list(demo.VARIANTS.items()) + list(ACCURACY_VARIANTS.items()))
@@ -23,6 +24,20 @@ def test_variant_config_carries_every_option(name, spec, tmp_path):
     assert [t["name"] for t in cfg.model.temporal] == [t["name"] for t in spec["temporal"]]
     assert (cfg.train.seed, cfg.train.epochs, cfg.train.steps_per_epoch, cfg.optim.lr) == (3, 2, 7, 1e-3)
     assert cfg.model.model_kwargs == demo.MODEL_KWARGS
+
+
+def test_accuracy_inti_options_reach_the_inti_variants_only(tmp_path):
+    options = dict([_inti_option("head_init_std=0.02"), _inti_option("fusion=add")])
+    assert options == {"head_init_std": 0.02, "fusion": "add"}
+    for name, spec in ACCURACY_VARIANTS.items():
+        cfg = demo.variant_config(variant_spec(name, options), checkpoint=tmp_path / "w.safetensors",
+                                  data_root=tmp_path, run_dir=tmp_path / "r", epochs=1, steps_per_epoch=1, lr=1e-3)
+        inti = bool(spec["layers"]) and spec.get("compressor", "inti") == "inti"
+        assert dict(cfg.model.compressor_config) == ({**options} if inti else spec.get("compressor_config", {})), name
+    assert ACCURACY_VARIANTS["naive"] == variant_spec("naive", options)  # the table itself is untouched
+    for bad in ("head_init_std", "no_such_option=1"):
+        with pytest.raises(Exception, match="KEY=VALUE"):
+            _inti_option(bad)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -51,6 +51,35 @@ def test_fresh_layer_is_pairwise_average_for_every_head(head):
     assert torch.equal(w, torch.full_like(w, 0.5))
 
 
+@pytest.mark.parametrize("head", ["softmax", "attention"])
+def test_random_head_init_starts_near_an_average_and_keeps_static_videos(head):
+    layer = InTILayer(DIM, InTIConfig(weight_head=head, head_init_std=0.02))
+    last = layer.query if head == "attention" else layer.predictor[-1].weight
+    assert 0.01 < last.std().item() < 0.03
+    x = tokens(t=8)
+    y, w = layer(x, LAYOUT, return_weights=True)
+    assert not torch.equal(w, torch.full_like(w, 0.5)) and (w - 0.5).abs().max() < 0.1
+    torch.testing.assert_close(w.sum(-1), torch.ones_like(w[..., 0]))
+    static = x[:, :1].expand(-1, 8, -1, -1)  # one frame repeated: any convex blend returns it
+    torch.testing.assert_close(layer(static, LAYOUT), static[:, :4])
+
+
+def test_zero_head_init_gives_the_layers_before_it_no_gradient_and_random_init_does():
+    x = tokens(t=8)
+    for std, flows in ((0.0, False), (0.02, True)):
+        layer = InTILayer(DIM, InTIConfig(head_init_std=std))
+        layer(x, LAYOUT).square().sum().backward()
+        first = layer.predictor[0].weight.grad
+        assert (first.abs().max() > 0) == flows, std
+        assert layer.predictor[-1].weight.grad.abs().max() > 0  # the last layer learns either way
+
+
+@pytest.mark.parametrize("bad", [-0.1, "0.02", True, float("nan")])
+def test_head_init_std_must_be_a_non_negative_number(bad):
+    with pytest.raises(ValueError, match="head_init_std must be a number >= 0"):
+        InTIConfig(head_init_std=bad)
+
+
 def test_weights_sum_to_one_and_depend_on_the_token():
     layer = InTILayer(DIM)
     perturb(layer)
