@@ -3,7 +3,7 @@
 This stands in for the CLIP / ImageNet pre-training of the paper's backbones; ``make demo`` then
 adapts the image model to video. A ViT from scratch on 1,437 training scans is sample-hungry, and
 most of a 64x64 frame is background, so the recipe (:class:`ImageRecipe`) spends the budget where
-it helps (each choice measured on the held-out scans; ~5 minutes on 2 CPU cores):
+it helps (each choice measured on the held-out scans; ~4-6 minutes on 2 CPU cores):
 
 - Frames are rendered on the fly from the training scans (:func:`~inti_adapters.data.digits.render_digit_images`)
   exactly as the clips draw them (the upscaled scan at an integer position, the clips' brightness
@@ -15,6 +15,11 @@ it helps (each choice measured on the held-out scans; ~5 minutes on 2 CPU cores)
   grid; the last 15% of the steps see whole frames, so training ends on exactly what the video model sees.
 - Many small steps: batch 32 and AdamW at 2e-3 with a one-cycle schedule beat batch 64 / 128 at the
   same compute (93.4% vs 92.4% / 85%); a class token and 4 heads beat mean-pooled tokens (+3.5 points).
+- Label smoothing 0.1 and 7,500 steps: 95.6% / 96.1% / 96.0% for seeds 0 / 1 / 2 (one thread), where
+  6,000 steps without smoothing gave 95.3% / 95.2% / 94.2% (and 94.6% for seed 0 in a two-thread run:
+  threads change the float sums, so runs differ a little). Smoothing alone at 6,000 steps: 95.5% /
+  95.5% / 95.2%. An exponential moving average of the weights (``ema=0.998``) did not help (95.1%,
+  seed 0).
 
 The weights are cached under a key of every setting (model, recipe, data options, format version);
 the still-frame accuracy on the held-out scans is stored beside them and printed on a cached run too.
@@ -45,7 +50,7 @@ FORMAT = 4  # bump when the training code changes what a recipe produces
 class ImageRecipe:
     """How the image model is pre-trained; every field is part of the cache key."""
 
-    steps: int = 6000
+    steps: int = 7500
     batch: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -54,6 +59,8 @@ class ImageRecipe:
     scale_jitter: float = 0.05
     rotation: float = 5.0  # degrees
     windows: tuple[tuple[float, int], ...] = ((0.6, 4), (0.85, 6))  # (until fraction of steps, side in patches)
+    label_smoothing: float = 0.1
+    ema: float = 0.0  # decay of an exponential moving average of the weights, which become the model; 0 = none
     seed: int = 0
 
     def window(self, step: int, grid: int) -> int:
@@ -120,20 +127,27 @@ def train_image_model(vit: torch.nn.Module, ds: BuiltinDataset, recipe: ImageRec
     opt = torch.optim.AdamW(vit.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.steps,
                                                 pct_start=recipe.warmup)
+    params = [p for p in vit.parameters() if p.requires_grad]
+    average = [p.detach().clone() for p in params] if recipe.ema else None
     vit.train()
     for step in range(recipe.steps):
         side = recipe.window(step, grid)
         frames, idx, (top, left) = _batch(recipe, ds, scans, side, patch, gen)
         x = normalize_video(frames[:, :, None], mean_std)[:, :, 0]
-        loss = F.cross_entropy(window_logits(vit, x, top, left), digits[idx])
+        loss = F.cross_entropy(window_logits(vit, x, top, left), digits[idx], label_smoothing=recipe.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if recipe.clip_grad:
-            torch.nn.utils.clip_grad_norm_(vit.parameters(), recipe.clip_grad)
+            torch.nn.utils.clip_grad_norm_(params, recipe.clip_grad)
         opt.step()
         sched.step()
+        if average is not None:
+            torch._foreach_lerp_(average, [p.detach() for p in params], 1 - recipe.ema)
         if progress is not None:
             progress.update(loss=float(loss.detach()), window=f"{side}x{side}")
+    if average is not None:
+        with torch.no_grad():
+            torch._foreach_copy_(params, average)
 
 
 @torch.no_grad()

@@ -50,9 +50,16 @@ from contextlib import redirect_stdout  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 
+from inti_adapters import demo_pretrain  # noqa: E402
 from inti_adapters.data import ensure_builtin_dataset  # noqa: E402
 from inti_adapters.data.digits import DigitsOptions, render_digit_images, scan_split, split_scans  # noqa: E402
-from inti_adapters.demo_pretrain import ImageRecipe, cache_key, pretrain_image_model, window_logits  # noqa: E402
+from inti_adapters.demo_pretrain import (  # noqa: E402
+    ImageRecipe,
+    cache_key,
+    pretrain_image_model,
+    train_image_model,
+    window_logits,
+)
 
 TINY_DIGITS = dict(num_train=16, num_val=8, samples_per_shard=8, seed=1, store="frames")
 
@@ -121,6 +128,42 @@ def test_recipe_window_schedule_ends_on_the_whole_frame():
     assert cache_key({"a": 1}, r, {"o": 2}) == cache_key({"a": 1}, r, {"o": 2})
     assert cache_key({"a": 1}, r, {"o": 2}) != cache_key({"a": 1}, ImageRecipe(steps=101), {"o": 2})
     assert cache_key({"a": 1}, r, {"o": 2}) != cache_key({"a": 2}, r, {"o": 2})
+
+
+def test_recipe_label_smoothing_and_weight_average_are_applied(tmp_path, monkeypatch):
+    ds = ensure_builtin_dataset(tmp_path / "digits", workers=1, **TINY_DIGITS)
+    smoothing = []
+    real_ce = torch.nn.functional.cross_entropy
+
+    def ce(*args, **kwargs):
+        smoothing.append(kwargs.get("label_smoothing", 0.0))
+        return real_ce(*args, **kwargs)
+
+    monkeypatch.setattr(demo_pretrain.F, "cross_entropy", ce)
+    runs = {}
+    real_step = torch.optim.AdamW.step
+    for ema in (0.0, 0.5):
+        torch.manual_seed(0)
+        vit = demo._vit(10)
+        start = {k: v.clone() for k, v in vit.state_dict().items()}
+        seen = []  # the weights after every optimizer step
+
+        def step(opt, *a, vit=vit, seen=seen, **k):
+            out = real_step(opt, *a, **k)
+            seen.append({k: v.clone() for k, v in vit.state_dict().items()})
+            return out
+
+        monkeypatch.setattr(torch.optim.AdamW, "step", step)
+        train_image_model(vit, ds, ImageRecipe(steps=3, batch=8, windows=((0.5, 4),), label_smoothing=0.2, ema=ema),
+                          demo.MEAN_STD)
+        runs[ema] = (start, seen, vit.state_dict())
+    assert smoothing and set(smoothing) == {0.2}
+    start, seen, final = runs[0.0]
+    assert all(torch.equal(final[k], seen[-1][k]) for k in final)  # no average: the last weights
+    start, seen, final = runs[0.5]
+    for k in final:  # average with decay 1/2 over 3 steps: s/8 + w1/8 + w2/4 + w3/2
+        expected = start[k] / 8 + seen[0][k] / 8 + seen[1][k] / 4 + seen[2][k] / 2
+        torch.testing.assert_close(final[k], expected)
 
 
 def test_pretraining_is_cached_with_its_accuracy(tmp_path):
