@@ -162,6 +162,14 @@ def _backward_node(evt: Any) -> Any:
     return node
 
 
+def _owner(evt: Any, owner_of_seq: dict[tuple[int, int], str]) -> str:
+    """The component an event is charged to: in the backward, the one whose forward op created the
+    enclosing autograd node; in the forward, the innermost component range."""
+    node = _backward_node(evt)
+    who = owner_of_seq.get((node.fwd_thread, node.sequence_nr), "other") if node else _innermost(evt)
+    return who or "other"
+
+
 @contextmanager
 def _profiled(model: ia.InTIModel, device: torch.device) -> Iterator[Any]:
     from torch.profiler import ProfilerActivity, profile
@@ -186,9 +194,7 @@ def component_times(model: ia.InTIModel, fwd_bwd: Callable[[], Any], device: tor
     out: dict[str, float] = defaultdict(float)
     if device.type == "cuda":  # kernel time, charged through the op that launched it
         for e in events:
-            node = _backward_node(e)
-            who = owner_of_seq.get((node.fwd_thread, node.sequence_nr), "other") if node else _innermost(e)
-            out[who or "other"] += e.self_device_time_total / 1e6
+            out[_owner(e, owner_of_seq)] += e.self_device_time_total / 1e6
         total = sum(out.values())
     else:
         for e in events:
@@ -200,9 +206,7 @@ def component_times(model: ia.InTIModel, fwd_bwd: Callable[[], Any], device: tor
             elif e.name.startswith(_BACKWARD_NODE) and _backward_node(e.cpu_parent) is None:
                 out[owner_of_seq.get((e.fwd_thread, e.sequence_nr), "other")] += e.cpu_time_total / 1e6
             if _is_product(e.name) and not any(_is_product(a.name) for a in _ancestors(e)):
-                node = _backward_node(e)
-                who = owner_of_seq.get((node.fwd_thread, node.sequence_nr), "other") if node else _innermost(e)
-                out[PRODUCTS + (who or "other")] += e.cpu_time_total / 1e6
+                out[PRODUCTS + _owner(e, owner_of_seq)] += e.cpu_time_total / 1e6
         total = next(e.cpu_time_total for e in events if e.name == "step::fwd_bwd") / 1e6
         out["other"] += total - sum(out[c] for c in COMPONENTS)
     return {**{c: out.get(c, 0.0) for c in COMPONENTS}, "total": total,

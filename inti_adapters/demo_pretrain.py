@@ -129,7 +129,8 @@ def train_image_model(vit: torch.nn.Module, ds: BuiltinDataset, recipe: ImageRec
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.steps,
                                                 pct_start=recipe.warmup)
     params = [p for p in vit.parameters() if p.requires_grad]
-    average = [p.detach().clone() for p in params] if recipe.ema else None
+    weights = [p.detach() for p in params]  # views: they follow the optimizer's in-place updates
+    average = [w.clone() for w in weights] if recipe.ema else None
     vit.train()
     for step in range(recipe.steps):
         side = recipe.window(step, grid)
@@ -143,12 +144,11 @@ def train_image_model(vit: torch.nn.Module, ds: BuiltinDataset, recipe: ImageRec
         opt.step()
         sched.step()
         if average is not None:
-            torch._foreach_lerp_(average, [p.detach() for p in params], 1 - recipe.ema)
+            torch._foreach_lerp_(average, weights, 1 - recipe.ema)
         if progress is not None:
             progress.update(loss=float(loss.detach()), window=f"{side}x{side}")
     if average is not None:
-        with torch.no_grad():
-            torch._foreach_copy_(params, average)
+        torch._foreach_copy_(weights, average)
 
 
 @torch.no_grad()
