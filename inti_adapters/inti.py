@@ -56,12 +56,33 @@ class _Proj(nn.Sequential):
 
 
 def _pool_half(z: torch.Tensor) -> torch.Tensor:
-    # ceil-mode so T=3 -> 2 -> 1; a length-1 sequence is left as it is
-    return F.max_pool1d(z, 2, ceil_mode=True) if z.shape[-1] > 1 else z
+    """``max_pool1d(kernel 2, ceil_mode=True)`` along the time dim of ``(B, T, C)``: T=3 -> 2 -> 1; a
+    length-1 sequence is left as it is. Ties send the gradient to the first frame, as max_pool1d does."""
+    if z.shape[1] == 1:
+        return z
+    if z.shape[1] % 2:
+        z = F.pad(z, (0, 0, 0, 1), value=float("-inf"))
+    return z.unflatten(1, (-1, 2)).max(dim=2).values
+
+
+def _depthwise_time_conv(z: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """``conv`` (depth-wise, kernel 3, padding 1) along the time dim of ``(B, T, C)``, as a window sum.
+
+    Equal to ``conv(z.transpose(1, 2)).transpose(1, 2)``; on these few frames oneDNN's per-call setup
+    costs more than the arithmetic, its backward most of all, so the taps are an element-wise product
+    with the frame windows, summed.
+    """
+    w = conv.weight[:, 0]  # (C, 3)
+    if z.shape[1] == 1:  # only the middle tap meets a frame
+        return torch.addcmul(conv.bias, z, w[:, 1])
+    windows = F.pad(z, (0, 0, 1, 1)).unfold(1, 3, 1)  # (B, T, C, 3), a view
+    return (windows * w).sum(-1) + conv.bias
 
 
 class GlobalContext(nn.Module):
-    """Class tokens of all frames -> one global feature per clip (paper appendix B)."""
+    """Class tokens of all frames -> one global feature per clip (paper appendix B): three depth-wise
+    temporal convolutions (kernel 3) with GELU, max pooling halving the frames after the first two,
+    a mean over the frames left and a linear projection."""
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
@@ -69,10 +90,10 @@ class GlobalContext(nn.Module):
         self.proj = nn.Linear(dim, hidden_dim)
 
     def forward(self, cls: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, C')
-        z = cls.transpose(1, 2)
+        z = cls
         for conv in self.convs[:2]:
-            z = F.gelu(_pool_half(conv(z)))
-        z = F.gelu(self.convs[2](z).mean(-1))
+            z = F.gelu(_pool_half(_depthwise_time_conv(z, conv)))
+        z = F.gelu(_depthwise_time_conv(z, self.convs[2]).mean(1))
         return self.proj(z)
 
 

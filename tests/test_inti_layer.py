@@ -186,6 +186,30 @@ def test_global_context_handles_short_sequences(t):
     assert g.shape == (2, DIM) and torch.isfinite(g).all()
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["random", "static"])
+@pytest.mark.parametrize("t", [1, 2, 3, 4, 5, 8, 9])
+def test_global_context_equals_conv1d_and_max_pool(t, static):
+    """The window-sum convolutions and pooling on (B, T, C) equal nn.Conv1d + max_pool1d on (B, C, T),
+    gradients included; on a static clip (every max a tie) the gradient goes where max_pool1d sends it."""
+    from inti_reference import reference_global_context
+
+    g = InTILayer(DIM, InTIConfig(contexts=("global",))).global_ctx.double()
+    gen = torch.Generator().manual_seed(t)
+    with torch.no_grad():
+        for p in g.parameters():
+            p.normal_(0, 0.5, generator=gen)
+    cls = torch.randn(2, 1 if static else t, DIM, generator=gen, dtype=torch.float64).expand(2, t, DIM)
+    out_grad = torch.randn(2, DIM, generator=gen, dtype=torch.float64)
+
+    def run(fn):
+        x = cls.clone().requires_grad_()
+        y = fn(x)
+        return [y, *torch.autograd.grad((y * out_grad).sum(), [x, *g.parameters()])]
+
+    for got, want in zip(run(g), run(lambda x: reference_global_context(g, x)), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_cube_context_needs_a_grid():
     layer = InTILayer(DIM)
     with pytest.raises(ValueError, match="'cube' context mixes spatial neighbours and needs the patch grid"):
@@ -313,17 +337,21 @@ def test_layer_equals_the_old_formulation_in_float32_and_under_bf16_autocast():
     _check_against_reference(InTILayer(DIM), t, lay, n, dtype=torch.float32, tol=1e-4)
     from inti_reference import reference_forward
 
-    # bf16 autocast: the new formulation is as close to the float32 result as the old one was
-    for seed in range(3):
+    # bf16 autocast: the new formulation is as close to the float32 result as the old one was. Where
+    # one bf16 rounding lands decides a single seed's worst token, so the errors are averaged over seeds.
+    errors = []  # (mean new, mean old, max new, max old) per seed
+    for seed in range(12):
         layer = InTILayer(DIM)
         perturb(layer, seed)
         x = tokens(t=t, n=n, seed=seed)
         exact, _ = reference_forward(layer, x, lay)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             new, (old, _) = layer(x, lay), reference_forward(layer, x, lay)
         err_new, err_old = (new.float() - exact).abs(), (old.float() - exact).abs()
-        assert err_new.mean() <= 1.5 * err_old.mean() + 1e-3, (err_new.mean(), err_old.mean())
-        assert err_new.max() <= 2 * err_old.max() + 0.02, (err_new.max(), err_old.max())
+        errors.append([err_new.mean(), err_old.mean(), err_new.max(), err_old.max()])
+    mean_new, mean_old, max_new, max_old = torch.tensor(errors).mean(0).tolist()
+    assert mean_new <= 1.5 * mean_old + 1e-3, (mean_new, mean_old)
+    assert max_new <= 1.5 * max_old + 0.01, (max_new, max_old)
 
 
 def test_saved_cube_conv3d_weights_load():
