@@ -179,29 +179,33 @@ class _ContextInputs(torch.autograd.Function):
 
 
 class _Interpolate(torch.autograd.Function):
-    """``y = w_a * a + w_b * b`` of each frame pair of ``x`` ``(B, 2T', N, C)`` with weights ``w``
-    ``(B, T', N, 2)``: one fused multiply-add forward (no ``(B, T', 2, N, C)`` product to sum), and
-    a backward with ``x``'s gradient computed in ``x``'s own layout."""
+    """``y = w_a * a + w_b * b (+ e)`` of each frame pair of ``x`` ``(B, 2T', N, C)`` with weights ``w``
+    ``(B, T', N, 2)`` and an optional per-frame embedding ``e`` ``(T', C)``: one multiply-add into a
+    new tensor and one in place (no ``(B, T', 2, N, C)`` product to sum, no separate pass to add the
+    embedding), and a backward with ``x``'s gradient computed in ``x``'s own layout."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, e: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, w)
         b, t, n, c = x.shape
         pairs = x.view(b, t // 2, 2, n, c)
-        return torch.addcmul(pairs[:, :, 0] * w[..., 0:1], pairs[:, :, 1], w[..., 1:2])
+        a_term = pairs[:, :, 0] * w[..., 0:1] if e is None else torch.addcmul(e[:, None], pairs[:, :, 0], w[..., 0:1])
+        return a_term.addcmul_(pairs[:, :, 1], w[..., 1:2])
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, w = ctx.saved_tensors
         b, t, n, c = x.shape
         pairs = x.view(b, t // 2, 2, n, c)
-        gx = gw = None
+        gx = gw = ge = None
         if ctx.needs_input_grad[0]:  # (B, T', 2, N, C) in x's layout: a view of it is x's gradient
             gx = (g.unsqueeze(2) * w.movedim(-1, 2).contiguous().unsqueeze(-1)).view(b, t, n, c)
         if ctx.needs_input_grad[1]:
             gw = (g.unsqueeze(2) * pairs).sum(-1).movedim(2, -1)
-        return gx, gw
+        if ctx.needs_input_grad[2]:
+            ge = g.sum((0, 2))
+        return gx, gw, ge
 
 
 @register_compressor("inti")
@@ -313,10 +317,12 @@ class InTILayer(Compressor):
         first, rest = self.predictor[0], self.predictor[1:]
         w_tok, w_other = first.weight.split(self.hidden_dim, dim=1)
         bcast = [feats[k] for k in ("frame", "global") if k in feats]
+        # z is a fresh tensor that no backward needs: the other parts are added in place (no new tensor,
+        # no concatenation)
         z = F.linear(feats["token"], w_tok, first.bias)
         if bcast:
-            z = z + F.linear(_sum(bcast), w_other)  # (B, T' or 1, 1, C') broadcast over the tokens
-        if "cube" in feats:  # z is a fresh tensor that no backward needs: add in place, no concatenation
+            z += F.linear(_sum(bcast), w_other)  # (B, T' or 1, 1, C') broadcast over the tokens
+        if "cube" in feats:
             z[:, :, p:] += F.linear(feats["cube"], w_other)
         return rest(z)
 
@@ -382,7 +388,6 @@ class InTILayer(Compressor):
             )
         x, w = self._tokens_and_weights(x, layout)
         w = w.to(x.dtype).expand(bsz, t2, n, 2)
-        y = _Interpolate.apply(even_frames(x, self.config.odd_frames).contiguous(), w)  # w_a * a + w_b * b
-        if self.time_embed is not None:
-            y = y + (self.alpha * self.time_embed[:t2]).to(y.dtype)[None, :, None, :]
+        embed = (self.alpha * self.time_embed[:t2]).to(x.dtype) if self.time_embed is not None else None
+        y = _Interpolate.apply(even_frames(x, self.config.odd_frames).contiguous(), w, embed)  # w_a a + w_b b + e
         return (y, w) if return_weights else y
