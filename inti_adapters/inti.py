@@ -178,6 +178,31 @@ class _ContextInputs(torch.autograd.Function):
         return gx, *nones
 
 
+class _SumParts(torch.autograd.Function):
+    """``z + bcast`` (broadcast) with ``rows`` added to rows ``p:`` of dim 2: a new tensor, in one node.
+
+    Through autograd, adding into a slice in place costs the backward several full-size copies and
+    zero-fills (``CopySlices``, ``AsStrided``); here the backward hands each part its share of the
+    gradient: ``g``, its sum over the broadcast dims, its slice.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, bcast: torch.Tensor | None, rows: torch.Tensor | None,
+                p: int) -> torch.Tensor:
+        ctx.bcast_shape, ctx.p = (bcast.shape if bcast is not None else None), p
+        out = z + bcast if bcast is not None else z.clone()
+        if rows is not None:
+            out[:, :, p:] += rows
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        need_z, need_bcast, need_rows, _ = ctx.needs_input_grad
+        return (g if need_z else None, g.sum_to_size(ctx.bcast_shape) if need_bcast else None,
+                g[:, :, ctx.p:] if need_rows else None, None)
+
+
 class _Interpolate(torch.autograd.Function):
     """``y = w_a * a + w_b * b (+ e)`` of each frame pair of ``x`` ``(B, 2T', N, C)`` with weights ``w``
     ``(B, T', N, 2)`` and an optional per-frame embedding ``e`` ``(T', C)``: one multiply-add into a
@@ -317,14 +342,10 @@ class InTILayer(Compressor):
         first, rest = self.predictor[0], self.predictor[1:]
         w_tok, w_other = first.weight.split(self.hidden_dim, dim=1)
         bcast = [feats[k] for k in ("frame", "global") if k in feats]
-        # z is a fresh tensor that no backward needs: the other parts are added in place (no new tensor,
-        # no concatenation)
         z = F.linear(feats["token"], w_tok, first.bias)
-        if bcast:
-            z += F.linear(_sum(bcast), w_other)  # (B, T' or 1, 1, C') broadcast over the tokens
-        if "cube" in feats:
-            z[:, :, p:] += F.linear(feats["cube"], w_other)
-        return rest(z)
+        others = F.linear(_sum(bcast), w_other) if bcast else None  # (B, T' or 1, 1, C'): broadcast over the tokens
+        cube = F.linear(feats["cube"], w_other) if "cube" in feats else None  # the patch rows only
+        return rest(_SumParts.apply(z, others, cube, p))
 
     def _tokens_and_weights(self, x: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` as the node that reads the contexts returns it (to be interpolated: its gradient then
