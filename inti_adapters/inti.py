@@ -219,29 +219,36 @@ class _ContextInputs(torch.autograd.Function):
         return gx, *nones
 
 
-class _SumParts(torch.autograd.Function):
-    """``z + bcast`` (broadcast) with ``rows`` added to rows ``p:`` of dim 2: a new tensor, in one node.
+class _AddParts(torch.autograd.Function):
+    """``z += bcast`` (broadcast) and ``z[:, :, p:] += rows``, in place on the 2-D ``z`` (a product's
+    fresh output, which no backward needs) seen as ``shape``; returns ``z``.
 
-    Through autograd, adding into a slice in place costs the backward several full-size copies and
-    zero-fills (``CopySlices``, ``AsStrided``); here the backward hands each part its share of the
-    gradient: ``g``, its sum over the broadcast dims, its slice.
+    In place because the forward's new tensors are the dear ones in a training step: the memory held
+    for the backward grows through the forward, so each new tensor there is fresh pages. Done
+    through autograd instead, the in-place add into a slice of a view of ``z`` costs the backward
+    several full-size copies and zero-fills (``CopySlices``, ``AsStrided``); here the backward hands
+    each part its share of the gradient: ``g``, its sum over the broadcast dims, its slice.
     """
 
     @staticmethod
     def forward(ctx: Any, z: torch.Tensor, bcast: torch.Tensor | None, rows: torch.Tensor | None,
-                p: int) -> torch.Tensor:
-        ctx.bcast_shape, ctx.p = (bcast.shape if bcast is not None else None), p
-        out = z + bcast if bcast is not None else z.clone()
+                shape: tuple[int, ...], p: int) -> torch.Tensor:
+        ctx.mark_dirty(z)
+        ctx.shape, ctx.bcast_shape, ctx.p = shape, (bcast.shape if bcast is not None else None), p
+        full = z.view(shape)
+        if bcast is not None:
+            full += bcast
         if rows is not None:
-            out[:, :, p:] += rows
-        return out
+            full[:, :, p:] += rows
+        return z
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        need_z, need_bcast, need_rows, _ = ctx.needs_input_grad
-        return (g if need_z else None, g.sum_to_size(ctx.bcast_shape) if need_bcast else None,
-                g[:, :, ctx.p:] if need_rows else None, None)
+        _, need_bcast, need_rows, _, _ = ctx.needs_input_grad
+        full = g.view(ctx.shape)
+        return (g, full.sum_to_size(ctx.bcast_shape) if need_bcast else None,
+                full[:, :, ctx.p:] if need_rows else None, None, None)
 
 
 class _Interpolate(torch.autograd.Function):
@@ -383,10 +390,12 @@ class InTILayer(Compressor):
         first, rest = self.predictor[0], self.predictor[1:]
         w_tok, w_other = first.weight.split(self.hidden_dim, dim=1)
         bcast = [feats[k] for k in ("frame", "global") if k in feats]
-        z = F.linear(feats["token"], w_tok, first.bias)
+        tok = feats["token"]
+        z = torch.addmm(first.bias, tok.reshape(-1, tok.shape[-1]), w_tok.t())  # F.linear, as a 2-D base tensor
         others = F.linear(_sum(bcast), w_other) if bcast else None  # (B, T' or 1, 1, C'): broadcast over the tokens
         cube = F.linear(feats["cube"], w_other) if "cube" in feats else None  # the patch rows only
-        return rest(_SumParts.apply(z, others, cube, p))
+        shape = (*tok.shape[:-1], z.shape[-1])
+        return rest(_AddParts.apply(z, others, cube, shape, p).view(shape))
 
     def _tokens_and_weights(self, x: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` as the node that reads the contexts returns it (to be interpolated: its gradient then
