@@ -405,3 +405,17 @@ def test_input_without_gradient_still_trains_the_layer():
     x = tokens(t=t, n=n)
     layer(x, lay).square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+
+
+@pytest.mark.slow
+def test_compiled_layer_equals_eager_forward_and_backward():
+    """torch.compile traces the layer's autograd Functions (in-place part sums, the global context's
+    written-out backward, the interpolation) to the same outputs and gradients."""
+    layer = InTILayer(DIM)
+    perturb(layer)
+    x = tokens()
+    want = _outputs_and_grads(lambda v: layer(v, LAYOUT, return_weights=True), layer, x, torch.ones(2, 3, 10, DIM))
+    compiled = torch.compile(layer)
+    got = _outputs_and_grads(lambda v: compiled(v, LAYOUT, return_weights=True), layer, x, torch.ones(2, 3, 10, DIM))
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-4, msg=k)
