@@ -186,30 +186,6 @@ def test_global_context_handles_short_sequences(t):
     assert g.shape == (2, DIM) and torch.isfinite(g).all()
 
 
-@pytest.mark.parametrize("static", [False, True], ids=["random", "static"])
-@pytest.mark.parametrize("t", [1, 2, 3, 4, 5, 8, 9])
-def test_global_context_equals_conv1d_and_max_pool(t, static):
-    """The window-sum convolutions and pooling on (B, T, C) equal nn.Conv1d + max_pool1d on (B, C, T),
-    gradients included; on a static clip (every max a tie) the gradient goes where max_pool1d sends it."""
-    from inti_reference import reference_global_context
-
-    g = InTILayer(DIM, InTIConfig(contexts=("global",))).global_ctx.double()
-    gen = torch.Generator().manual_seed(t)
-    with torch.no_grad():
-        for p in g.parameters():
-            p.normal_(0, 0.5, generator=gen)
-    cls = torch.randn(2, 1 if static else t, DIM, generator=gen, dtype=torch.float64).expand(2, t, DIM)
-    out_grad = torch.randn(2, DIM, generator=gen, dtype=torch.float64)
-
-    def run(fn):
-        x = cls.clone().requires_grad_()
-        y = fn(x)
-        return [y, *torch.autograd.grad((y * out_grad).sum(), [x, *g.parameters()])]
-
-    for got, want in zip(run(g), run(lambda x: reference_global_context(g, x)), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-
-
 def test_cube_context_needs_a_grid():
     layer = InTILayer(DIM)
     with pytest.raises(ValueError, match="'cube' context mixes spatial neighbours and needs the patch grid"):
@@ -408,14 +384,17 @@ def test_input_without_gradient_still_trains_the_layer():
 
 
 @pytest.mark.slow
-def test_compiled_layer_equals_eager_forward_and_backward():
-    """torch.compile traces the layer's autograd Functions (in-place part sums, the global context's
-    written-out backward, the interpolation) to the same outputs and gradients."""
+def test_compiled_layer_equals_eager_forward_and_backward_for_changing_clip_lengths():
+    """torch.compile with dynamic shapes (what it falls back to once a second clip length arrives)
+    traces the layer's autograd Functions to the same outputs and gradients. An earlier global
+    context of window sums and pair maxima on (B, T, C) broke inductor's symbolic strides here."""
+    torch._dynamo.reset()
     layer = InTILayer(DIM)
     perturb(layer)
-    x = tokens()
-    want = _outputs_and_grads(lambda v: layer(v, LAYOUT, return_weights=True), layer, x, torch.ones(2, 3, 10, DIM))
-    compiled = torch.compile(layer)
-    got = _outputs_and_grads(lambda v: compiled(v, LAYOUT, return_weights=True), layer, x, torch.ones(2, 3, 10, DIM))
-    for k, v in want.items():
-        torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-4, msg=k)
+    compiled = torch.compile(layer, dynamic=True)
+    for t in (6, 4):
+        x, out_grad = tokens(t=t), torch.ones(2, t // 2, 10, DIM)
+        want = _outputs_and_grads(lambda v: layer(v, LAYOUT, return_weights=True), layer, x, out_grad)
+        got = _outputs_and_grads(lambda v: compiled(v, LAYOUT, return_weights=True), layer, x, out_grad)
+        for k, v in want.items():
+            torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-4, msg=f"T={t}: {k}")
