@@ -161,9 +161,8 @@ class _AddParts(torch.autograd.Function):
     """``z += bcast`` (broadcast) and ``z[:, :, p:] += rows``, in place on the 2-D ``z`` (a product's
     fresh output, which no backward needs) seen as ``shape``; returns ``z``.
 
-    In place because the forward's new tensors are the dear ones in a training step: the memory held
-    for the backward grows through the forward, so each new tensor there is fresh pages. Done
-    through autograd instead, the in-place add into a slice of a view of ``z`` costs the backward
+    In place: no new tensor in the forward, where the memory held for the backward keeps growing.
+    Done through autograd instead, the in-place add into a slice of a view of ``z`` costs the backward
     several full-size copies and zero-fills (``CopySlices``, ``AsStrided``); here the backward hands
     each part its share of the gradient: ``g``, its sum over the broadcast dims, its slice.
     """
