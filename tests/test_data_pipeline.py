@@ -294,3 +294,34 @@ def test_decoder_selection(shards):
         build_dataloader(_cfg(shards, decoder="torchcodec"), train=True)
     reader = open_video(_video(1, 5), "auto")
     assert reader.num_frames == 5 and reader.get_frames([4, 0, 4]).shape == (3, 3, SIZE, SIZE)
+
+
+def test_torchcodec_that_imports_but_cannot_load_ffmpeg_counts_as_unavailable(tmp_path, monkeypatch):
+    """torchcodec >= 0.9 imports without FFmpeg and fails only on the first decoder: the check runs its loader."""
+    import sys
+
+    from inti_adapters.data import decode
+
+    pkg = tmp_path / "torchcodec"
+    (pkg / "decoders").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("ffmpeg_major_version = None\n")
+    (pkg / "decoders" / "__init__.py").write_text("class VideoDecoder:\n    pass\n")
+    (pkg / "_internally_replaced_utils.py").write_text(
+        "def load_core_libraries():\n    raise RuntimeError('Could not load libtorchcodec. Likely causes: ...')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real = {m for m in sys.modules if m == "torchcodec" or m.startswith("torchcodec.")}
+    for name in [m for m in sys.modules if m == "torchcodec" or m.startswith("torchcodec.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(decode, "_TORCHCODEC_ERROR", [])
+    assert not decode.torchcodec_available()
+    assert decode._TORCHCODEC_ERROR == ["RuntimeError: Could not load libtorchcodec. Likely causes: ..."]
+    with pytest.raises(ImportError, match="cannot load.*Could not load libtorchcodec"):
+        decode.resolve_decoder("torchcodec")
+
+    (pkg / "_internally_replaced_utils.py").write_text("def load_core_libraries():\n    return (7, 'lib')\n")
+    for name in [m for m in sys.modules if m == "torchcodec" or m.startswith("torchcodec.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(decode, "_TORCHCODEC_ERROR", [])
+    assert decode.torchcodec_available()
+    for name in [m for m in sys.modules if (m == "torchcodec" or m.startswith("torchcodec.")) and m not in real]:
+        del sys.modules[name]  # the fake's own modules; monkeypatch puts the real ones back

@@ -49,8 +49,18 @@ def torchcodec_available() -> bool:
     if _TORCHCODEC_ERROR:
         return False
     try:
-        from torchcodec.decoders import VideoDecoder  # noqa: F401  (loads libtorchcodec + FFmpeg)
-    except Exception as exc:  # RuntimeError / OSError from the shared libraries
+        import torchcodec
+        from torchcodec.decoders import VideoDecoder  # noqa: F401  (torchcodec < 0.9 loads FFmpeg here)
+
+        # torchcodec >= 0.9 imports without FFmpeg and loads it on the first decoder, and then says
+        # ffmpeg_major_version = None; its loader, where it has one, is run now to get its error
+        loader = getattr(importlib.import_module("torchcodec._internally_replaced_utils"), "load_core_libraries", None) \
+            if importlib.util.find_spec("torchcodec._internally_replaced_utils") else None
+        if loader is not None:
+            loader()
+        elif getattr(torchcodec, "ffmpeg_major_version", 0) is None:
+            raise RuntimeError("torchcodec found no FFmpeg shared libraries it can load (ffmpeg_major_version is None)")
+    except Exception as exc:  # RuntimeError / OSError / ImportError from the shared libraries
         _TORCHCODEC_ERROR.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         return False
     return True
