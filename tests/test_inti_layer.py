@@ -384,17 +384,20 @@ def test_input_without_gradient_still_trains_the_layer():
 
 
 @pytest.mark.slow
-def test_compiled_layer_equals_eager_forward_and_backward_for_changing_clip_lengths():
+def test_compiled_layer_with_dynamic_shapes_equals_eager_forward_and_backward():
     """torch.compile with dynamic shapes (what it falls back to once a second clip length arrives)
     traces the layer's autograd Functions to the same outputs and gradients. An earlier global
-    context of window sums and pair maxima on (B, T, C) broke inductor's symbolic strides here."""
+    context of window sums and pair maxima on (B, T, C) broke inductor's symbolic strides here.
+    One clip length, scalar C++ kernels: the compilation (inductor's symbolic code generation most of
+    all) takes ~90 s on 2 cores with vectorised kernels, ~60 s without; the global context's ceil-mode
+    pooling specialises the compiled graph on T anyway (a second T compiles again)."""
     torch._dynamo.reset()
     layer = InTILayer(DIM)
     perturb(layer)
     compiled = torch.compile(layer, dynamic=True)
-    for t in (6, 4):
-        x, out_grad = tokens(t=t), torch.ones(2, t // 2, 10, DIM)
-        want = _outputs_and_grads(lambda v: layer(v, LAYOUT, return_weights=True), layer, x, out_grad)
+    x, out_grad = tokens(t=6), torch.ones(2, 3, 10, DIM)
+    want = _outputs_and_grads(lambda v: layer(v, LAYOUT, return_weights=True), layer, x, out_grad)
+    with torch._inductor.config.patch({"cpp.vec_isa_ok": False}):  # compiled on the first call
         got = _outputs_and_grads(lambda v: compiled(v, LAYOUT, return_weights=True), layer, x, out_grad)
-        for k, v in want.items():
-            torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-4, msg=f"T={t}: {k}")
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-4, msg=k)
