@@ -108,12 +108,12 @@ class _ContextInputs(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, p: int, cls_index: int | None, odd_frames: str, pairs: bool,
                 patches: bool, frame: bool) -> tuple[torch.Tensor, ...]:
         ctx.set_materialize_grads(False)
-        ctx.shape, ctx.p, ctx.cls_index = x.shape, p, cls_index
-        empty = x.new_empty(0)
+        ctx.shape, ctx.p, ctx.cls_index, ctx.wanted = x.shape, p, cls_index, (pairs, patches, frame)
+        # one empty tensor per output not asked for: torch.compile's tracing fails on an output returned twice
         return (x.view_as(x),
-                pair_concat(x, odd_frames).contiguous() if pairs else empty,
-                x[:, :, p:].contiguous() if patches else empty,
-                frame_tokens(x, TokenLayout(p, cls_index, None)).contiguous() if frame else empty)
+                pair_concat(x, odd_frames).contiguous() if pairs else x.new_empty(0),
+                x[:, :, p:].contiguous() if patches else x.new_empty(0),
+                frame_tokens(x, TokenLayout(p, cls_index, None)).contiguous() if frame else x.new_empty(0))
 
     @staticmethod
     def _pairs_grad(g_x: torch.Tensor | None, g_pairs: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -139,6 +139,9 @@ class _ContextInputs(torch.autograd.Function):
                  g_frame: torch.Tensor | None) -> tuple[torch.Tensor | None, None, None, None, None, None, None]:
         b, t, n, c = ctx.shape
         p, nones = ctx.p, (None,) * 6
+        # an output not asked for is an empty tensor; torch.compile hands it a (zero, empty) gradient
+        g_pairs, g_patches, g_frame = (g if want else None for g, want in zip((g_pairs, g_patches, g_frame),
+                                                                              ctx.wanted, strict=True))
         if g_pairs is not None:
             gx = _ContextInputs._pairs_grad(g_x, g_pairs, ctx.shape)
         elif g_x is not None:

@@ -401,3 +401,20 @@ def test_compiled_layer_with_dynamic_shapes_equals_eager_forward_and_backward():
         got = _outputs_and_grads(lambda v: compiled(v, LAYOUT, return_weights=True), layer, x, out_grad)
     for k, v in want.items():
         torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("contexts", [("token",), ("cube",), ("frame",), ("global",), ("cube", "frame", "global"),
+                                      ("token", "frame")], ids="+".join)
+def test_compiled_layer_equals_eager_for_each_context_set(contexts):
+    """Dynamo traces the context-reading node whatever it is asked for (aot_eager: the tracing, not
+    the kernels). It used to fail for one context other than 'token': the two outputs not asked for
+    were one empty tensor returned twice, and the backward read a compiled zero gradient of it."""
+    torch._dynamo.reset()
+    layer = InTILayer(DIM, InTIConfig(contexts=contexts))
+    perturb(layer)
+    x, out_grad = tokens(t=5), torch.randn(2, 3, 10, DIM, generator=torch.Generator().manual_seed(1))
+    want = _outputs_and_grads(lambda v: layer(v, LAYOUT, return_weights=True), layer, x, out_grad)
+    got = _outputs_and_grads(lambda v: torch.compile(layer, backend="aot_eager")(v, LAYOUT, return_weights=True),
+                             layer, x, out_grad)
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-5, msg=k)
