@@ -384,15 +384,16 @@ def test_input_without_gradient_still_trains_the_layer():
 
 
 @pytest.mark.slow
-def test_compiled_layer_with_dynamic_shapes_equals_eager_forward_and_backward():
+def test_compiled_layer_with_a_symbolic_clip_length_equals_eager_forward_and_backward():
     """torch.compile with dynamic shapes (what it falls back to once a second clip length arrives)
-    traces the layer's autograd Functions to the same outputs and gradients. An earlier global
-    context of window sums and pair maxima on (B, T, C) broke inductor's symbolic strides here.
-    One clip length, scalar C++ kernels: the compilation (inductor's symbolic code generation most of
-    all) takes ~90 s on 2 cores with vectorised kernels, ~60 s without; the global context's ceil-mode
-    pooling specialises the compiled graph on T anyway (a second T compiles again)."""
+    traces the layer's autograd Functions to the same outputs and gradients. Without the global
+    context, whose ceil-mode pooling specialises the graph on T at once, the clip length stays
+    symbolic into inductor's lowering, where the cube context's frame pairs failed to compile
+    ('cannot determine truth value of Relational' in inductor's stride ordering; an earlier global
+    context without ceil-mode pooling exposed it with every context). One compilation, scalar C++
+    kernels: ~50 s on 2 cores (~90 s vectorised)."""
     torch._dynamo.reset()
-    layer = InTILayer(DIM)
+    layer = InTILayer(DIM, InTIConfig(contexts=("token", "cube", "frame")))
     perturb(layer)
     compiled = torch.compile(layer, dynamic=True)
     x, out_grad = tokens(t=6), torch.ones(2, 3, 10, DIM)
