@@ -42,7 +42,8 @@ def torchcodec_available() -> bool:
 
     A torchcodec wheel without FFmpeg 4-8 libraries on the system (or built for another torch)
     imports its package but fails when it loads its decoder; such an installation counts as
-    unavailable, so that ``decoder='auto'`` falls back to PyAV instead of failing on every sample.
+    unavailable, so that ``decoder='torchcodec'`` is refused at once with the loader's error
+    instead of failing on every sample.
     """
     if importlib.util.find_spec("torchcodec") is None:
         return False
@@ -52,10 +53,11 @@ def torchcodec_available() -> bool:
         import torchcodec
         from torchcodec.decoders import VideoDecoder  # noqa: F401  (torchcodec < 0.9 loads FFmpeg here)
 
-        # torchcodec >= 0.9 imports without FFmpeg and loads it on the first decoder, and then says
-        # ffmpeg_major_version = None; its loader, where it has one, is run now to get its error
-        loader = getattr(importlib.import_module("torchcodec._internally_replaced_utils"), "load_core_libraries", None) \
-            if importlib.util.find_spec("torchcodec._internally_replaced_utils") else None
+        # torchcodec >= 0.9 imports without FFmpeg and loads it on the first decoder (and then says
+        # ffmpeg_major_version = None): its loader, where it has one, runs now to get its error
+        utils = "torchcodec._internally_replaced_utils"
+        loader = getattr(importlib.import_module(utils), "load_core_libraries", None) \
+            if importlib.util.find_spec(utils) else None
         if loader is not None:
             loader()
         elif getattr(torchcodec, "ffmpeg_major_version", 0) is None:
