@@ -55,13 +55,78 @@ class _Proj(nn.Sequential):
         super().__init__(nn.LayerNorm(in_dim), nn.Linear(in_dim, out_dim), nn.GELU())
 
 
-def _pool_half(z: torch.Tensor) -> torch.Tensor:
-    # ceil-mode so T=3 -> 2 -> 1; a length-1 sequence is left as it is
-    return F.max_pool1d(z, 2, ceil_mode=True) if z.shape[-1] > 1 else z
+def _time_windows(z: torch.Tensor) -> torch.Tensor:
+    """``(B, T, C) -> (B, T, C, 3)``: each frame's zero-padded neighbourhood (t - 1, t, t + 1), a view of a padded copy."""
+    return torch.constant_pad_nd(z, (0, 0, 1, 1)).unfold(1, 3, 1)
+
+
+def _gelu_grad(g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten.gelu_backward(g, z)
+
+
+class _GlobalConvs(torch.autograd.Function):
+    """The global context before its projection, on class tokens ``(B, T, C)``: three depth-wise
+    temporal convolutions (kernel 3, padding 1) with GELU, max pooling (kernel 2, ceil mode) halving
+    the frames after the first two, a mean over the frames left, GELU: ``(B, C)``.
+
+    Equal to ``nn.Conv1d(C, C, 3, padding=1, groups=C)`` and ``max_pool1d`` on ``(B, C, T)`` (ties send
+    the gradient to the first frame, as max_pool1d does). On these few frames the cost is the number
+    of operations, not the arithmetic (oneDNN's per-call setup alone outweighed it), so the
+    convolutions are window sums on ``(B, T, C)`` and the backward is written out: one autograd node
+    instead of ~25. Being element-wise, their multiply-adds (3 per channel and frame each) are not in
+    FLOP counts: 1e-5 of a ViT-B/16 InTI layer's, 4e-4 of the demo model's.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, cls: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        weights, biases = params[0::2], params[1::2]  # (C, 1, 3), (C,) for each convolution
+        saved, pools, z = [cls], [], cls
+        for w, b in zip(weights[:2], biases[:2], strict=True):
+            y = (_time_windows(z) * w[:, 0]).sum(-1).add_(b)
+            if y.shape[1] > 1:  # pool; a single frame is left as it is
+                pools.append((y.shape[1], True))
+                v, idx = torch.constant_pad_nd(y, (0, 0, 0, y.shape[1] % 2), float("-inf")).unflatten(1, (-1, 2)).max(2)
+            else:
+                pools.append((1, False))
+                v, idx = y, y.new_empty(0, dtype=torch.long)
+            z = F.gelu(v)
+            saved += [v, idx, z]
+        m = (_time_windows(z) * weights[2][:, 0]).sum(-1).add_(biases[2]).mean(1)
+        ctx.save_for_backward(*saved, m, *weights)
+        ctx.pools = pools
+        return F.gelu(m)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        cls, v1, i1, z1, v2, i2, z2, m, *weights = ctx.saved_tensors
+        grads: list[torch.Tensor] = []  # (weight, bias) gradients, last convolution first
+
+        def conv_backward(gy: torch.Tensor, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            grads.extend([gy.sum((0, 1)), (_time_windows(z) * gy.unsqueeze(-1)).sum((0, 1)).unsqueeze(1)])
+            return (_time_windows(gy) * w[:, 0].flip(-1)).sum(-1)  # correlation with the flipped kernel
+
+        def pool_backward(gv: torch.Tensor, idx: torch.Tensor, pool: tuple[int, bool]) -> torch.Tensor:
+            t, pooled = pool
+            if not pooled:
+                return gv
+            b, t2, c = gv.shape
+            return gv.new_zeros(b, t2, 2, c).scatter_(2, idx.unsqueeze(2), gv.unsqueeze(2)).flatten(1, 2)[:, :t]
+
+        gm = _gelu_grad(g, m)
+        t3 = z2.shape[1]
+        gz = conv_backward((gm / t3).unsqueeze(1).expand(-1, t3, -1), z2, weights[2])
+        gz = conv_backward(pool_backward(_gelu_grad(gz, v2), i2, ctx.pools[1]), z1, weights[1])
+        gcls = conv_backward(pool_backward(_gelu_grad(gz, v1), i1, ctx.pools[0]), cls, weights[0])
+        gb3, gw3, gb2, gw2, gb1, gw1 = grads
+        return gcls, gw1, gb1, gw2, gb2, gw3, gb3
 
 
 class GlobalContext(nn.Module):
-    """Class tokens of all frames -> one global feature per clip (paper appendix B)."""
+    """Class tokens of all frames -> one global feature per clip (paper appendix B): three depth-wise
+    temporal convolutions (kernel 3) with GELU, max pooling halving the frames after the first two,
+    a mean over the frames left and a linear projection (:class:`_GlobalConvs` computes all but the
+    projection)."""
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
@@ -69,11 +134,8 @@ class GlobalContext(nn.Module):
         self.proj = nn.Linear(dim, hidden_dim)
 
     def forward(self, cls: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, C')
-        z = cls.transpose(1, 2)
-        for conv in self.convs[:2]:
-            z = F.gelu(_pool_half(conv(z)))
-        z = F.gelu(self.convs[2](z).mean(-1))
-        return self.proj(z)
+        params = [t for conv in self.convs for t in (conv.weight, conv.bias)]
+        return self.proj(_GlobalConvs.apply(cls, *params))
 
 
 def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The InTI layer's tensor code as it was before issue 9 (``nn.Conv3d`` on ``(B, C, T, H, W)``).
+"""The InTI layer's tensor code as it was before issue 9 (``nn.Conv3d`` on ``(B, C, T, H, W)``,
+``nn.Conv1d`` and ``max_pool1d`` on ``(B, C, T)`` in the global context).
 
 A reference for the equivalence tests: :func:`reference_forward` runs an ``InTILayer``'s own
 parameters through the old formulation (permute to NCTHW, ``F.conv3d``, permute back, zero
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from inti_adapters import InTILayer, TokenLayout
-from inti_adapters.inti import frame_tokens
+from inti_adapters.inti import GlobalContext, frame_tokens
 from inti_adapters.tokens import pair_frames
 
 
@@ -35,6 +36,16 @@ def reference_cube_feature(layer: InTILayer, x: torch.Tensor, layout: TokenLayou
     if p:
         f = torch.cat([f.new_zeros(b, f.shape[1], p, f.shape[-1]), f], dim=2)
     return f
+
+
+def reference_global_context(g: GlobalContext, cls: torch.Tensor) -> torch.Tensor:
+    """The old ``GlobalContext.forward``: ``nn.Conv1d`` and ``max_pool1d`` on ``(B, C, T)``."""
+    z = cls.transpose(1, 2)
+    for conv in g.convs[:2]:
+        z = conv(z)
+        z = F.gelu(F.max_pool1d(z, 2, ceil_mode=True) if z.shape[-1] > 1 else z)
+    z = F.gelu(g.convs[2](z).mean(-1))
+    return g.proj(z)
 
 
 def _fuse(layer: InTILayer, feats: dict[str, torch.Tensor], full: tuple[int, ...]) -> torch.Tensor:
@@ -65,7 +76,7 @@ def reference_weights(layer: InTILayer, x: torch.Tensor, a: torch.Tensor, b: tor
             cls_a, cls_b = pair_frames(cls, layer.config.odd_frames)
             feats["frame"] = layer.frame_proj(torch.cat([cls_a, cls_b], dim=-1))[:, :, None]
         if layer.global_ctx is not None:
-            feats["global"] = layer.global_ctx(cls)[:, None, None]
+            feats["global"] = reference_global_context(layer.global_ctx, cls)[:, None, None]
     out = layer.predictor(_fuse(layer, feats, (bsz, t2, n, layer.hidden_dim)))
     head = layer.config.weight_head
     if head == "softmax":

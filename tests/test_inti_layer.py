@@ -186,6 +186,30 @@ def test_global_context_handles_short_sequences(t):
     assert g.shape == (2, DIM) and torch.isfinite(g).all()
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["random", "static"])
+@pytest.mark.parametrize("t", [1, 2, 3, 4, 5, 8, 9])
+def test_global_context_equals_conv1d_and_max_pool(t, static):
+    """The window-sum convolutions and pooling on (B, T, C) equal nn.Conv1d + max_pool1d on (B, C, T),
+    gradients included; on a static clip (every max a tie) the gradient goes where max_pool1d sends it."""
+    from inti_reference import reference_global_context
+
+    g = InTILayer(DIM, InTIConfig(contexts=("global",))).global_ctx.double()
+    gen = torch.Generator().manual_seed(t)
+    with torch.no_grad():
+        for p in g.parameters():
+            p.normal_(0, 0.5, generator=gen)
+    cls = torch.randn(2, 1 if static else t, DIM, generator=gen, dtype=torch.float64).expand(2, t, DIM)
+    out_grad = torch.randn(2, DIM, generator=gen, dtype=torch.float64)
+
+    def run(fn):
+        x = cls.clone().requires_grad_()
+        y = fn(x)
+        return [y, *torch.autograd.grad((y * out_grad).sum(), [x, *g.parameters()])]
+
+    for got, want in zip(run(g), run(lambda x: reference_global_context(g, x)), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_cube_context_needs_a_grid():
     layer = InTILayer(DIM)
     with pytest.raises(ValueError, match="'cube' context mixes spatial neighbours and needs the patch grid"):
@@ -386,14 +410,14 @@ def test_input_without_gradient_still_trains_the_layer():
 @pytest.mark.slow
 def test_compiled_layer_with_a_symbolic_clip_length_equals_eager_forward_and_backward():
     """torch.compile with dynamic shapes (what it falls back to once a second clip length arrives)
-    traces the layer's autograd Functions to the same outputs and gradients. Without the global
-    context, whose ceil-mode pooling specialises the graph on T at once, the clip length stays
-    symbolic into inductor's lowering, where the cube context's frame pairs failed to compile
-    ('cannot determine truth value of Relational' in inductor's stride ordering; an earlier global
-    context without ceil-mode pooling exposed it with every context). One compilation, scalar C++
-    kernels: ~50 s on 2 cores (~90 s vectorised)."""
+    traces the layer's autograd Functions (the global context's written-out backward among them) to
+    the same outputs and gradients. The clip length stays symbolic into inductor's lowering, where
+    the cube context's frame pairs failed to compile ('cannot determine truth value of Relational'
+    in inductor's stride ordering; hidden while the global context's ceil-mode max_pool1d
+    specialised the graph on T). One compilation, scalar C++ kernels: ~50 s on 2 cores (~90 s
+    vectorised)."""
     torch._dynamo.reset()
-    layer = InTILayer(DIM, InTIConfig(contexts=("token", "cube", "frame")))
+    layer = InTILayer(DIM)
     perturb(layer)
     compiled = torch.compile(layer, dynamic=True)
     x, out_grad = tokens(t=6), torch.ones(2, 3, 10, DIM)
