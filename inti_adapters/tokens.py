@@ -90,11 +90,11 @@ def pair_concat(x: torch.Tensor, odd_frames: str = "repeat_last") -> torch.Tenso
     Equals ``torch.cat(pair_frames(x), -1)`` in one copy, whose backward is a view (no zero-filled
     gradients of ``x[:, 0::2]`` and ``x[:, 1::2]`` to add up).
     """
-    x = even_frames(x, odd_frames)
     if torch.compiler.is_compiling():
         # the split of T into (T', 2) below becomes (T', T // T') in the graph of a clip length that
         # torch.compile keeps symbolic, whose strides inductor cannot order (TypeError in argsort)
-        return torch.cat([x[:, 0::2], x[:, 1::2]], dim=-1)
+        return torch.cat(pair_frames(x, odd_frames), dim=-1)
+    x = even_frames(x, odd_frames)
     pairs = x.reshape(x.shape[0], x.shape[1] // 2, 2, *x.shape[2:])  # (B, T', 2, ..., C)
     return pairs.movedim(2, -2).flatten(-2)
 
