@@ -11,7 +11,7 @@ from inti_adapters import demo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from accuracy import VARIANTS as ACCURACY_VARIANTS  # noqa: E402
-from accuracy import _inti_option, variant_spec  # noqa: E402
+from accuracy import _inti_option, ordering, variant_spec  # noqa: E402
 
 
 @pytest.mark.parametrize("name, spec", list(demo.VARIANTS.items()) + list(ACCURACY_VARIANTS.items()))
@@ -38,6 +38,32 @@ def test_accuracy_inti_options_reach_the_inti_variants_only(tmp_path):
     for bad in ("head_init_std", "no_such_option=1"):
         with pytest.raises(Exception, match="KEY=VALUE"):
             _inti_option(bad)
+
+
+def test_accuracy_ordering_compares_alone_and_with_temporal_separately():
+    def row(*acc):
+        return {"accuracy": list(acc)}
+
+    rows = {"naive": row(0.2, 0.2), "InTI [1, 2] (middle)": row(0.40, 0.42), "linear_pool [1, 2]": row(0.30, 0.30),
+            "conv_pool [1, 2]": row(0.50, 0.52), "tome r=9 [0, 1, 2]": row(0.2, 0.2),
+            "InTI [1, 2] + local temporal": row(0.70, 0.72), "linear_pool [1, 2] + local temporal": row(0.60, 0.62),
+            "conv_pool [1, 2] + local temporal": row(0.55, 0.55)}
+    assert ordering(rows) == [
+        "Compressors alone:", "",
+        "- InTI [1, 2] (middle) > linear_pool [1, 2] (paper): holds here (41.0% vs 30.0%)",
+        "- linear_pool [1, 2] > conv_pool [1, 2] (paper): does NOT hold here (30.0% vs 51.0%)",
+        "- token methods above temporal downsampling (paper): best token method InTI [1, 2] (middle) 41.0% vs "
+        "best pooling conv_pool [1, 2] 51.0%: does NOT hold", "",
+        "With the local temporal module in every block (the paper's setting):", "",
+        "- InTI [1, 2] + local temporal > linear_pool [1, 2] + local temporal (paper): holds here (71.0% vs 61.0%)",
+        "- linear_pool [1, 2] + local temporal > conv_pool [1, 2] + local temporal (paper): holds here "
+        "(61.0% vs 55.0%)",
+        "- token methods above temporal downsampling (paper): best token method InTI [1, 2] + local temporal "
+        "71.0% vs best pooling linear_pool [1, 2] + local temporal 61.0%: holds"]
+    # a run of the variants alone prints one part, without a title for the missing one
+    assert ordering({k: v for k, v in rows.items() if "temporal" not in k})[0] == "Compressors alone:"
+    assert not any("temporal module" in line for line in ordering({k: v for k, v in rows.items()
+                                                                   if "temporal" not in k}))
 
 
 # ---------------------------------------------------------------------------------------------------
