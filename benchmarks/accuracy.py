@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--name", default="accuracy", help="results file name under results/ (and its .png)")
     ap.add_argument("--note", action="append", default=[], help="a line for the Notes section (repeatable)")
     args = ap.parse_args(argv)
+    info = machine_info()  # before the runs: the load at the start, and the tree before the plot is written
     overrides = [f"optim.added_lr_scale={args.added_lr_scale}"]
     inti_options = dict(args.inti_option)
     root = _cache_root(args.cache)
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
                   [("Setup", setup), ("Results", table), ("Against the paper's Table 2", order),
                    ("Picture", f"![accuracy vs GFLOPs]({args.name}.png)"),
                    *([("Notes", "\n".join(f"- {n}" for n in args.note))] if args.note else [])],
-                  info=machine_info())
+                  info=info)
 
 
 if __name__ == "__main__":

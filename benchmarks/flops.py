@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=16)
     args = ap.parse_args(argv)
+    info = machine_info()  # before the work: its load average is the one at the start
     t1 = table1(args.frames)
     print(t1)
     t2 = table2(args.frames)
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     path = write_results("flops", "GFLOPs and parameters (paper Tables 1 and 2)",
                          [("Table 1: InTI insertion points", t1), ("Table 2: other compressors at InTI's budget", t2),
-                          ("Notes", notes)], info=machine_info())
+                          ("Notes", notes)], info=info)
     print(f"\nwrote {path}")
 
 
