@@ -7,6 +7,7 @@ clips (disjoint digit scans), GFLOPs per clip with ``count_gflops``. Each varian
 and the sample standard deviation over seeds, and the plot draws it as error bars.
 
     python benchmarks/accuracy.py [--seeds 0 1 2] [--epochs 2 --steps-per-epoch 50] [--variants ...]
+    python benchmarks/accuracy.py --replot benchmarks/results/accuracy.md   # redraw the picture only
 """
 
 from __future__ import annotations
@@ -101,30 +102,44 @@ def ordering(rows: dict[str, dict]) -> list[str]:
     return parts[:-1]
 
 
-def plot(rows: dict[str, dict], path: Path) -> None:
+def plot(points: dict[str, tuple[float, float, float]], path: Path) -> None:
+    """Top-1 against GFLOPs with error bars: ``points[name] = (gflops, mean, std)``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(figsize=(7.5, 4.8))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    for name, r in rows.items():
-        acc, std = mean_std(r["accuracy"])
-        ax.errorbar(r["gflops"], acc, yerr=std, fmt="o", capsize=3, ms=5)
-        ax.annotate(name, (r["gflops"], acc), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    pts = sorted((r["gflops"], statistics.mean(r["accuracy"])) for r in rows.values())
+    for name, (gflops, acc, std) in points.items():
+        ax.errorbar(gflops, acc, yerr=std, fmt="o", capsize=3, ms=5)
+        ax.annotate(name, (gflops, acc), textcoords="offset points", xytext=(4, 4), fontsize=8)
     front, best = [], -1.0
-    for g, a in pts:  # Pareto front: more accuracy for more GFLOPs
+    for g, a in sorted((g, a) for g, a, _ in points.values()):  # Pareto front: more accuracy for more GFLOPs
         if a > best:
             front.append((g, a))
             best = a
     ax.plot([g for g, _ in front], [a for _, a in front], "k--", lw=0.8, label="Pareto front (means)")
+    ax.margins(x=0.25, y=0.08)  # room for the labels right of the points
     ax.set_xlabel("GFLOPs per clip (8 x 64^2)")
     ax.set_ylabel("top-1 (40 classes), mean ± std over seeds")
     ax.set_title("Built-in moving digits: accuracy vs cost")
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def points_from_results(text: str) -> dict[str, tuple[float, float, float]]:
+    """``(gflops, mean, std)`` of each variant in the Results table of a results file this script wrote."""
+    points = {}
+    for line in text.split("## Results", 1)[-1].split("\n## ", 1)[0].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 4 or cells[0] == "variant" or set(cells[0]) <= set(":-"):
+            continue
+        mean, _, std = cells[3].partition("±")
+        points[cells[0]] = (float(cells[1]), float(mean.strip(" %")) / 100, float(std.strip(" %") or 0) / 100)
+    if not points:
+        raise ValueError("no Results table found (expected the markdown this script writes)")
+    return points
 
 
 def _inti_option(text: str) -> tuple[str, object]:
@@ -163,7 +178,14 @@ def main(argv: list[str] | None = None) -> None:
                          "repeatable)")
     ap.add_argument("--name", default="accuracy", help="results file name under results/ (and its .png)")
     ap.add_argument("--note", action="append", default=[], help="a line for the Notes section (repeatable)")
+    ap.add_argument("--replot", metavar="RESULTS_MD", default=None,
+                    help="only redraw the picture of a results file from its table (no training), beside it")
     args = ap.parse_args(argv)
+    if args.replot:
+        md = Path(args.replot)
+        plot(points_from_results(md.read_text()), md.with_suffix(".png"))
+        log(f"redrew {md.with_suffix('.png')}")
+        return
     info = machine_info()  # before the runs: the load at the start, and the tree before the plot is written
     overrides = [f"optim.added_lr_scale={args.added_lr_scale}"]
     inti_options = dict(args.inti_option)
@@ -190,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table + "\n\n" + order)
     png = RESULTS_DIR / f"{args.name}.png"
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    plot(rows, png)
+    plot({n: (r["gflops"], *mean_std(r["accuracy"])) for n, r in rows.items()}, png)
     added = f" ({args.added_lr_scale:g} x for the added modules)" if args.added_lr_scale != 1 else ""
     if inti_options:
         added += f"; InTI layers built with {', '.join(f'{k}={v!r}' for k, v in inti_options.items())}"

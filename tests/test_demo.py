@@ -11,7 +11,7 @@ from inti_adapters import demo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from accuracy import VARIANTS as ACCURACY_VARIANTS  # noqa: E402
-from accuracy import _inti_option, ordering, variant_spec  # noqa: E402
+from accuracy import _inti_option, ordering, points_from_results, variant_spec  # noqa: E402
 
 
 @pytest.mark.parametrize("name, spec", list(demo.VARIANTS.items()) + list(ACCURACY_VARIANTS.items()))
@@ -64,6 +64,23 @@ def test_accuracy_ordering_compares_alone_and_with_temporal_separately():
     assert ordering({k: v for k, v in rows.items() if "temporal" not in k})[0] == "Compressors alone:"
     assert not any("temporal module" in line for line in ordering({k: v for k, v in rows.items()
                                                                    if "temporal" not in k}))
+
+
+def test_accuracy_replot_reads_back_the_table_it_wrote():
+    from _common import markdown_table
+
+    table = markdown_table(["variant", "GFLOPs/clip", "vs naive", "top-1", "digit"],
+                           [["naive", "0.126", "+0%", "22.0% ± 0.5%", "94.0% ± 0.6%"],
+                            ["conv_pool [1, 2] + local temporal", "0.099", "-21%", "91.2% ± 0.8%", "91.6% ± 0.6%"],
+                            ["one seed", "0.050", "-60%", "30.0%", "90.0%"]])
+    text = f"# title\n\n## Setup\n\nsetup | text\n\n## Results\n\n{table}\n\n## Picture\n\n| not | a | row | here |\n"
+    points = points_from_results(text)
+    assert list(points) == ["naive", "conv_pool [1, 2] + local temporal", "one seed"]
+    for got, want in zip(points.values(), [(0.126, 0.220, 0.005), (0.099, 0.912, 0.008), (0.05, 0.30, 0.0)],
+                         strict=True):
+        assert got == pytest.approx(want)
+    with pytest.raises(ValueError, match="no Results table"):
+        points_from_results("# nothing here\n")
 
 
 # ---------------------------------------------------------------------------------------------------
