@@ -163,7 +163,7 @@ def variant_spec(name: str, inti_options: dict[str, object]) -> dict:
     return spec
 
 
-def main(argv: list[str] | None = None) -> None:
+def _arguments() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=2)
@@ -180,7 +180,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--note", action="append", default=[], help="a line for the Notes section (repeatable)")
     ap.add_argument("--replot", metavar="RESULTS_MD", default=None,
                     help="only redraw the picture of a results file from its table (no training), beside it")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _arguments().parse_args(argv)
     if args.replot:
         md = Path(args.replot)
         plot(points_from_results(md.read_text()), md.with_suffix(".png"))
