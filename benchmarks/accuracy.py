@@ -67,18 +67,15 @@ def _fmt(values: list[float]) -> str:
 
 def _ordering_lines(rows: dict[str, dict], suffix: str) -> list[str]:
     """The paper's orderings among the variants named ``<base><suffix>``, each marked as it came out."""
-    def name(base: str) -> str | None:
-        hits = [n for n in rows if n.startswith(base) and (n.endswith(suffix) if suffix else TEMPORAL not in n)]
-        return hits[0] if hits else None
-
+    alike = [n for n in rows if (n.endswith(suffix) if suffix else TEMPORAL not in n)]
     lines = []
-    present = [n for n in map(name, PAPER_ORDER) if n is not None]
+    present = [next(n for n in alike if n.startswith(base)) for base in PAPER_ORDER
+               if any(n.startswith(base) for n in alike)]
     for a, b in zip(present, present[1:], strict=False):
         (ma, sa), (mb, sb) = mean_std(rows[a]["accuracy"]), mean_std(rows[b]["accuracy"])
         same = "; within one std" if abs(ma - mb) <= max(sa, sb) else ""
         lines.append(f"- {a} > {b} (paper): {'holds' if ma > mb else 'does NOT hold'} here "
                      f"({ma:.1%} vs {mb:.1%}{same})")
-    alike = [n for n in rows if (n.endswith(suffix) if suffix else TEMPORAL not in n)]
     tokens = [n for n in alike if n.startswith(("InTI", "tome"))]
     pools = [n for n in alike if n.startswith(("linear_pool", "conv_pool"))]
     if tokens and pools:
