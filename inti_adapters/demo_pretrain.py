@@ -24,8 +24,8 @@ it helps (each choice measured on the held-out scans; ~4-6 minutes on 2 CPU core
 - Checked again at 7,500 steps (seed 0, one thread, 2026-12-02; the recipe itself gave 96.8% that run):
   stochastic depth 0.1 95.7%, rotation 10 degrees with scale jitter 0.1 95.6%, weight decay 0.1 95.3%,
   lr 3e-3 96.3%, shorter windows (4x4 until 50%, 6x6 until 75%) 96.6%: none better. The errors are
-  single frames (84 of the 800 validation clips had some of their 8 frames wrong, 1 had all 8 wrong), not scans the
-  model cannot read.
+  single frames (84 of the 800 validation clips had some of their 8 frames wrong, 1 had all 8
+  wrong), not scans the model cannot read.
 
 The weights are cached under a key of every setting (model, recipe, data options, format version);
 the still-frame accuracy on the held-out scans is stored beside them and printed on a cached run too.

@@ -4,8 +4,9 @@ Counts matrix multiplies, convolutions and attention through ``torch.utils.flop_
 including fused ``scaled_dot_product_attention`` on CPU, which torch's counter (and fvcore)
 miss: without it a ViT-B/16 total is ~4% low. Element-wise ops, norms and softmax are not
 counted (under 0.2% of a ViT), nor the InTI global context's tiny depth-wise temporal
-convolutions, which run as element-wise window sums (1e-5 of an InTI layer on ViT-B/16). Works on any ``nn.Module``, also on the ``meta`` device, so
-large configurations can be counted without allocating their weights.
+convolutions, which run as element-wise window sums (1e-5 of an InTI layer on ViT-B/16). Works
+on any ``nn.Module``, also on the ``meta`` device, so large configurations can be counted
+without allocating their weights.
 """
 
 from __future__ import annotations
