@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -217,3 +218,59 @@ def test_frame_reader_without_checksums_still_refuses_bad_jpegs():
             reader.get_frames([0, 2])
     no_json = FrameReader(dict(members))  # no metadata: every frame stored, in order
     assert no_json.num_frames == 4 and no_json.get_frames([3]).shape == (1, 3, SIZE, SIZE + 8)
+
+
+def _tar_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.tar"))}
+
+
+def test_convert_shards_in_place(tree, tmp_path, monkeypatch):
+    """inti-shards --source S --output S --store frames --overwrite: the old shards are replaced only when
+    every new one is written (a kill mid-way loses nothing; the rerun finishes), sizes.json always consistent."""
+    opts = dict(samples_per_shard=5, store="frames", frames_per_video=4, progress=False)
+    folder = tmp_path / "s"
+    video = write_shards(source=str(tree), output=str(folder), samples_per_shard=3, progress=False)
+    originals = _tar_bytes(folder)
+    reference = write_shards(source=video.pattern, output=str(tmp_path / "ref"), **opts)
+    # without --overwrite: refused before anything is touched
+    with pytest.raises(ValueError, match="lie in the output folder .*overwrite"):
+        write_shards(source=str(folder), output=str(folder), **opts)
+    assert _tar_bytes(folder) == originals and not (folder / ".inti-shards-in-place").exists()
+    # killed while writing the new shards: the source is intact, the rerun resumes
+    real, calls = shards_mod.prepare_item, {"n": 0}
+
+    def flaky(item, options):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real(item, options)
+
+    monkeypatch.setattr(shards_mod, "prepare_item", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(source=str(folder), output=str(folder), overwrite=True, **opts)
+    assert _tar_bytes(folder) == originals
+    assert json.loads((folder / "sizes.json").read_text()) == {n: 3 for n in originals}
+    monkeypatch.setattr(shards_mod, "prepare_item", real)
+    # killed while swapping (after the first new shard replaced an old one): the rerun finishes the swap
+    real_replace, seen = os.replace, {"n": 0}
+
+    def dying_replace(src, dst):
+        if Path(src).parent.name == ".inti-shards-in-place" and str(src).endswith(".tar"):
+            seen["n"] += 1
+            if seen["n"] == 2:
+                raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(source=str(folder), output=str(folder), overwrite=True, **opts)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert (folder / "shard-000000.tar").read_bytes() == (tmp_path / "ref" / "shard-000000.tar").read_bytes()
+    assert not (folder / "sizes.json").exists()  # never a sizes.json that disagrees with the shards
+    done = write_shards(source=str(folder), output=str(folder), overwrite=True, **opts)
+    assert done.written == 12 and done.output == str(folder)
+    assert len(originals) == 4 and _tar_bytes(folder) == _tar_bytes(tmp_path / "ref")  # 3 frame shards now
+    assert json.loads((folder / "sizes.json").read_text()) == json.loads((tmp_path / "ref" / "sizes.json").read_text())
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["classes.json", "manifest.json", "sizes.json",
+                                                               *_tar_bytes(folder)])  # no staging folder left
+    assert [Path(s).name for s in done.shards] == [Path(s).name for s in reference.shards]

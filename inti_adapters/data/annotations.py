@@ -270,7 +270,9 @@ def detect_format(source: str | Path) -> str:
     p = Path(source)
     if p.is_dir():
         has_tars = any(p.glob("*.tar"))
-        return "shards" if has_tars and not any(c.is_dir() for c in p.iterdir()) else "folder"
+        # hidden folders (an in-place conversion's staging folder, .ipynb_checkpoints) do not count
+        subfolders = any(c.is_dir() and not c.name.startswith(".") for c in p.iterdir())
+        return "shards" if has_tars and not subfolders else "folder"
     if str(source).endswith(".tar") or (".tar" in str(source) and any(c in str(source) for c in "{*?[")):
         return "shards"
     if not p.exists():

@@ -54,6 +54,7 @@ from .annotations import CLASS_INDEX_FILE, VideoItem, read_annotations, write_cl
 from .config import VIDEO_EXTENSIONS, ShardWriterConfig
 from .decode import VideoDecodeError, probe_video, reencode_video
 from .frames import extract_frames
+from .inplace import STAGING_DIR, finish_swap, pending_swap, record_swap, source_shards_in
 
 logger = logging.getLogger("inti_adapters.data")
 
@@ -234,25 +235,37 @@ def _digest(items: Sequence[VideoItem]) -> str:
     return h.hexdigest()
 
 
-def _load_manifest(out: Path, cfg: ShardWriterConfig, digest: str, num_shards: int) -> dict[str, Any]:
+def _load_manifest(out: Path, cfg: ShardWriterConfig, digest: str, num_shards: int,
+                   replace_other: bool = False) -> dict[str, Any]:
     path = out / MANIFEST_FILE
     fresh = {"version": MANIFEST_VERSION, "fingerprint": cfg.fingerprint(), "items_digest": digest,
              "num_shards": num_shards, "shards": {}, "complete": False}
     if not path.exists():
         return fresh
-    old = json.loads(path.read_text())
-    if cfg.overwrite:
+    old = _read_json(path, "the manifest of an earlier inti-shards run")
+    same = (old.get("fingerprint") == cfg.fingerprint() and old.get("items_digest") == digest
+            and old.get("num_shards") == num_shards)
+    if cfg.overwrite or (replace_other and not same):
         for name in old.get("shards", {}):
             (out / name).unlink(missing_ok=True)
         return fresh
-    same = (old.get("fingerprint") == cfg.fingerprint() and old.get("items_digest") == digest
-            and old.get("num_shards") == num_shards)
     if not same:
         raise ValueError(
             f"{out} holds shards of a different run (other options {old.get('fingerprint')} or other videos); "
             "pass overwrite=True (--overwrite) to replace them, or choose another output folder"
         )
     return old
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from ``path``; a clear error naming the file when it is not one."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} ({what}) cannot be read: {type(exc).__name__}: {exc}; remove it to start over") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} ({what}) must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _jobs(items: Sequence[VideoItem], shard_ids: Sequence[int], per_shard: int,
@@ -275,11 +288,11 @@ def _ordered_items(cfg: ShardWriterConfig) -> tuple[Any, list[VideoItem]]:
 
 
 def _open_output(cfg: ShardWriterConfig, items: Sequence[VideoItem], num_shards: int,
-                 class_names: list[str]) -> tuple[Path, dict[str, Any]]:
+                 class_names: list[str], replace_other: bool = False) -> tuple[Path, dict[str, Any]]:
     """Create the output folder, load or start the manifest, drop unfinished shards."""
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = _load_manifest(out, cfg, _digest(items), num_shards)
+    manifest = _load_manifest(out, cfg, _digest(items), num_shards, replace_other)
     for stale in [*out.glob(f"{cfg.prefix}-*.tar.tmp"), *out.glob(temporary_name_pattern(f"{cfg.prefix}-*.tar"))]:
         # left by a run that was killed mid-shard (older versions named them <shard>.tmp)
         logger.info("removing unfinished shard %s", stale.name)
@@ -342,11 +355,44 @@ def write_shards(config: ShardWriterConfig | None = None, **options: Any) -> Sha
     elif options:
         config = dataclasses.replace(config, **options)
     cfg = config
+    swap = pending_swap(cfg.output)
+    old = source_shards_in(cfg.source, cfg.format, cfg.output) if swap is None else []
+    if swap is not None or old:
+        return _write_in_place(cfg, old, swap)
+    return _write(cfg)
+
+
+def _write_in_place(cfg: ShardWriterConfig, old: list[Path], swap: dict[str, Any] | None) -> ShardSummary:
+    """Convert shards into their own folder: written aside, then swapped in (see :mod:`.inplace`)."""
+    out = Path(cfg.output)
+    if swap is None:
+        if not cfg.overwrite:
+            raise ValueError(
+                f"the source shards {cfg.source!r} lie in the output folder {out}: converting them in place "
+                "replaces them. Pass overwrite=True (--overwrite) to do so (the new shards are written aside and "
+                "replace the old ones only when all are written), or choose another output folder")
+        staged = _write(dataclasses.replace(cfg, output=str(out / STAGING_DIR), overwrite=False), replace_other=True)
+        swap = record_swap(out, [Path(s).name for s in staged.shards], old, cfg.fingerprint(),
+                           dataclasses.asdict(staged))
+    elif swap["fingerprint"] != cfg.fingerprint():
+        raise ValueError(f"{out} holds an unfinished in-place conversion ({out / STAGING_DIR}) made with other "
+                         f"options ({swap['fingerprint']}); rerun the command that started it to finish it")
+    finish_swap(out, swap, (CLASS_INDEX_FILE, SIZES_FILE), MANIFEST_FILE)
+    fields = swap["summary"]
+    summary = ShardSummary(**{**fields, "output": str(out), "shards": [str(out / n) for n in swap["new"]],
+                              "skipped_videos": [tuple(x) for x in fields["skipped_videos"]]})
+    logger.info("%s", summary)
+    return summary
+
+
+def _write(cfg: ShardWriterConfig, *, replace_other: bool = False) -> ShardSummary:
+    """One ``inti-shards`` run into ``cfg.output`` (``replace_other``: an earlier run's shards with other
+    options are deleted instead of refused; a run with the same options is resumed)."""
     ann, items = _ordered_items(cfg)
     per = cfg.samples_per_shard
     num_shards = -(-len(items) // per)
     names = [f"{cfg.prefix}-{s:06d}.tar" for s in range(num_shards)]
-    out, manifest = _open_output(cfg, items, num_shards, ann.class_names)
+    out, manifest = _open_output(cfg, items, num_shards, ann.class_names, replace_other)
     done = manifest["shards"]
     resumed = len(done)
     pending = [s for s in range(num_shards) if names[s] not in done]
