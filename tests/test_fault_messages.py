@@ -118,3 +118,74 @@ def test_frame_schedule_refuses_non_positive_frame_counts(frames):
     with pytest.raises(ValueError, match="num_frames must be a positive int"):
         model.frame_schedule(frames)
     assert model.frame_schedule(4) == [4, 4, 2, 2]
+
+
+# -- issue 23: recipes (item 2's recipe part, item 9, duplicate keys, base entries) ------------------
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=.inf", "optim.lr"), ("optim.lr=-.inf", "optim.lr"), ("optim.lr=.nan", "optim.lr"),
+    ("optim.lr=inf", "optim.lr"), ("optim.weight_decay=nan", "optim.weight_decay"),
+    ("model.model_kwargs={depth: 2, drop_rate: .nan}", "model.model_kwargs.drop_rate"),
+    ("optim.betas=[0.9, .inf]", r"optim.betas\[1\]"),
+])
+def test_non_finite_recipe_numbers_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=rf"^{key}: got .*recipe numbers must be finite"):
+        load_config(None, [override])
+
+
+def test_non_finite_number_in_a_recipe_file_names_the_file_and_key(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("optim:\n  lr: .inf\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: optim.lr: got inf"):
+        load_config(str(path))
+    path.write_text("optim:\n  lr: 1.0e-3\n")
+    assert load_config(str(path)).optim.lr == 1e-3
+
+
+def test_yaml_alias_bomb_is_refused_quickly(tmp_path):
+    import time
+
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]  # 10**9 values once expanded
+    path = tmp_path / "bomb.yaml"
+    path.write_text("model:\n  model_kwargs:\n" + "".join(f"    {line}\n" for line in lines))
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=rf"(?s)^{path} is not valid YAML: its aliases expand to more than 100000 "
+                                          rf"values .*alias bomb.*\"{path}\", line"):
+        load_config(str(path))
+    assert time.perf_counter() - start < 5
+    with pytest.raises(ConfigError, match="alias bomb"):  # overrides too
+        load_config(None, ["model.model_kwargs={" + ", ".join(lines) + "}"])
+    # a few aliases stay allowed
+    path.write_text("optim:\n  betas: &b [0.9, 0.99]\nmodel:\n  model_kwargs: {betas: *b}\n")
+    assert load_config(str(path)).model.model_kwargs == {"betas": [0.9, 0.99]}
+    path.write_text("model:\n  model_kwargs: &a {x: *a}\n")  # recursive
+    with pytest.raises(ConfigError, match=f"^{path} is not valid YAML: .*recursive"):
+        load_config(str(path))
+
+
+def test_duplicate_yaml_keys_are_refused_naming_the_key_file_and_line(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("optim:\n  lr: 1.0e-3\n  weight_decay: 0.05\n  lr: 1.0e-2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    msg = str(e.value)
+    assert msg.startswith(f"{path} is not valid YAML: duplicate key 'lr' (first given on line 2)")
+    assert f'"{path}", line 4' in msg
+    path.write_text("optim: {lr: 1.0e-3}\noptim: {weight_decay: 0.1}\n")  # sections too
+    with pytest.raises(ConfigError, match="duplicate key 'optim'"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match=r"override 'model.model_kwargs=\{depth: 2, depth: 3\}'.*duplicate key 'depth'"):
+        load_config(None, ["model.model_kwargs={depth: 2, depth: 3}"])
+
+
+@pytest.mark.parametrize("base, bad", [("[a.yaml, 5]", r"base\[1\] must be a recipe file name .*got 5 \(int\)"),
+                                       ("{a: 1}", r"base must be a recipe file name or a list of them .*\(dict\)"),
+                                       ("[a.yaml, null]", r"base\[1\] must be a recipe file name .*got None")])
+def test_bad_base_entries_name_the_recipe(tmp_path, base, bad):
+    (tmp_path / "a.yaml").write_text("optim:\n  lr: 1.0e-3\n")
+    path = tmp_path / "child.yaml"
+    path.write_text(f"base: {base}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: {bad}"):
+        load_config(str(path))
+    path.write_text("base: [a.yaml]\n")
+    assert load_config(str(path)).optim.lr == 1e-3

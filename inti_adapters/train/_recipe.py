@@ -1,9 +1,15 @@
 """Recipe mechanics shared by the config dataclasses: YAML with ``base`` files, dotted overrides,
-type checks against dataclass annotations, unknown-key errors with suggestions."""
+type checks against dataclass annotations, unknown-key errors with suggestions.
+
+Recipes are read with :class:`RecipeLoader` (YAML's safe loader, stricter): a key given twice in one
+mapping is refused (YAML would silently keep the last), aliases may not expand to more than
+:data:`MAX_EXPANDED_NODES` values (an "alias bomb" of nested aliases would otherwise grow until memory
+runs out), and ``.inf`` / ``.nan`` numbers are refused with their key."""
 
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import types
 from collections.abc import Collection
@@ -13,6 +19,80 @@ from typing import Any, Union, get_args, get_origin
 import yaml
 
 from .._config import ConfigError  # the one ConfigError of the package
+
+MAX_EXPANDED_NODES = 100_000
+"""The most values (scalars, lists, mappings) a recipe or override may hold once its aliases are expanded."""
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses duplicate keys and bounds the expansion of aliases."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_expansion(node)
+        return super().construct_document(node)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            if key in seen:
+                first = seen[key].start_mark.line + 1
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {first}): YAML would silently keep only "
+                    "the last value; remove one of them", key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Count the values of ``root`` with every alias expanded (shared nodes counted once per use)."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in active:
+            raise yaml.constructor.ConstructorError(None, None, "an alias refers to a value that contains it "
+                                                    "(a recursive structure); recipes must be finite", node.start_mark)
+        active.add(id(node))
+        children = node.value if isinstance(node, yaml.SequenceNode) else (
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        total = 1 + sum(size(child) for child in children)
+        if total > MAX_EXPANDED_NODES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"its aliases expand to more than {MAX_EXPANDED_NODES} values (nested aliases that "
+                "repeat each other, an 'alias bomb', would fill the memory); recipes are limited to that size -- "
+                "write the values out or use fewer nested aliases", node.start_mark)
+        active.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    size(root)
+
+
+def _load_yaml(stream: Any) -> Any:
+    """``yaml.load`` with :class:`RecipeLoader`."""
+    loader = RecipeLoader(stream)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def check_finite(where: str, value: Any) -> None:
+    """Refuse ``.inf`` / ``.nan`` anywhere in ``value`` (a recipe's number), naming the key."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: got {value!r}; recipe numbers must be finite (.inf and .nan are refused: "
+                          "a non-finite learning rate or size trains to NaN)")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_finite(f"{where}.{k}" if where else str(k), v)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_finite(f"{where}[{i}]", v)
 
 
 def parse_override(item: str, path_keys: Collection[tuple[str, str]] = ()) -> tuple[str, Any]:
@@ -24,9 +104,10 @@ def parse_override(item: str, path_keys: Collection[tuple[str, str]] = ()) -> tu
     if not key or "." not in key:
         raise ConfigError(f"override keys are dotted section.key (e.g. train.epochs=5), got {key!r} in {item!r}")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"cannot parse the value of override {item!r} as YAML: {e}") from None
+        value = _load_yaml(text) if text.strip() else ""
+    except (yaml.YAMLError, RecursionError) as e:
+        raise ConfigError(f"cannot parse the value of override {item!r} as YAML: {_yaml_problem(e)}") from None
+    check_finite(key, value)
     if tuple(key.split(".")) in path_keys and isinstance(value, str):  # relative to the working directory
         value = os.path.abspath(os.path.expanduser(value))
     return key, value
@@ -56,21 +137,43 @@ def read_yaml(path: Path, path_keys: Collection[tuple[str, str]] = (), chain: tu
         raise ConfigError(f"recipe not found: {path}")
     with open(path) as f:
         try:
-            raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+            raw = _load_yaml(f) or {}
+        except (yaml.YAMLError, RecursionError) as e:
+            raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        check_finite("", raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     for section, key in path_keys:
         value = (raw.get(section) or {}).get(key) if isinstance(raw.get(section), dict) else None
         if isinstance(value, str) and not os.path.isabs(os.path.expanduser(value)):
             raw[section][key] = str((path.parent / value).resolve())
-    bases = raw.pop("base", None) or []
     merged: dict[str, Any] = {}
-    for base in [bases] if isinstance(bases, str) else bases:
+    for base in _base_files(path, raw.pop("base", None)):
         _deep_merge(merged, read_yaml(path.parent / base, path_keys, (*chain, path)))
     _deep_merge(merged, raw)
     return merged
+
+
+def _base_files(path: Path, bases: Any) -> list[str]:
+    """The ``base`` entry of ``path``: a file name or a list of them (relative to ``path``'s folder)."""
+    if bases is None:
+        return []
+    items = [bases] if isinstance(bases, str) else bases
+    if not isinstance(items, list):
+        raise ConfigError(f"{path}: base must be a recipe file name or a list of them (relative to this file), "
+                          f"got {bases!r} ({type(bases).__name__})")
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or not item.strip():
+            raise ConfigError(f"{path}: base[{i}] must be a recipe file name (relative to this file), got {item!r} "
+                              f"({type(item).__name__}) in base: {bases!r}")
+    return items
+
+
+def _yaml_problem(e: BaseException) -> str:
+    return "it nests too deeply to be read" if isinstance(e, RecursionError) else str(e)
 
 
 def _deep_merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
@@ -118,9 +221,12 @@ def coerce(where: str, value: Any, tp: Any) -> Any:
             return float(value)
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+            else:
+                check_finite(where, number)  # 'inf' and 'nan' as text too
+                return number
     elif tp is str:
         if isinstance(value, str):
             return value
