@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,17 +30,37 @@ def normalize_video(
         if mean_std not in MEAN_STD:
             raise ValueError(f"unknown mean/std preset {mean_std!r}; choose from {sorted(MEAN_STD)} or pass (mean, std)")
         mean_std = MEAN_STD[mean_std]
+    if layout not in ("NCTHW", "NTCHW"):
+        raise ValueError(f"layout must be 'NCTHW' or 'NTCHW', got {layout!r}")
     if video.dim() != 5:
         raise ValueError(f"expected a 5-D video, got shape {tuple(video.shape)}")
     cdim = 1 if layout == "NCTHW" else 2
+    mean_values, std_values = _check_mean_std(mean_std, video.shape[cdim], layout)
     shape = [1] * 5
     shape[cdim] = -1
-    mean = torch.tensor(mean_std[0], device=video.device, dtype=dtype).view(shape)
-    std = torch.tensor(mean_std[1], device=video.device, dtype=dtype).view(shape)
+    mean = torch.tensor(mean_values, device=video.device, dtype=dtype).view(shape)
+    std = torch.tensor(std_values, device=video.device, dtype=dtype).view(shape)
     x = video.to(dtype)
     if not video.is_floating_point():
         x = x / 255.0
     return (x - mean) / std
+
+
+def _check_mean_std(mean_std: Any, channels: int, layout: str) -> tuple[list[float], list[float]]:
+    """One finite mean and one finite positive std per channel, else a ValueError saying what was given."""
+    try:
+        mean, std = ([float(v) for v in values] for values in mean_std)
+    except (TypeError, ValueError):
+        raise ValueError(f"mean_std must be a preset name ({sorted(MEAN_STD)}) or a pair (mean, std) of "
+                         f"{channels} numbers each, got {mean_std!r}") from None
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) != channels:
+            raise ValueError(f"{name} has {len(values)} values {values} but the video has {channels} channels "
+                             f"(dimension {1 if layout == 'NCTHW' else 2} of a {layout} video): give one per channel")
+    if not all(math.isfinite(v) for v in mean + std) or not all(v > 0 for v in std):
+        raise ValueError(f"mean must be finite and std finite and > 0 (it divides the frames), got mean {mean}, "
+                         f"std {std}")
+    return mean, std
 
 
 def video_frames(video: Any, layout: str, in_chans: int = 3,

@@ -110,3 +110,22 @@ def test_refused_option_leaves_no_hooks_behind():
     with torch.no_grad():
         assert torch.equal(eva(image), ref)
     ia.inject(eva, layers=[1, 2])  # and it can be injected with something it supports
+
+
+# -- issue 23: normalize_video with a mean/std that does not fit the video ---------------------------
+@pytest.mark.parametrize("mean_std, match", [
+    (((0.5, 0.5), (0.0, 0.0)), r"mean has 2 values \[0.5, 0.5\] but the video has 3 channels"),
+    (((0.5, 0.5, 0.5), (0.5, 0.0, 0.5)), r"std finite and > 0 .*std \[0.5, 0.0, 0.5\]"),
+    (((0.5, float("nan"), 0.5), (0.5, 0.5, 0.5)), r"mean must be finite.*nan"),
+    (((0.5, 0.5, 0.5), (0.5,)), r"std has 1 values \[0.5\] but the video has 3 channels"),
+    ((0.5, 0.5), r"a pair \(mean, std\) of 3 numbers each, got \(0.5, 0.5\)"),
+])
+def test_normalize_video_refuses_a_mean_std_that_does_not_fit(mean_std, match):
+    clip = torch.randint(0, 256, (1, 3, 2, 4, 4), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=match):
+        ia.normalize_video(clip, mean_std)
+    out = ia.normalize_video(clip, ((0.5, 0.5, 0.5), (0.25, 0.5, 1.0)))
+    torch.testing.assert_close(out[:, 1], (clip[:, 1] / 255.0 - 0.5) / 0.5)
+    assert torch.isfinite(out).all()
+    ntchw = ia.normalize_video(clip.transpose(1, 2), ((0.5, 0.5, 0.5), (0.25, 0.5, 1.0)), layout="NTCHW")
+    torch.testing.assert_close(ntchw, out.transpose(1, 2))
