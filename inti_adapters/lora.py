@@ -21,6 +21,7 @@ from torch import nn
 from ._peft import is_peft_model, peft_adapter_parameters, unwrap_peft
 from .hosts import resolve_host
 from .model import InTIModel
+from .serialization import whole_model_methods
 
 __all__ = ["add_lora", "is_peft_model", "lora_preset", "lora_target_modules", "peft_adapter_parameters", "unwrap_peft"]
 
@@ -47,7 +48,11 @@ def lora_preset(backbone: nn.Module, r: int = 16, lora_alpha: int = 16, lora_dro
 def add_lora(model: InTIModel, lora_config: Any, *, train_head: bool = True) -> nn.Module:
     """Apply a peft config to an injected model, keeping the InTI layers (and head) trainable.
 
-    Returns the ``PeftModel``; its ``print_trainable_parameters()`` counts LoRA + InTI (+ head).
+    Returns the ``PeftModel``. Its ``save_pretrained(dir)`` saves the whole model (InTI config,
+    compressors, temporal adapters, head, and peft's part in ``dir/peft``) as
+    :func:`inti_adapters.save_pretrained` does, so :func:`inti_adapters.load_pretrained` restores it;
+    ``push_to_hub`` likewise; ``print_trainable_parameters()`` prints the per-part breakdown
+    (compressors, temporal, peft, head, backbone) of LoRA + InTI (+ head).
     """
     from peft import get_peft_model
 
@@ -63,4 +68,4 @@ def add_lora(model: InTIModel, lora_config: Any, *, train_head: bool = True) -> 
             f"(peft said: {e}). For this host try {lora_target_modules(model.host.model)}."
         ) from e
     model.mark_added_modules_trainable(train_head=train_head)
-    return peft_model
+    return whole_model_methods(peft_model)

@@ -355,7 +355,8 @@ class InTIModel(PushToHubMixin, nn.Module):
                          "subfolder": PEFT_SUBFOLDER}
             if peft_state_dict is None and state_dict is not None and peft_outer is None:
                 peft_state_dict = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-            peft_model.save_pretrained(str(out / PEFT_SUBFOLDER), state_dict=peft_state_dict)
+            # peft's own method (the instance's may be routed back here: serialization.whole_model_methods)
+            type(peft_model).save_pretrained(peft_model, str(out / PEFT_SUBFOLDER), state_dict=peft_state_dict)
         write_tensors(out / ADAPTER_WEIGHTS_NAME, {k: sd[k] for k in keys})
         if save_backbone:
             skip = set(keys) | set(self._names_of(peft_adapter_parameters(self)))

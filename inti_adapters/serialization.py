@@ -7,6 +7,7 @@ the backbone is left exactly as it was (weights, hooks, ``requires_grad``, peft 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -23,7 +24,9 @@ from .hosts import resolve_host
 from .hub import resolve_adapter
 from .model import InTIModel, build_video_model
 
-__all__ = ["load_pretrained", "push_to_hub", "read_config", "save_pretrained"]
+__all__ = ["load_pretrained", "push_to_hub", "read_config", "save_pretrained", "whole_model_methods"]
+
+_PEFT_SAVE_OPTIONS = ("is_main_process", "safe_serialization")  # peft's save options that keep a meaning here
 
 
 def save_pretrained(
@@ -52,6 +55,11 @@ def save_pretrained(
         push_to_hub, **hub_options: Also upload the folder to the Hub (``repo_id``, ``token``,
             ``private``, ``revision``, ``commit_message``, ``create_pr``); returns the ``CommitInfo``.
     """
+    peft_options = {k: hub_options.pop(k) for k in _PEFT_SAVE_OPTIONS if k in hub_options}
+    if peft_options.get("safe_serialization", True) is not True:
+        raise ValueError("safe_serialization=False: inti_adapters writes safetensors only (never pickles)")
+    if not peft_options.get("is_main_process", True):
+        return None  # peft's convention: only the main process writes
     peft_outer = model if is_peft_model(model) else None
     inner = unwrap_peft(model)
     if not isinstance(inner, InTIModel):
@@ -63,6 +71,50 @@ def save_pretrained(
     return inner.save_pretrained(save_directory, save_backbone=save_backbone, state_dict=inner_sd,
                                  peft_outer=peft_outer, peft_state_dict=state_dict if peft_outer is not None else None,
                                  card=card, push_to_hub=push_to_hub, **hub_options)
+
+
+class _WholeModelMethod:
+    """A method of a ``PeftModel`` around an ``InTIModel`` that acts on the whole model: peft's own
+    ``save_pretrained`` would write the LoRA part only and lose the InTI layers, temporal adapters
+    and head. A plain object (not a closure), so that the model still pickles and deep-copies."""
+
+    def __init__(self, model: nn.Module, function: Any) -> None:
+        self.model, self.function = model, function
+        self.__doc__ = function.__doc__
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.function(self.model, *args, **kwargs)
+
+
+def _print_trainable_parameters(model: nn.Module) -> None:
+    unwrap_peft(model).print_trainable_parameters()  # the per-part breakdown (compressors, peft, head, ...)
+
+
+def _deepcopy(model: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """A copy of the ``PeftModel`` itself. It and its tuner forward unknown attributes inward, so
+    ``copy.deepcopy`` would find the inner ``InTIModel.__deepcopy__`` and copy the inner model only."""
+    outer = (model, model.base_model)
+    for obj in outer:
+        memo.setdefault(id(obj), type(obj).__new__(type(obj)))
+    for obj in reversed(outer):
+        memo[id(obj)].__dict__.update(copy.deepcopy(obj.__dict__, memo))
+    return memo[id(model)]
+
+
+def whole_model_methods(peft_model: nn.Module) -> nn.Module:
+    """Route ``save_pretrained``, ``push_to_hub`` and ``print_trainable_parameters`` of a
+    ``PeftModel`` around an ``InTIModel`` (LoRA after ``inject``) to the whole model; returns it.
+
+    ``peft_model.save_pretrained(dir)`` then writes what :func:`load_pretrained` reads back: the
+    InTI config, compressors, temporal adapters, head and peft's part in ``dir/peft``.
+    ``copy.deepcopy(peft_model)`` copies the ``PeftModel`` (not only the model inside it).
+    """
+    if is_peft_model(peft_model) and isinstance(unwrap_peft(peft_model), InTIModel):
+        for name, function in (("save_pretrained", save_pretrained), ("push_to_hub", push_to_hub),
+                               ("print_trainable_parameters", _print_trainable_parameters),
+                               ("__deepcopy__", _deepcopy)):
+            object.__setattr__(peft_model, name, _WholeModelMethod(peft_model, function))
+    return peft_model
 
 
 def push_to_hub(model: nn.Module, repo_id: str, *, save_backbone: bool | None = None, card: Any = None,
@@ -200,7 +252,8 @@ def _apply(model: InTIModel, tensors: dict[str, torch.Tensor], path: Path, peft_
     if peft_info.get("order") == "after_inject":
         from peft import PeftModel
 
-        result = PeftModel.from_pretrained(model, str(path / peft_info["subfolder"]), is_trainable=is_trainable)
+        result = whole_model_methods(PeftModel.from_pretrained(model, str(path / peft_info["subfolder"]),
+                                                               is_trainable=is_trainable))
     model.load_state_dict(tensors, strict=False)  # checked: no error can leave it half-applied
     if result is not model and is_trainable:
         model.mark_added_modules_trainable(train_head=bool(set(tensors) & set(model.head_parameter_names())))

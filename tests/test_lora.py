@@ -205,3 +205,77 @@ def test_composed_model_under_compile_and_bf16_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model(VIDEO)
     torch.testing.assert_close(low.float(), ref, atol=0.1, rtol=0.1)
+
+
+# -- issue 24 item 1: the natural call saves everything -----------------------------------------------
+def _trained_inti_lora_model():
+    """InTI + temporal adapter + head + LoRA, every part moved away from its initial value."""
+    torch.manual_seed(0)
+    model = ia.add_lora(ia.inject(make_vit(), layers=[1, 2], temporal=[{"name": "local_mhra", "blocks": [3]}]),
+                        LoraConfig(**LORA))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+@pytest.mark.parametrize("how", ["peft_method", "ia_function"])
+def test_saving_a_lora_model_saves_inti_layers_adapters_head_and_lora(how, tmp_path):
+    model = _trained_inti_lora_model()
+    with torch.no_grad():
+        ref = model(VIDEO)
+    if how == "peft_method":
+        model.save_pretrained(tmp_path)  # the PeftModel's own method, the natural call
+    else:
+        ia.save_pretrained(model, tmp_path)
+    cfg = json.loads((tmp_path / "inti_config.json").read_text())
+    assert cfg["peft"]["order"] == "after_inject" and cfg["inject"]["layers"] == [1, 2]
+    assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+    loaded = ia.load_pretrained(make_vit(), tmp_path).eval()  # the same (frozen, "pretrained") backbone weights
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(VIDEO), ref, atol=0, rtol=0)
+    # and the reloaded model saves everything again through the same natural call
+    loaded.save_pretrained(tmp_path / "again")
+    again = ia.load_pretrained(make_vit(), tmp_path / "again").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(VIDEO), ref, atol=0, rtol=0)
+
+
+def test_peft_save_options_keep_their_meaning(tmp_path):
+    model = _trained_inti_lora_model()
+    model.save_pretrained(tmp_path / "not_main", is_main_process=False)
+    assert not (tmp_path / "not_main").exists()  # peft's convention: only the main process writes
+    with pytest.raises(ValueError, match="safetensors only"):
+        model.save_pretrained(tmp_path / "pickle", safe_serialization=False)
+    assert not (tmp_path / "pickle").exists()
+
+
+def test_a_lora_model_still_deep_copies_and_pickles_with_its_whole_model_save(tmp_path):
+    import copy
+    import pickle
+
+    model = _trained_inti_lora_model()
+    twin = copy.deepcopy(model)
+    assert type(twin) is type(model)  # the PeftModel, not the InTIModel inside it
+    assert twin.save_pretrained.model is twin  # bound to the copy, not the original
+    with torch.no_grad():
+        torch.testing.assert_close(twin(VIDEO), model(VIDEO), atol=0, rtol=0)
+    twin.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(ia.load_pretrained(make_vit(), tmp_path).eval()(VIDEO), model(VIDEO), atol=0, rtol=0)
+    try:
+        pickle.dumps(model)
+    except Exception as e:  # the injected model itself may not pickle; the routing must not be the reason
+        assert "_WholeModelMethod" not in str(e)
+
+
+def test_print_trainable_parameters_after_add_lora_keeps_the_per_part_breakdown(capsys):
+    model = ia.add_lora(ia.inject(make_vit(), layers=[1, 2]), LoraConfig(**LORA))
+    model.print_trainable_parameters()
+    out = capsys.readouterr().out
+    n_lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    n_comp = sum(p.numel() for n, p in model.named_parameters() if ".compressors." in n)
+    assert f"peft: {n_lora:,}/{n_lora:,}" in out and f"compressors: {n_comp:,}/{n_comp:,}" in out
+    assert "backbone: 0/" in out
