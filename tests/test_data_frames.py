@@ -121,8 +121,9 @@ def test_gpu_decoding_path_on_cpu_tensors(tree, tmp_path, train):
     reference = list(build_dataloader(cfg, train=train))
     loader = build_dataloader(cfg.replace(decode_device="cuda"), train=train)
     assert loader.encoded
-    raw = next(iter(loader.dataset()))  # what a worker sends: encoded frames and boxes
-    assert isinstance(raw, EncodedBatch) and raw.data.dtype == torch.uint8 and not raw.decoded
+    raw, none, keys = next(iter(loader.dataset()))  # what a worker sends: encoded frames and boxes, keys
+    assert isinstance(raw, EncodedBatch) and raw.data.dtype == torch.uint8 and not raw.decoded and none is None
+    assert len(keys) == len(raw.items) and all(isinstance(k, str) for k in keys)
     loader.decode_device = torch.device("cpu")  # run the device decoder on CPU tensors
     got = list(loader)
     for (va, ya), (vb, yb) in zip(reference, got, strict=True):
@@ -130,7 +131,7 @@ def test_gpu_decoding_path_on_cpu_tensors(tree, tmp_path, train):
         diff = (va.float() - vb.float()).abs()
         assert diff.mean() < 1.5 and diff.max() < 60, (diff.mean(), diff.max())
     # mixed data: a video sample in a GPU-decoded batch is decoded on the CPU and joins the batch
-    batch = next(iter(build_dataloader(cfg.replace(decode_device="cuda"), train=train).dataset()))
+    batch = next(iter(build_dataloader(cfg.replace(decode_device="cuda"), train=train).dataset()))[0]
     assert decode_batch(batch, "cpu")[0].shape == reference[0][0].shape
 
 

@@ -42,7 +42,15 @@ of batches (reduce metrics after the loop, not per batch).
 Resuming. ``loader.skip_batches(k)`` before iterating makes the next epoch start at batch
 ``k``: the skipped samples are read from the tar files but never decoded, and the batches
 that follow are identical to those of an uninterrupted epoch (unless a corrupt sample falls
-inside the skipped range, which shifts later batch boundaries by one sample).
+inside the skipped range, which shifts later batch boundaries by one sample). On another world
+size or worker count, ``loader.exclude_keys(keys)`` instead makes the epoch's pass read every
+sample whose key is not in ``keys`` exactly once across all ranks and workers (see its docstring).
+
+Keys and labels. ``with_keys=True`` adds each batch's sample keys (``__key__``, the member name up
+to its first dot) as a third element. A label outside ``[0, num_classes)`` (when the loader is
+given ``num_classes``), a member given twice in one sample (two ``.cls``) or a key used by two
+samples of a shard stops the pass with an error naming the shard and the key: wrong data is never
+skipped like an undecodable video.
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,12 +77,14 @@ from .stages import (
     UNDECODABLE,
     Batch,
     DecodeClip,
+    Exclusion,
     ReaderState,
     ReadSamples,
     ShardSource,
     ShuffleSamples,
     SkipSamples,
     TakeBatches,
+    plan_batches,
 )
 from .tario import count_tar_samples, expand_shards, is_local
 
@@ -126,10 +136,12 @@ class VideoLoader:
     """An iterable over batches for one rank, with ``set_epoch`` and ``skip_batches``; see the module docstring.
 
     Training yields ``(uint8 (B, 3, T, H, W), int64 (B,))``; evaluation yields
-    ``(uint8 (B, V, 3, T, H, W), int64 (B,))`` with ``V = num_clips * num_crops``.
+    ``(uint8 (B, V, 3, T, H, W), int64 (B,))`` with ``V = num_clips * num_crops``; with
+    ``with_keys=True`` a third element lists the samples' keys.
     """
 
-    def __init__(self, cfg: DataConfig, *, train: bool, rank: int = 0, world_size: int = 1, epoch: int = 0) -> None:
+    def __init__(self, cfg: DataConfig, *, train: bool, rank: int = 0, world_size: int = 1, epoch: int = 0,
+                 with_keys: bool = False, num_classes: int | None = None) -> None:
         if not isinstance(cfg, DataConfig):
             raise TypeError(f"cfg must be a DataConfig, got {type(cfg).__name__}")
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
@@ -139,7 +151,12 @@ class VideoLoader:
         spec = cfg.train_shards if train else cfg.val_shards
         if spec is None:
             raise ValueError(f"DataConfig.{'train' if train else 'val'}_shards is None; nothing to read")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 1):
+            raise ValueError(f"num_classes must be an int >= 1 or None, got {num_classes!r}")
         self.cfg, self.train, self.rank, self.world_size = cfg, train, rank, world_size
+        self.with_keys, self.num_classes = bool(with_keys), num_classes
+        self._exclusion: Exclusion | None = None
         self.epoch = int(epoch)
         self.decoder = resolve_decoder(cfg.decoder)
         self.shards = expand_shards(spec)
@@ -177,8 +194,49 @@ class VideoLoader:
     # -- epoch control -------------------------------------------------------------------------------
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch: its shard order, shuffle and augmentations follow from ``(seed, epoch)``."""
+        """Select the epoch: its shard order, shuffle and augmentations follow from ``(seed, epoch)``.
+
+        Ends an exclusion (:meth:`exclude_keys`) made for the previous epoch.
+        """
         self.epoch = int(epoch)
+        self._exclusion = None
+
+    def exclude_keys(self, keys: Iterable[str]) -> None:
+        """Make the passes of the current epoch (until the next :meth:`set_epoch`) read every sample except those
+        whose ``__key__`` is in ``keys``, each once, spread evenly over all ranks and workers (training only).
+
+        For resuming an epoch on another number of ranks or workers: pass the keys already trained in
+        the epoch (e.g. from the sample logs). Every reader slot (``rank * num_workers + worker``)
+        reads all shards in the epoch's shard order and keeps every ``world_size * num_workers``-th
+        of the remaining samples, so the slots together yield each remaining sample exactly once.
+        Every rank yields the same number of batches (``len(loader)``); batches hold at most
+        ``batch_size`` samples and the sizes are spread so that none is empty. The epoch must be
+        one pass over the shards (``resampled`` off, ``train_samples`` unset or equal to the data
+        set size), and the keys must be unique and present in the shards (a pass that meets
+        another number of them fails at its end, naming the counts). An undecodable sample is
+        skipped as usual, which leaves its batch one smaller.
+
+        Raises:
+            ValueError: an evaluation loader, resampled shards, an epoch that is not one pass, or too
+                few remaining samples to give every rank a non-empty batch.
+        """
+        if not self.train or self.cfg.resampled:
+            raise ValueError("exclude_keys applies to training loaders that read shards without replacement "
+                             f"(this one: train={self.train}, resampled={self.cfg.resampled})")
+        keys = frozenset(keys)
+        if not all(isinstance(k, str) for k in keys):
+            raise TypeError("exclude_keys takes sample keys (str)")
+        total = sum(self.shard_sizes) if self.shard_sizes is not None else None
+        if total is None or self.epoch_samples != total:
+            raise ValueError(f"exclude_keys needs an epoch that is one pass over the shards: the shards hold "
+                             f"{total if total is not None else 'an unknown number of'} samples (sizes.json), the "
+                             f"epoch is {self.epoch_samples} (data.train_samples)")
+        remaining = total - len(keys)
+        if remaining < 0:
+            raise ValueError(f"{len(keys)} keys to exclude but the shards hold only {total} samples")
+        workers = max(1, self.num_workers)
+        plan = plan_batches(remaining, self.world_size, workers, self.batch_size)[self.rank]
+        self._exclusion = Exclusion(keys, remaining, tuple(tuple(p) for p in plan))
 
     def skip_batches(self, k: int) -> None:
         """Make the next iteration start at batch ``k`` of the current epoch (training only; for resume)."""
@@ -193,6 +251,8 @@ class VideoLoader:
     def __len__(self) -> int:
         """Batches this rank yields per epoch (evaluation: an upper bound if samples are corrupt)."""
         workers = max(1, self.num_workers)
+        if self.train and self._exclusion is not None:
+            return sum(len(p) for p in self._exclusion.plan)
         if self.train:
             return self.batches_per_worker * workers
         counts = self._eval_counts()
@@ -247,7 +307,8 @@ class VideoLoader:
     def _state(self, worker_override: int | None = None) -> ReaderState:
         return ReaderState(seed=self.cfg.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size,
                             num_workers=max(1, self.num_workers), skip=self._pending_skip if self.train else 0,
-                            worker_override=worker_override, counters=self._counters)
+                            worker_override=worker_override, counters=self._counters,
+                            exclusion=self._exclusion if self.train else None, num_classes=self.num_classes)
 
     def stages(self, state: ReaderState | None = None) -> list[Any]:
         """The pipeline stages for one epoch (see the table in the module docstring)."""
@@ -265,8 +326,8 @@ class VideoLoader:
             ShuffleSamples(st, cfg.shuffle_buffer),
             skipper,
             DecodeClip(cfg, st, train=True, decoder=self.decoder, encoded=self.encoded),
-            Batch(self.batch_size, partial=False),
-            TakeBatches(skipper, self.batches_per_worker),
+            Batch(self.batch_size, partial=False, state=st),
+            *([] if st.exclusion is not None else [TakeBatches(skipper, self.batches_per_worker)]),
         ]
 
     def dataset(self) -> DataPipeline:
@@ -281,13 +342,13 @@ class VideoLoader:
     def _listed(self) -> dict[str, int]:
         return dict(zip(self.shards, self.shard_sizes, strict=True)) if self.shard_sizes is not None else {}
 
-    def _batches(self, batches: Iterator[Any], before: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Decode GPU batches; after a whole evaluation pass, record what it read (:attr:`read_report`).
-
-        ``before`` is a copy of the counters taken before the workers started.
-        """
-        for batch in batches:
-            yield decode_batch(batch, self.decode_device) if isinstance(batch, EncodedBatch) else batch
+    def _batches(self, batches: Iterator[Any], before: torch.Tensor) -> Iterator[tuple[Any, ...]]:
+        """Decode GPU batches, drop the keys unless asked for; after a whole evaluation pass, record what it
+        read (:attr:`read_report`). ``before`` is a copy of the counters taken before the workers started."""
+        for video, labels, keys in batches:
+            if isinstance(video, EncodedBatch):
+                video, labels = decode_batch(video, self.decode_device)
+            yield (video, labels, keys) if self.with_keys else (video, labels)
         if not self.train:
             undecodable, read, missing, damaged = (self._counters.sum(0) - before).tolist()
             counts = self._eval_counts()
@@ -317,15 +378,21 @@ class VideoLoader:
                 f"{self.num_workers} workers, batch {self.batch_size}, epoch {self.epoch})")
 
 
-def build_dataloader(cfg: DataConfig, *, train: bool, rank: int = 0, world_size: int = 1,
-                     epoch: int = 0) -> VideoLoader:
+def build_dataloader(cfg: DataConfig, *, train: bool, rank: int = 0, world_size: int = 1, epoch: int = 0,
+                     with_keys: bool = False, num_classes: int | None = None) -> VideoLoader:
     """The loader of one rank.
 
     ``train=True`` yields ``(video uint8 (B, 3, T, H, W), label int64 (B,))``, a fixed number of
     batches per epoch (``len(loader)``, equal on all ranks), shuffled and augmented from
     ``(seed, epoch)``. ``train=False`` yields ``(video uint8 (B, V, 3, T, H, W), label int64 (B,))``
     with ``V = num_clips * num_crops``, every sample exactly once across ranks and workers, in a
-    fixed order. Resume mid-epoch with ``loader.set_epoch(e); loader.skip_batches(k)``.
+    fixed order. Resume mid-epoch with ``loader.set_epoch(e); loader.skip_batches(k)``, or on
+    another world size with ``loader.set_epoch(e); loader.exclude_keys(trained_keys)``.
+
+    ``with_keys=True`` adds a third element, the ``__key__`` of every sample of the batch
+    (``list[str]``, batch order). With ``num_classes``, a label outside ``[0, num_classes)``
+    raises ``ValueError`` naming the shard, the sample key, the label and the range.
     """
-    return VideoLoader(cfg, train=train, rank=rank, world_size=world_size, epoch=epoch)
+    return VideoLoader(cfg, train=train, rank=rank, world_size=world_size, epoch=epoch, with_keys=with_keys,
+                       num_classes=num_classes)
 

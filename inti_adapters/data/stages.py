@@ -31,6 +31,47 @@ logger = logging.getLogger("inti_adapters.data")
 UNDECODABLE, READ, MISSING, DAMAGED = range(4)
 
 
+@dataclass(frozen=True)
+class Exclusion:
+    """A training pass without the samples of ``keys`` (see ``VideoLoader.exclude_keys``).
+
+    ``remaining`` samples are expected once ``keys`` are dropped; ``plan[w]`` lists the batch sizes
+    that worker ``w`` of this rank yields (the same number of batches on every rank).
+    """
+
+    keys: frozenset[str]
+    remaining: int
+    plan: tuple[tuple[int, ...], ...]
+
+
+def plan_batches(remaining: int, world_size: int, workers: int, batch_size: int) -> list[list[list[int]]]:
+    """Batch sizes per rank and worker when slot ``rank * workers + w`` gets every ``world_size * workers``-th of
+    ``remaining`` samples: every rank gets the same number of batches, none larger than ``batch_size`` or empty.
+
+    Raises:
+        ValueError: too few samples remain to give every rank as many non-empty batches.
+    """
+    slots = world_size * workers
+    shares = [[len(range(r * workers + w, remaining, slots)) for w in range(workers)] for r in range(world_size)]
+    n = max(sum(-(-s // batch_size) for s in rank) for rank in shares)
+    plans = []
+    for r, rank in enumerate(shares):
+        if sum(rank) < n:
+            raise ValueError(f"{remaining} samples remain in the epoch: too few for {world_size} ranks to take "
+                             f"{n} batches each (rank {r} would get {sum(rank)} samples); start the next epoch instead")
+        counts = [-(-s // batch_size) for s in rank]
+        while sum(counts) < n:  # split the fullest worker's batches once more
+            w = max(range(workers), key=lambda i: rank[i] / max(counts[i], 1))
+            counts[w] += 1
+        plans.append([[s // c + (1 if i < s % c else 0) for i in range(c)] for s, c in zip(rank, counts, strict=True)])
+    return plans
+
+
+class SampleError(ValueError):
+    """A label outside ``[0, num_classes)``, a member given twice, a key used twice: the data set is wrong
+    (never skipped as an undecodable sample)."""
+
+
 @dataclass
 class ReaderState:
     """What every stage needs to know; fixed for one iteration (a fresh copy per epoch)."""
@@ -43,6 +84,8 @@ class ReaderState:
     skip: int = 0  # training batches of this epoch to skip (all workers together)
     worker_override: int | None = None  # simulate worker i of num_workers in this process
     counters: torch.Tensor | None = None  # shared (workers + 1, 4) counts: UNDECODABLE, READ, MISSING, DAMAGED
+    exclusion: Exclusion | None = None  # a training pass without some samples (resume on another world size)
+    num_classes: int | None = None  # labels outside [0, num_classes) are refused
 
     @property
     def slots(self) -> int:
@@ -97,6 +140,10 @@ class ShardSource:
             return
         # training without replacement: endless passes, each a fresh order of the same split
         perm = st.rng(12).permutation(n) if self.shard_shuffle else np.arange(n)
+        if st.exclusion is not None:  # one pass; every slot reads every shard in the same order
+            for i in perm:
+                yield {"url": self.shards[int(i)], "pass": 0, "modulo": (slot, slots)}
+            return
         for p in itertools.count():
             if n >= slots:
                 mine = perm[slot::slots]
@@ -136,6 +183,9 @@ class ReadSamples:
             self.state.count(MISSING, len(lost) if modulo is None else sum(1 for i in lost if i % modulo[1] == modulo[0]))
 
     def __call__(self, jobs: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        if self.state.exclusion is not None:
+            yield from self._excluding(jobs)
+            return
         current_pass, kept, ordinal = None, 0, 0
         for job in jobs:
             if job["pass"] != current_pass:
@@ -154,6 +204,27 @@ class ReadSamples:
                 self.state.count(READ)
                 sample["__pass__"] = job["pass"]
                 yield sample
+
+
+    def _excluding(self, jobs: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """One pass without the excluded samples; this slot keeps every ``slots``-th of the others."""
+        ex, slot, slots = self.state.exclusion, self.state.slot(), self.state.slots
+        ordinal, met = 0, 0
+        for job in jobs:
+            for sample in self._shard(job["url"], None):
+                if sample["__key__"] in ex.keys:
+                    met += 1
+                    continue
+                ordinal += 1
+                if (ordinal - 1) % slots == slot:
+                    self.state.count(READ)
+                    sample["__pass__"] = 0
+                    yield sample
+        if ordinal != ex.remaining or met != len(ex.keys):
+            raise RuntimeError(
+                f"exclude_keys: the shards hold {ordinal + met} samples of which {met} have one of the {len(ex.keys)} "
+                f"excluded keys, so {ordinal} remain, but {ex.remaining} were planned for: keys that are not in the "
+                "shards, keys used by several samples, or shards that changed since the epoch began")
 
 
 class ShuffleSamples:
@@ -237,9 +308,14 @@ class DecodeClip:
 
     def open(self, sample: dict[str, Any]) -> tuple[Any, int]:
         """The sample's reader (video or frames) and its label."""
+        if "__error__" in sample:
+            raise SampleError(sample["__error__"])
         if "cls" not in sample:
             raise ValueError("no .cls label member")
         label = int(sample["cls"].decode().strip())
+        classes = self.state.num_classes
+        if classes is not None and not 0 <= label < classes:
+            raise SampleError(f"label {label} is outside [0, {classes}) (num_classes {classes})")
         ext = next((e for e in self.cfg.video_extensions if e in sample), None)
         if ext is not None:
             return open_video(sample[ext], self.decoder), label
@@ -294,7 +370,7 @@ class DecodeClip:
         return EncodedClip([reader.encoded(int(p)) for p in unique], per_clip, boxes, view_clip, cfg.crop_size,
                            multi_view=not self.train)
 
-    def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[tuple[torch.Tensor, int]]:
+    def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[tuple[Any, int, str]]:
         in_a_row = 0
         for sample in samples:
             try:
@@ -302,6 +378,8 @@ class DecodeClip:
                     out = self.clip(sample)
             except Exception as exc:  # a corrupt sample can fail in any library below
                 where = f"sample {sample.get('__key__')!r} of {sample.get('__url__')}"
+                if isinstance(exc, SampleError):  # wrong data, not a damaged sample: never skipped
+                    raise SampleError(f"{where}: {exc}") from None
                 if self.cfg.on_corrupt == "raise":
                     raise RuntimeError(f"cannot decode {where}: {type(exc).__name__}: {exc}") from exc
                 in_a_row += 1
@@ -314,30 +392,36 @@ class DecodeClip:
                     ) from exc
                 continue
             in_a_row = 0
-            yield out
+            yield (*out, sample["__key__"])
 
 
 class Batch:
-    """Stack ``batch_size`` clips; ``partial`` keeps a last smaller batch (evaluation)."""
+    """Stack ``batch_size`` clips; ``partial`` keeps a last smaller batch (evaluation). With an exclusion,
+    this worker's planned batch sizes instead (the last batch may be smaller if a sample was undecodable)."""
 
-    def __init__(self, batch_size: int, *, partial: bool) -> None:
-        self.batch_size, self.partial = batch_size, partial
+    def __init__(self, batch_size: int, *, partial: bool, state: ReaderState | None = None) -> None:
+        self.batch_size, self.partial, self.state = batch_size, partial, state
 
     @staticmethod
-    def collate(items: list[tuple[Any, int]]) -> Any:
-        """``(clips, labels)`` tensors, or an :class:`~inti_adapters.data.device.EncodedBatch` for the GPU."""
-        if any(isinstance(v, EncodedClip) for v, _ in items):
-            return collate_encoded(items)
-        return torch.stack([v for v, _ in items]), torch.tensor([lab for _, lab in items], dtype=torch.int64)
+    def collate(items: list[tuple[Any, int, str]]) -> tuple[Any, torch.Tensor | None, list[str]]:
+        """``(clips, labels, keys)``, or ``(EncodedBatch, None, keys)`` for decoding on the GPU."""
+        keys = [key for _, _, key in items]
+        if any(isinstance(v, EncodedClip) for v, _, _ in items):
+            return collate_encoded([(v, lab) for v, lab, _ in items]), None, keys
+        return (torch.stack([v for v, _, _ in items]), torch.tensor([lab for _, lab, _ in items], dtype=torch.int64),
+                keys)
 
-    def __call__(self, clips: Iterator[tuple[torch.Tensor, int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        items: list[tuple[torch.Tensor, int]] = []
+    def __call__(self, clips: Iterator[tuple[Any, int, str]]) -> Iterator[tuple[Any, torch.Tensor | None, list[str]]]:
+        ex = self.state.exclusion if self.state is not None else None
+        sizes = iter(ex.plan[self.state.worker()] if ex is not None else itertools.repeat(self.batch_size))
+        size = next(sizes, None)
+        items: list[tuple[Any, int, str]] = []
         for item in clips:
             items.append(item)
-            if len(items) == self.batch_size:
+            if len(items) == size:
                 yield self.collate(items)
-                items = []
-        if items and self.partial:
+                items, size = [], next(sizes, None)
+        if items and (self.partial or ex is not None):
             yield self.collate(items)
 
 

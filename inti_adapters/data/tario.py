@@ -180,6 +180,7 @@ def iter_tar_samples(url: str, *, opener: Callable[[str], Any] | None = None) ->
     stream = (opener or (lambda u: gopen(u, "rb")))(url)
     count, offset, damage = 0, None, None
     current: dict[str, Any] | None = None
+    seen: set[str] = set()
     try:
         for member_offset, name, data in _guarded(iter_tar_members(stream)):
             offset = member_offset
@@ -196,6 +197,13 @@ def iter_tar_samples(url: str, *, opener: Callable[[str], Any] | None = None) ->
                 current = None
             if current is None:
                 current = {"__key__": key, "__url__": url}
+                if key in seen:
+                    current["__error__"] = (f"duplicate sample key {key!r}: an earlier sample of this shard has the "
+                                            "same key (keys must be unique)")
+                seen.add(key)
+            if ext in current:
+                current.setdefault("__error__", f"two '.{ext}' members (member {name!r} repeats one); a sample "
+                                                "holds each member once")
             current[ext] = data
         if current is not None:  # the last sample (before the end, or before a damaged header: its checks
             count += 1           # in the decoding stage catch a member lost with the header)
