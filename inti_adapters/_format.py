@@ -62,8 +62,29 @@ def write_config(path: str | os.PathLike, config: dict[str, Any]) -> None:
     atomic_write(path, json.dumps(stamped, indent=2, sort_keys=True) + "\n")
 
 
+def _shape_problems(cfg: dict[str, Any]) -> list[str]:
+    """What is wrong with the types of a config's top-level keys (each: key, value seen, expected)."""
+    expect: dict[str, tuple[tuple[type, ...], str]] = {
+        "embed_dim": ((int,), "an integer"), "depth": ((int,), "an integer"), "inject": ((dict,), "a JSON object"),
+        "format_version": ((int,), "an integer"), "saved_backbone": ((bool,), "true or false"),
+        "custom_head": ((bool,), "true or false"), "peft": ((dict, type(None)), "a JSON object or null"),
+    }
+    problems = []
+    for key, (types, words) in expect.items():
+        value = cfg.get(key)
+        if key in cfg and (not isinstance(value, types) or (types == (int,) and isinstance(value, bool))):
+            problems.append(f"{key} is {value!r} ({type(value).__name__}); expected {words}")
+    peft = cfg.get("peft")
+    if isinstance(peft, dict):
+        if peft.get("order") not in ("before_inject", "after_inject"):
+            problems.append(f"peft.order is {peft.get('order')!r}; expected 'before_inject' or 'after_inject'")
+        if not isinstance(peft.get("subfolder", PEFT_SUBFOLDER), str):
+            problems.append(f"peft.subfolder is {peft.get('subfolder')!r}; expected a folder name such as 'peft'")
+    return problems
+
+
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The config of a saved adapter (a directory or its ``inti_config.json``), checked for shape."""
+    """The config of a saved adapter (a directory or its ``inti_config.json``), checked for shape and types."""
     p = Path(path)
     cfg_path = p / CONFIG_NAME if p.is_dir() else p
     if not cfg_path.is_file():
@@ -72,9 +93,14 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         cfg = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_path} is not valid JSON ({e}); the file is truncated or damaged") from None
+    except RecursionError:
+        raise ValueError(f"{cfg_path} is nested too deeply to be read; it was not written by save_pretrained") from None
     missing = [k for k in ("inject", "embed_dim", "depth") if not isinstance(cfg, dict) or k not in cfg]
     if missing:
         raise ValueError(f"{cfg_path} lacks {missing}: it was not written by inti_adapters' save_pretrained")
+    problems = _shape_problems(cfg)
+    if problems:
+        raise ValueError(f"{cfg_path} has values of the wrong type: {'; '.join(problems)}")
     fmt = cfg.get("format_version", 0)
     if fmt > FORMAT_VERSION:
         warnings.warn(

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._format import ADAPTER_WEIGHTS_NAME, BACKBONE_WEIGHTS_NAME, PEFT_SUBFOLDER, read_config, read_tensors
+from ._format import ADAPTER_WEIGHTS_NAME, BACKBONE_WEIGHTS_NAME, CONFIG_NAME, PEFT_SUBFOLDER, read_config, read_tensors
 from ._peft import is_peft_model, unwrap_peft
 from .config import InjectConfig
 from .hosts import resolve_host
@@ -148,26 +148,69 @@ def _check_tensors(model: InTIModel, tensors: dict[str, torch.Tensor], where: Pa
         raise ValueError(f"{where} lacks adapter weights {missing[:5]}")
 
 
-def _read_saved(path: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
-    tensors = read_tensors(path / ADAPTER_WEIGHTS_NAME)
-    if cfg.get("saved_backbone"):
-        tensors.update(read_tensors(path / BACKBONE_WEIGHTS_NAME))
-    return tensors
+def _read_saved(path: Path, cfg: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The tensors of the adapter file and (when the config says it was saved) of the backbone file."""
+    adapter = read_tensors(path / ADAPTER_WEIGHTS_NAME)
+    backbone = read_tensors(path / BACKBONE_WEIGHTS_NAME) if cfg.get("saved_backbone") else {}
+    return adapter, backbone
+
+
+def _check_sources(model: InTIModel, adapter: dict[str, torch.Tensor], backbone: dict[str, torch.Tensor],
+                   path: Path) -> None:
+    """Each file holds only the keys the saved config implies: the adapter file the compressors, temporal
+    adapters and head; the backbone file the backbone's own weights. Anything else (e.g. a backbone
+    tensor in the adapter file) could overwrite weights the config says were not saved: refused."""
+    heads = set(model.head_parameter_names())
+    stray = sorted(k for k in adapter if not (k.startswith(("compressors.", "temporal.")) or k in heads
+                                              or (model.head is not None and k.startswith("head."))))
+    if stray:
+        raise ValueError(f"{path / ADAPTER_WEIGHTS_NAME} holds {stray[0]!r}{f' and {len(stray) - 1} more' if len(stray) > 1 else ''}, "
+                         "which is not an adapter or head weight (the config says saved_backbone: "
+                         f"{bool(backbone)}): refused, nothing was loaded")
+    stray = sorted(k for k in backbone if not k.startswith("backbone.") or k.startswith(("compressors.", "temporal.")))
+    if stray:
+        raise ValueError(f"{path / BACKBONE_WEIGHTS_NAME} holds {stray[0]!r}, which is not a backbone weight: "
+                         "refused, nothing was loaded")
+
+
+def _inside(folder: Path, sub: str, what: str) -> Path:
+    """``folder / sub``, refused unless it stays inside ``folder`` (no absolute path, no ``..``, no link out)."""
+    target = folder / sub
+    if Path(sub).is_absolute() or ".." in Path(sub).parts or not target.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"{folder / CONFIG_NAME}: {what} {sub!r} points outside the saved folder {folder}; "
+                         "a saved adapter only names files inside its own folder")
+    return target
+
+
+def _check_peft_keys(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """peft's file holds only its tuner's weights (and its modules_to_save): peft would load any
+    other key into the base model, e.g. over a backbone weight."""
+    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    prefix = PEFT_TYPE_TO_PREFIX_MAPPING.get(config.get("peft_type")) if isinstance(config, dict) else None
+    saved = set((config.get("modules_to_save") or []) if isinstance(config, dict) else [])
+    stray = sorted(k for k in tensors if not ((prefix and prefix in k) or saved & set(k.split("."))))
+    if stray:
+        raise ValueError(f"{folder / 'adapter_model.safetensors'} holds {stray[0]!r}, which is not a weight of its "
+                         f"peft tuner ({config.get('peft_type') if isinstance(config, dict) else '?'}, parameters "
+                         f"named '{prefix}...'): refused, nothing was loaded")
 
 
 def _check_peft_files(folder: Path) -> None:
-    """peft's part is readable (so that peft cannot fail half-way through injecting it)."""
+    """peft's part is readable and holds only its tuner's weights (so that peft cannot fail half-way
+    through injecting it, nor load anything over the backbone)."""
     config = folder / "adapter_config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{config} is missing: the saved adapter's peft part is incomplete")
     try:
         json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config} is not valid JSON ({e}); the file is truncated or damaged") from None
-    weights = [folder / n for n in ("adapter_model.safetensors",) if (folder / n).exists()]
-    if not weights:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{config} is not valid JSON ({type(e).__name__}); the file is truncated or damaged") from None
+    weights = folder / "adapter_model.safetensors"
+    if not weights.exists():
         raise FileNotFoundError(f"{folder} has no adapter_model.safetensors: the saved peft part is incomplete")
-    read_tensors(weights[0])
+    _check_peft_keys(folder, read_tensors(weights))
 
 
 def _check_backbone(backbone: nn.Module, cfg: dict[str, Any], inject_cfg: InjectConfig, path: Path,
@@ -215,25 +258,34 @@ def load_pretrained(
             backbone is then unchanged.
     """
     path = resolve_adapter(path, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+    if path.is_file():
+        raise ValueError(f"{path} is a file; load_pretrained takes the folder written by save_pretrained "
+                         f"(here: {path.parent})")
     cfg = read_config(path)
-    inject_cfg = InjectConfig.from_dict(cfg["inject"])
+    try:
+        inject_cfg = InjectConfig.from_dict(cfg["inject"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path / CONFIG_NAME}: its 'inject' options are not valid: {e}") from None
     _check_backbone(backbone, cfg, inject_cfg, path, head)
-    tensors = _read_saved(path, cfg)  # everything read (and checked by safetensors) before any change
+    adapter, saved_backbone = _read_saved(path, cfg)  # everything read (and checked by safetensors) before any change
+    tensors = {**saved_backbone, **adapter}
     peft_info = cfg.get("peft") or {}
     if peft_info:
-        _check_peft_files(path / peft_info.get("subfolder", PEFT_SUBFOLDER))
+        peft_info = {**peft_info, "subfolder": _inside(path, peft_info.get("subfolder", PEFT_SUBFOLDER), "peft.subfolder")}
+        _check_peft_files(peft_info["subfolder"])
     before = peft_info.get("order") == "before_inject"
     if before:
         from peft import PeftModel
 
-        backbone = PeftModel.from_pretrained(backbone, str(path / peft_info["subfolder"]), is_trainable=is_trainable)
+        backbone = PeftModel.from_pretrained(backbone, str(peft_info["subfolder"]), is_trainable=is_trainable)
     model: InTIModel | None = None
     try:
         model = build_video_model(backbone, inject_cfg, head=head)
+        _check_sources(model, adapter, saved_backbone, path)
         for key, compressor in model.compressors.items():  # weights saved under older names
             compressor.upgrade_state_dict(tensors, f"compressors.{key}.")
         _check_tensors(model, tensors, path)
-        result = _apply(model, tensors, path, peft_info, is_trainable)
+        result = _apply(model, tensors, peft_info, is_trainable)
     except BaseException:
         if model is not None:
             model.unload()  # hooks removed, requires_grad restored; no weight was written yet
@@ -246,13 +298,12 @@ def load_pretrained(
     return result
 
 
-def _apply(model: InTIModel, tensors: dict[str, torch.Tensor], path: Path, peft_info: dict[str, Any],
-           is_trainable: bool) -> nn.Module:
+def _apply(model: InTIModel, tensors: dict[str, torch.Tensor], peft_info: dict[str, Any], is_trainable: bool) -> nn.Module:
     result: nn.Module = model
     if peft_info.get("order") == "after_inject":
         from peft import PeftModel
 
-        result = whole_model_methods(PeftModel.from_pretrained(model, str(path / peft_info["subfolder"]),
+        result = whole_model_methods(PeftModel.from_pretrained(model, str(peft_info["subfolder"]),
                                                                is_trainable=is_trainable))
     model.load_state_dict(tensors, strict=False)  # checked: no error can leave it half-applied
     if result is not model and is_trainable:
