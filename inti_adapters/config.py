@@ -13,7 +13,18 @@ from typing import Any
 
 from ._config import Config, ConfigError, check_choice
 
-CONTEXTS = ("token", "cube", "frame", "global")
+CONTEXTS = ("token", "cube", "frame", "global")  # the paper's four (the default)
+KERNELS = ("auto", "reference", "fused")
+_context_names = list(CONTEXTS)  # what InTIConfig.contexts accepts, in canonical order
+
+
+def register_context(name: str) -> None:
+    """Let ``InTIConfig.contexts`` accept ``name``: a context defined in ``inti_adapters/inti.py``
+    (its module docstring shows how to add one). Registering a known name again is a no-op."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"a context name must be an identifier, got {name!r}")
+    if name not in _context_names:
+        _context_names.append(name)
 FUSIONS = ("sep", "add", "cat")
 HEADS = ("softmax", "sigmoid", "attention")
 ODD_FRAME_POLICIES = ("repeat_last", "error")
@@ -34,7 +45,7 @@ class InTIConfig(Config):
     contexts: tuple[str, ...] = field(
         default=CONTEXTS,
         metadata={"help": "Context features used to predict the weights: any non-empty subset of "
-                          "token, cube, frame, global (paper Table 5a)."},
+                          "token, cube, frame, global (paper Table 5a), and of contexts added in inti.py."},
     )
     fusion: str = field(
         default="sep",
@@ -73,19 +84,31 @@ class InTIConfig(Config):
                           "'attention' any value still keeps static videos unchanged (the weights sum to 1)."},
     )
 
+    kernel: str = field(
+        default="auto",
+        metadata={"help": "How the layer is executed; the same function, outputs and gradients, and the same "
+                          "saved weights either way. 'reference': the plain autograd formulation of inti.py. "
+                          "'fused': the hand-fused CPU kernel (kernels/inti_cpu.py, custom autograd Functions; "
+                          "the paper's four contexts only). 'auto': fused in eager mode on the CPU (fewer "
+                          "operations per step), reference under torch.compile (inductor fuses the plain "
+                          "operations itself; custom Functions would stop it) and on CUDA and other devices "
+                          "(until GPU measurements of benchmarks/gpu_suite.py say otherwise)."},
+    )
+
     def __post_init__(self) -> None:
         if isinstance(self.contexts, str):
             self.contexts = (self.contexts,)
         self.contexts = tuple(self.contexts)
         if not self.contexts:
-            raise ValueError(f"contexts must name at least one of {list(CONTEXTS)}, got an empty list")
+            raise ValueError(f"contexts must name at least one of {_context_names}, got an empty list")
         for c in self.contexts:
-            check_choice("each entry of contexts", c, CONTEXTS)
+            check_choice("each entry of contexts", c, _context_names)
         if len(set(self.contexts)) != len(self.contexts):
             raise ValueError(f"contexts has duplicates: {list(self.contexts)}")
         # canonical order, so configs compare and serialise the same way
-        self.contexts = tuple(c for c in CONTEXTS if c in self.contexts)
+        self.contexts = tuple(c for c in _context_names if c in self.contexts)
         check_choice("fusion", self.fusion, FUSIONS)
+        check_choice("kernel", self.kernel, KERNELS)
         check_choice("weight_head", self.weight_head, HEADS)
         check_choice("odd_frames", self.odd_frames, ODD_FRAME_POLICIES)
         if self.hidden_dim is not None and (not isinstance(self.hidden_dim, int) or self.hidden_dim < 1):

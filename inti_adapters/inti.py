@@ -6,6 +6,25 @@ token is ``w_a * a_k + w_b * b_k`` with weights predicted per token from four co
 (token, cube, frame, global), as defined in section 3.2 and appendix B of the paper
 (*Dynamic and Compressive Adaptation of Transformers From Images to Videos*).
 
+This file is the definition, in plain autograd operations, read top-down in
+:meth:`InTILayer.forward`: pairing, the contexts (:meth:`~InTILayer.contexts`), fusion
+(:meth:`~InTILayer.fuse`), the weight head (:meth:`~InTILayer.pair_weights`), interpolation and the
+temporal position (:meth:`~InTILayer.interpolate`). ``InTIConfig.kernel`` picks how it is executed:
+``"reference"`` runs this code, ``"fused"`` the hand-fused CPU kernel of
+:mod:`inti_adapters.kernels.inti_cpu` (the same function from the same parameters, with written-out
+backward passes); ``"auto"`` takes the fused kernel in eager mode on the CPU, this code under
+``torch.compile`` and on other devices.
+
+Adding a context (here "motion", the difference of the two frames of a pair) is a change to this
+file only; the fusions and the head's input width follow, and ``"auto"`` runs the plain layer for it::
+
+    register_context("motion")                                  # at module level: InTIConfig accepts it
+    # InTILayer.__init__: its projection, when asked for
+    self.motion_proj = _Proj(dim, h) if "motion" in ctx else None
+    # InTILayer.contexts: its feature, (B, T', N, C') or broadcastable over the tokens
+    if self.motion_proj is not None:
+        feats["motion"] = self.motion_proj(b - a)
+
 Example:
     >>> import torch
     >>> from inti_adapters import InTILayer, TokenLayout
@@ -20,32 +39,15 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from .compressors._base import Compressor, register_compressor
-from .config import InTIConfig
-from .ops import DepthwiseConv3d
-from .tokens import TokenLayout, even_frames, pair_concat, patch_volume
-
-
-def _with_prefix_rows(full: torch.Tensor | None, patches: torch.Tensor, p: int) -> torch.Tensor:
-    """``full + [0 ; patches]`` over the token dim (``p`` prefix rows), the zeros never materialised.
-
-    ``full`` (broadcastable to ``(B, T', p + HW, C')``, or None for zeros) gets ``patches``
-    ``(B, T', HW, C')`` added to its patch rows.
-    """
-    if full is None:
-        return F.pad(patches, (0, 0, p, 0)) if p else patches
-    if not p:
-        return full + patches
-    b, t2, hw, c = patches.shape
-    full = full.expand(b, t2, p + hw, c)
-    return torch.cat([full[:, :, :p], full[:, :, p:] + patches], dim=2)
+from .config import InTIConfig, register_context  # noqa: F401  (register_context: see "Adding a context")
+from .kernels import inti_cpu
+from .ops import DepthwiseConv3d, depthwise_conv3d
+from .tokens import TokenLayout, pair_frames, patch_volume
 
 
 class _Proj(nn.Sequential):
@@ -55,78 +57,11 @@ class _Proj(nn.Sequential):
         super().__init__(nn.LayerNorm(in_dim), nn.Linear(in_dim, out_dim), nn.GELU())
 
 
-def _time_windows(z: torch.Tensor) -> torch.Tensor:
-    """``(B, T, C) -> (B, T, C, 3)``: each frame's zero-padded neighbourhood (t - 1, t, t + 1), a view of a padded copy."""
-    return torch.constant_pad_nd(z, (0, 0, 1, 1)).unfold(1, 3, 1)
-
-
-def _gelu_grad(g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten.gelu_backward(g, z)
-
-
-class _GlobalConvs(torch.autograd.Function):
-    """The global context before its projection, on class tokens ``(B, T, C)``: three depth-wise
-    temporal convolutions (kernel 3, padding 1) with GELU, max pooling (kernel 2, ceil mode) halving
-    the frames after the first two, a mean over the frames left, GELU: ``(B, C)``.
-
-    Equal to ``nn.Conv1d(C, C, 3, padding=1, groups=C)`` and ``max_pool1d`` on ``(B, C, T)`` (ties send
-    the gradient to the first frame, as max_pool1d does). On these few frames the cost is the number
-    of operations, not the arithmetic (oneDNN's per-call setup alone outweighed it), so the
-    convolutions are window sums on ``(B, T, C)`` and the backward is written out: one autograd node
-    instead of ~25. Being element-wise, their multiply-adds (3 per channel and frame each) are not in
-    FLOP counts: 1e-5 of a ViT-B/16 InTI layer's, 4e-4 of the demo model's.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, cls: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        weights, biases = params[0::2], params[1::2]  # (C, 1, 3), (C,) for each convolution
-        saved, pools, z = [cls], [], cls
-        for w, b in zip(weights[:2], biases[:2], strict=True):
-            y = (_time_windows(z) * w[:, 0]).sum(-1).add_(b)
-            if y.shape[1] > 1:  # pool; a single frame is left as it is
-                pools.append((y.shape[1], True))
-                v, idx = torch.constant_pad_nd(y, (0, 0, 0, y.shape[1] % 2), float("-inf")).unflatten(1, (-1, 2)).max(2)
-            else:
-                pools.append((1, False))
-                v, idx = y, y.new_empty(0, dtype=torch.long)
-            z = F.gelu(v)
-            saved += [v, idx, z]
-        m = (_time_windows(z) * weights[2][:, 0]).sum(-1).add_(biases[2]).mean(1)
-        ctx.save_for_backward(*saved, m, *weights)
-        ctx.pools = pools
-        return F.gelu(m)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        cls, v1, i1, z1, v2, i2, z2, m, *weights = ctx.saved_tensors
-        grads: list[torch.Tensor] = []  # (weight, bias) gradients, last convolution first
-
-        def conv_backward(gy: torch.Tensor, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            grads.extend([gy.sum((0, 1)), (_time_windows(z) * gy.unsqueeze(-1)).sum((0, 1)).unsqueeze(1)])
-            return (_time_windows(gy) * w[:, 0].flip(-1)).sum(-1)  # correlation with the flipped kernel
-
-        def pool_backward(gv: torch.Tensor, idx: torch.Tensor, pool: tuple[int, bool]) -> torch.Tensor:
-            t, pooled = pool
-            if not pooled:
-                return gv
-            b, t2, c = gv.shape
-            return gv.new_zeros(b, t2, 2, c).scatter_(2, idx.unsqueeze(2), gv.unsqueeze(2)).flatten(1, 2)[:, :t]
-
-        gm = _gelu_grad(g, m)
-        t3 = z2.shape[1]
-        gz = conv_backward((gm / t3).unsqueeze(1).expand(-1, t3, -1), z2, weights[2])
-        gz = conv_backward(pool_backward(_gelu_grad(gz, v2), i2, ctx.pools[1]), z1, weights[1])
-        gcls = conv_backward(pool_backward(_gelu_grad(gz, v1), i1, ctx.pools[0]), cls, weights[0])
-        gb3, gw3, gb2, gw2, gb1, gw1 = grads
-        return gcls, gw1, gb1, gw2, gb2, gw3, gb3
-
-
 class GlobalContext(nn.Module):
     """Class tokens of all frames -> one global feature per clip (paper appendix B): three depth-wise
-    temporal convolutions (kernel 3) with GELU, max pooling halving the frames after the first two,
-    a mean over the frames left and a linear projection (:class:`_GlobalConvs` computes all but the
-    projection)."""
+    temporal convolutions (kernel 3) with GELU, max pooling halving the frames after the first two
+    (ceil mode; a single frame is left as it is), a mean over the frames left, GELU and a linear
+    projection."""
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
@@ -134,8 +69,18 @@ class GlobalContext(nn.Module):
         self.proj = nn.Linear(dim, hidden_dim)
 
     def forward(self, cls: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, C')
-        params = [t for conv in self.convs for t in (conv.weight, conv.bias)]
-        return self.proj(_GlobalConvs.apply(cls, *params))
+        z = cls.transpose(1, 2)  # (B, C, T)
+        for conv in self.convs[:2]:
+            z = conv(z)
+            z = F.gelu(F.max_pool1d(z, 2, ceil_mode=True) if z.shape[-1] > 1 else z)
+        return self.proj(F.gelu(self.convs[2](z).mean(-1)))
+
+
+def frame_tokens(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """One token per frame ``(B, T, C)``: the class token, or the mean of the patch tokens without one."""
+    if layout.cls_index is not None:
+        return x[:, :, layout.cls_index]
+    return x[:, :, layout.num_prefix_tokens:].mean(dim=2)
 
 
 def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -143,144 +88,6 @@ def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
     for t in tensors[1:]:
         out = out + t
     return out
-
-
-def frame_tokens(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """One token per frame: the class token, or the mean of the patch tokens without one."""
-    if layout.cls_index is not None:
-        return x[:, :, layout.cls_index]
-    p = layout.num_prefix_tokens
-    patches = x[:, :, p:] if p else x
-    # the mean as sum / count: the sum's backward is a broadcast view, not a full-size division
-    return patches.sum(dim=2) / patches.shape[2]
-
-
-class _ContextInputs(torch.autograd.Function):
-    """``x`` itself (for the interpolation) and what the contexts read from it, in one node: the frame
-    pairs ``[a ; b]`` (token context), the patch tokens (cube context) and one token per frame
-    (frame / global contexts).
-
-    Equal to ``x``, ``pair_concat(x)``, ``x[:, :, p:]`` and :func:`frame_tokens` (the last three
-    contiguous copies). The backward sums all their gradients into one tensor of ``x``'s size in one
-    pass; through autograd each slice would get its own zero-filled gradient of that size, and each
-    of them would be added to the others.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, p: int, cls_index: int | None, odd_frames: str, pairs: bool,
-                patches: bool, frame: bool) -> tuple[torch.Tensor, ...]:
-        ctx.set_materialize_grads(False)
-        ctx.shape, ctx.p, ctx.cls_index, ctx.wanted = x.shape, p, cls_index, (pairs, patches, frame)
-        # one empty tensor per output not asked for: torch.compile's tracing fails on an output returned twice
-        return (x.view_as(x),
-                pair_concat(x, odd_frames).contiguous() if pairs else x.new_empty(0),
-                x[:, :, p:].contiguous() if patches else x.new_empty(0),
-                frame_tokens(x, TokenLayout(p, cls_index, None)).contiguous() if frame else x.new_empty(0))
-
-    @staticmethod
-    def _pairs_grad(g_x: torch.Tensor | None, g_pairs: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """``g_x + (the gradient of pair_concat(x))`` in one pass (a new tensor)."""
-        b, t, n, c = shape
-        t2 = g_pairs.shape[1]
-        per_frame = g_pairs.unflatten(-1, (2, c)).movedim(-2, 2)  # (B, T', 2, N, C): frames 0, 1, 2, ...
-        if 2 * t2 == t:
-            gx = g_pairs.new_empty(b, t, n, c)
-            if g_x is None:
-                gx.view(b, t2, 2, n, c).copy_(per_frame)
-            else:
-                torch.add(g_x.reshape(b, t2, 2, n, c), per_frame, out=gx.view(b, t2, 2, n, c))
-            return gx
-        full = per_frame.reshape(b, 2 * t2, n, c)  # odd T: the last frame was paired with itself
-        gx = full[:, :t] + g_x if g_x is not None else full[:, :t].clone()
-        gx[:, -1] += full[:, t]
-        return gx
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, g_x: torch.Tensor | None, g_pairs: torch.Tensor | None, g_patches: torch.Tensor | None,
-                 g_frame: torch.Tensor | None) -> tuple[torch.Tensor | None, None, None, None, None, None, None]:
-        b, t, n, c = ctx.shape
-        p, nones = ctx.p, (None,) * 6
-        # an output not asked for is an empty tensor; torch.compile hands it a (zero, empty) gradient
-        g_pairs, g_patches, g_frame = (g if want else None for g, want in zip((g_pairs, g_patches, g_frame),
-                                                                              ctx.wanted, strict=True))
-        if g_pairs is not None:
-            gx = _ContextInputs._pairs_grad(g_x, g_pairs, ctx.shape)
-        elif g_x is not None:
-            gx = g_x.clone(memory_format=torch.contiguous_format)  # never write into autograd's own buffer
-        elif g_patches is not None or g_frame is not None:
-            gx = (g_patches if g_patches is not None else g_frame).new_zeros(b, t, n, c)
-        else:
-            return None, *nones
-        if g_patches is not None:
-            gx[:, :, p:] += g_patches
-        if g_frame is not None:
-            if ctx.cls_index is not None:
-                gx[:, :, ctx.cls_index] += g_frame
-            else:
-                gx[:, :, p:] += (g_frame / (n - p))[:, :, None]
-        return gx, *nones
-
-
-class _AddParts(torch.autograd.Function):
-    """``z += bcast`` (broadcast) and ``z[:, :, p:] += rows``, in place on the 2-D ``z`` (a product's
-    fresh output, which no backward needs) seen as ``shape``; returns ``z``.
-
-    In place: no new tensor in the forward, where the memory held for the backward keeps growing.
-    Done through autograd instead, the in-place add into a slice of a view of ``z`` costs the backward
-    several full-size copies and zero-fills (``CopySlices``, ``AsStrided``); here the backward hands
-    each part its share of the gradient: ``g``, its sum over the broadcast dims, its slice.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, z: torch.Tensor, bcast: torch.Tensor | None, rows: torch.Tensor | None,
-                shape: tuple[int, ...], p: int) -> torch.Tensor:
-        ctx.mark_dirty(z)
-        ctx.shape, ctx.bcast_shape, ctx.p = shape, (bcast.shape if bcast is not None else None), p
-        full = z.view(shape)
-        if bcast is not None:
-            full += bcast
-        if rows is not None:
-            full[:, :, p:] += rows
-        return z
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        _, need_bcast, need_rows, _, _ = ctx.needs_input_grad
-        full = g.view(ctx.shape)
-        return (g, full.sum_to_size(ctx.bcast_shape) if need_bcast else None,
-                full[:, :, ctx.p:] if need_rows else None, None, None)
-
-
-class _Interpolate(torch.autograd.Function):
-    """``y = w_a * a + w_b * b (+ e)`` of each frame pair of ``x`` ``(B, 2T', N, C)`` with weights ``w``
-    ``(B, T', N, 2)`` and an optional per-frame embedding ``e`` ``(T', C)``: one multiply-add into a
-    new tensor and one in place (no ``(B, T', 2, N, C)`` product to sum, no separate pass to add the
-    embedding), and a backward with ``x``'s gradient computed in ``x``'s own layout."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, e: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, w)
-        b, t, n, c = x.shape
-        pairs = x.view(b, t // 2, 2, n, c)
-        a_term = pairs[:, :, 0] * w[..., 0:1] if e is None else torch.addcmul(e[:, None], pairs[:, :, 0], w[..., 0:1])
-        return a_term.addcmul_(pairs[:, :, 1], w[..., 1:2])
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, w = ctx.saved_tensors
-        b, t, n, c = x.shape
-        pairs = x.view(b, t // 2, 2, n, c)
-        gx = gw = ge = None
-        if ctx.needs_input_grad[0]:  # (B, T', 2, N, C) in x's layout: a view of it is x's gradient
-            gx = (g.unsqueeze(2) * w.movedim(-1, 2).contiguous().unsqueeze(-1)).view(b, t, n, c)
-        if ctx.needs_input_grad[1]:
-            gw = (g.unsqueeze(2) * pairs).sum(-1).movedim(2, -1)
-        if ctx.needs_input_grad[2]:
-            ge = g.sum((0, 2))
-        return gx, gw, ge
 
 
 @register_compressor("inti")
@@ -304,6 +111,11 @@ class InTILayer(Compressor):
         h = config.hidden_dim or dim
         self.hidden_dim = h
         ctx = set(config.contexts)
+        unfused = sorted(ctx - set(inti_cpu.CONTEXTS))
+        if config.kernel == "fused" and unfused:
+            raise ValueError(f"kernel 'fused' computes the contexts {list(inti_cpu.CONTEXTS)}, not {unfused}; "
+                             "use kernel 'auto' or 'reference' (the plain layer) for them")
+        # one module per context: phi of the pair's concatenated inputs (2C -> C'), or the global one
         self.token_proj = _Proj(2 * dim, h) if "token" in ctx else None
         if "cube" in ctx:
             self.cube_conv = DepthwiseConv3d(dim, 3)  # = nn.Conv3d(dim, dim, 3, padding=1, groups=dim)
@@ -312,7 +124,17 @@ class InTILayer(Compressor):
             self.cube_conv = self.cube_proj = None
         self.frame_proj = _Proj(2 * dim, h) if "frame" in ctx else None
         self.global_ctx = GlobalContext(dim, h) if "global" in ctx else None
+        self._build_weight_head(config, ctx, h)
+        if config.temporal_embed:
+            self.time_embed = nn.Parameter(torch.empty(config.max_frames, dim))
+            nn.init.trunc_normal_(self.time_embed, std=config.embed_init_std)
+            self.alpha = nn.Parameter(torch.zeros(1))
+        else:
+            self.time_embed = self.alpha = None
 
+    def _build_weight_head(self, config: InTIConfig, ctx: set[str], h: int) -> None:
+        """``predictor`` (the paper's 'head': fused contexts -> 2 logits, or 2 features for 'attention')
+        and the attention head's ``query``; zero-initialised last layer (or normal, ``head_init_std``)."""
         others = len(ctx - {"token"})
         if config.fusion == "sep":
             in_dim = h * (int("token" in ctx) + int(others > 0))
@@ -321,7 +143,6 @@ class InTILayer(Compressor):
         else:  # cat
             in_dim = h * len(ctx)
         out = 2 * h if config.weight_head == "attention" else 2
-        # predicts the pair's weights from the fused contexts (the paper's 'head')
         self.predictor = nn.Sequential(nn.Linear(in_dim, h), nn.GELU(), nn.Linear(h, out))
         std = config.head_init_std
         if config.weight_head == "attention":
@@ -337,13 +158,6 @@ class InTILayer(Compressor):
             else:
                 nn.init.zeros_(self.predictor[-1].weight)
 
-        if config.temporal_embed:
-            self.time_embed = nn.Parameter(torch.empty(config.max_frames, dim))
-            nn.init.trunc_normal_(self.time_embed, std=config.embed_init_std)
-            self.alpha = nn.Parameter(torch.zeros(1))
-        else:
-            self.time_embed = self.alpha = None
-
     def output_frames(self, num_frames: int) -> int:
         return (num_frames + 1) // 2
 
@@ -352,88 +166,10 @@ class InTILayer(Compressor):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"dim={self.dim}, hidden={self.hidden_dim}, contexts={list(c.contexts)}, fusion={c.fusion}, weight_head={c.weight_head}"
+        return (f"dim={self.dim}, hidden={self.hidden_dim}, contexts={list(c.contexts)}, fusion={c.fusion}, "
+                f"weight_head={c.weight_head}, kernel={c.kernel}")
 
-    # -- context features -------------------------------------------------------------------
-    def _cube_feature(self, patches: torch.Tensor) -> torch.Tensor:
-        """``phi_cube`` of the paired cube-conv features of the patch volume ``(B, T, H, W, C)``: ``(B, T', HW, C')``."""
-        b, t, gh, gw, c = patches.shape
-        vol = self.cube_conv(patches).reshape(b, t, gh * gw, c)  # channels-last: no NCTHW round trip
-        return self.cube_proj(pair_concat(vol, self.config.odd_frames))
-
-    def _fused(self, feats: dict[str, torch.Tensor], full: tuple[int, int, int, int], p: int) -> torch.Tensor:
-        """The head's input. ``feats['cube']`` covers the patch tokens only (prefix tokens: zero)."""
-        cube = feats.get("cube")
-        bcast = [feats[k] for k in ("frame", "global") if k in feats]  # (B, T', 1, C') / (B, 1, 1, C')
-        fusion = self.config.fusion
-        if fusion == "cat":
-            parts = [_with_prefix_rows(None, f, p) if k == "cube" else f.expand(full) for k, f in feats.items()]
-            return torch.cat(parts, dim=-1)
-        if fusion == "add":
-            base = _sum([feats["token"], *bcast]) if "token" in feats else (_sum(bcast) if bcast else None)
-            return _with_prefix_rows(base, cube, p) if cube is not None else base
-        # sep: the token feature intact beside the sum of the others
-        others = _sum(bcast) if bcast else None
-        if cube is not None:
-            others = _with_prefix_rows(others, cube, p)
-        if "token" not in feats:
-            return others
-        tok = feats["token"]
-        return tok if others is None else torch.cat([tok, others.expand(full)], dim=-1)
-
-    def _predict(self, feats: dict[str, torch.Tensor], full: tuple[int, int, int, int], p: int) -> torch.Tensor:
-        """``predictor(_fused(feats))``. For 'sep' fusion with the token feature and others, the first
-        linear layer is applied to each part on its own (``W [t ; o] = W_t t + W_o o``): the frame and
-        global features once per frame, the cube feature on the patch rows only, with no
-        concatenated (and expanded) input of width ``2C'``."""
-        others = [k for k in ("cube", "frame", "global") if k in feats]
-        if self.config.fusion != "sep" or "token" not in feats or not others:
-            return self.predictor(self._fused(feats, full, p))
-        first, rest = self.predictor[0], self.predictor[1:]
-        w_tok, w_other = first.weight.split(self.hidden_dim, dim=1)
-        bcast = [feats[k] for k in ("frame", "global") if k in feats]
-        tok = feats["token"]
-        z = torch.addmm(first.bias, tok.reshape(-1, tok.shape[-1]), w_tok.t())  # F.linear, as a 2-D base tensor
-        others = F.linear(_sum(bcast), w_other) if bcast else None  # (B, T' or 1, 1, C'): broadcast over the tokens
-        cube = F.linear(feats["cube"], w_other) if "cube" in feats else None  # the patch rows only
-        shape = (*tok.shape[:-1], z.shape[-1])
-        return rest(_AddParts.apply(z, others, cube, shape, p).view(shape))
-
-    def _tokens_and_weights(self, x: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` as the node that reads the contexts returns it (to be interpolated: its gradient then
-        joins theirs in that node's backward) and the interpolation weights ``(B, T', N, 2)`` (or
-        broadcastable over ``N``) of each frame pair."""
-        odd = self.config.odd_frames
-        grid = None
-        if self.cube_proj is not None:  # checks the grid (a view of x, unused otherwise)
-            grid = patch_volume(x, layout, who="InTI's 'cube' context",
-                                hint="Drop 'cube' from contexts for hosts without a spatial grid.").shape
-        per_frame = self.frame_proj is not None or self.global_ctx is not None
-        x, pairs, patches, cls = _ContextInputs.apply(x, layout.num_prefix_tokens, layout.cls_index, odd,
-                                                      self.token_proj is not None, grid is not None, per_frame)
-        feats: dict[str, torch.Tensor] = {}
-        if self.token_proj is not None:
-            feats["token"] = self.token_proj(pairs)
-        if grid is not None:
-            feats["cube"] = self._cube_feature(patches.view(grid))
-        if per_frame:  # cls: (B, T, C)
-            if self.frame_proj is not None:
-                feats["frame"] = self.frame_proj(pair_concat(cls, odd))[:, :, None]
-            if self.global_ctx is not None:
-                feats["global"] = self.global_ctx(cls)[:, None, None]
-
-        full = (x.shape[0], (x.shape[1] + 1) // 2, x.shape[2], self.hidden_dim)
-        out = self._predict(feats, full, layout.num_prefix_tokens)
-        head = self.config.weight_head
-        if head == "softmax":
-            return x, out.softmax(dim=-1)
-        if head == "sigmoid":
-            return x, out.sigmoid()
-        # attention: one feature per frame of the pair, dotted with a learnable query
-        per_frame = out.unflatten(-1, (2, self.hidden_dim))
-        return x, (per_frame @ self.query.to(per_frame.dtype)).softmax(dim=-1)
-
-    # -- forward ----------------------------------------------------------------------------
+    # -- the layer, top-down ------------------------------------------------------------------
     def forward(
         self, x: torch.Tensor, layout: TokenLayout | None = None, *, return_weights: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -445,22 +181,102 @@ class InTILayer(Compressor):
                 "no prefix tokens, no grid" (then the 'cube' context cannot be used).
             return_weights: Also return the interpolation weights ``(B, T', N, 2)``.
         """
+        layout = self._check(x, layout)
+        if self.uses_fused_kernel(x):
+            y, w = inti_cpu.forward(self, x, layout)
+            return (y, w) if return_weights else y
+        bsz, t, n, _ = x.shape
+        a, b = pair_frames(x, self.config.odd_frames)  # (B, T', N, C) each; odd T: the last frame twice
+        feats = self.contexts(x, a, b, layout)
+        logits = self.predictor(self.fuse(feats, (bsz, a.shape[1], n, self.hidden_dim)))
+        w = self.pair_weights(logits).to(x.dtype).expand(bsz, a.shape[1], n, 2)
+        y = self.interpolate(a, b, w)
+        return (y, w) if return_weights else y
+
+    def contexts(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, layout: TokenLayout) -> dict[str, torch.Tensor]:
+        """Each context's feature of width ``C'``, ``(B, T', N, C')`` or broadcastable over the tokens
+        (``N`` -> 1) and the frames, for the clip ``x`` and its frame pairs ``a``, ``b``."""
+        odd = self.config.odd_frames
+        feats: dict[str, torch.Tensor] = {}
+        if self.token_proj is not None:  # token: [a_k ; b_k], per token position
+            feats["token"] = self.token_proj(torch.cat([a, b], dim=-1))
+        if self.cube_proj is not None:  # cube: the local spatio-temporal neighbourhood of each patch
+            feats["cube"] = self.cube_context(x, layout)
+        if self.frame_proj is not None or self.global_ctx is not None:
+            cls = frame_tokens(x, layout)  # (B, T, C)
+            if self.frame_proj is not None:  # frame: the pair's two class tokens, for every token of the pair
+                cls_a, cls_b = pair_frames(cls, odd)
+                feats["frame"] = self.frame_proj(torch.cat([cls_a, cls_b], dim=-1))[:, :, None]
+            if self.global_ctx is not None:  # global: all frames' class tokens, once per clip
+                feats["global"] = self.global_ctx(cls)[:, None, None]
+        return feats
+
+    def cube_context(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """``f_cube`` ``(B, T', N, C')``: a depth-wise 3-D convolution (kernel 3, padding 1) over the patch
+        tokens of all frames (on their channels-last volume ``(B, T, H, W, C)``), the results of a pair's
+        two frames concatenated and projected; zero for the prefix tokens."""
+        vol = patch_volume(x, layout, who="InTI's 'cube' context",
+                           hint="Drop 'cube' from contexts for hosts without a spatial grid.")
+        b, t, gh, gw, c = vol.shape
+        # 'taps': depth-wise 2-D convolutions and shifted adds, plain autograd operations on every device
+        conv = depthwise_conv3d(vol, self.cube_conv.weight, self.cube_conv.bias, "taps").reshape(b, t, gh * gw, c)
+        ca, cb = pair_frames(conv, self.config.odd_frames)
+        f = self.cube_proj(torch.cat([ca, cb], dim=-1))  # (B, T', HW, C')
+        return F.pad(f, (0, 0, layout.num_prefix_tokens, 0))
+
+    def fuse(self, feats: dict[str, torch.Tensor], full: tuple[int, int, int, int]) -> torch.Tensor:
+        """The weight head's input (paper Table 5b): 'sep' ``[f_token ; sum of the others]``, 'add' the
+        sum of all, 'cat' all side by side; ``full`` = ``(B, T', N, C')``."""
+        fusion = self.config.fusion
+        if fusion == "cat":
+            return torch.cat([f.expand(full) for f in feats.values()], dim=-1)
+        if fusion == "add":
+            return _sum(list(feats.values()))
+        others = [f for k, f in feats.items() if k != "token"]  # sep: the token feature beside the others' sum
+        if "token" not in feats:
+            return _sum(others)
+        if not others:
+            return feats["token"]
+        return torch.cat([feats["token"], _sum(others).expand(full)], dim=-1)
+
+    def pair_weights(self, logits: torch.Tensor) -> torch.Tensor:
+        """The weight head: the predictor's output -> ``(w_a, w_b)`` on the last dim."""
+        head = self.config.weight_head
+        if head == "softmax":
+            return logits.softmax(dim=-1)
+        if head == "sigmoid":
+            return logits.sigmoid()
+        # attention: one feature per frame of the pair, dotted with a learnable query
+        per_frame = logits.unflatten(-1, (2, self.hidden_dim))
+        return (per_frame @ self.query.to(per_frame.dtype)).softmax(dim=-1)
+
+    def interpolate(self, a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``y = w_a a + w_b b`` per token, plus the temporal position ``alpha * E[t']`` of each output frame."""
+        y = w[..., 0:1] * a + w[..., 1:2] * b
+        if self.time_embed is not None:
+            y = y + (self.alpha * self.time_embed[: a.shape[1]]).to(y.dtype)[:, None]  # (T', 1, C)
+        return y
+
+    # -- checks and the kernel ----------------------------------------------------------------
+    def _check(self, x: torch.Tensor, layout: TokenLayout | None) -> TokenLayout:
         if x.dim() != 4:
             raise ValueError(f"InTILayer expects tokens of shape (B, T, N, C), got shape {tuple(x.shape)}")
         if x.shape[-1] != self.dim:
             raise ValueError(f"InTILayer was built for width {self.dim}, got tokens of width {x.shape[-1]}")
         if x.shape[1] < 1:
             raise ValueError("InTILayer got a clip with 0 frames")
-        layout = layout if layout is not None else TokenLayout(0, None, None)
-        bsz, t, n, c = x.shape
-        t2 = (t + 1) // 2
+        t2 = (x.shape[1] + 1) // 2
         if self.time_embed is not None and t2 > self.time_embed.shape[0]:
             raise ValueError(
-                f"{t} input frames give {t2} output frames, more than the {self.time_embed.shape[0]} "
+                f"{x.shape[1]} input frames give {t2} output frames, more than the {self.time_embed.shape[0]} "
                 f"rows of this layer's temporal position table; build it with max_frames>={t2}"
             )
-        x, w = self._tokens_and_weights(x, layout)
-        w = w.to(x.dtype).expand(bsz, t2, n, 2)
-        embed = (self.alpha * self.time_embed[:t2]).to(x.dtype) if self.time_embed is not None else None
-        y = _Interpolate.apply(even_frames(x, self.config.odd_frames).contiguous(), w, embed)  # w_a a + w_b b + e
-        return (y, w) if return_weights else y
+        return layout if layout is not None else TokenLayout(0, None, None)
+
+    def uses_fused_kernel(self, x: torch.Tensor) -> bool:
+        """Whether a call on ``x`` runs :mod:`inti_adapters.kernels.inti_cpu` (see ``InTIConfig.kernel``)."""
+        kernel = self.config.kernel
+        if kernel != "auto":
+            return kernel == "fused"
+        return (x.device.type == "cpu" and not torch.compiler.is_compiling()
+                and set(self.config.contexts) <= set(inti_cpu.CONTEXTS))

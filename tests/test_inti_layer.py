@@ -9,6 +9,7 @@ import torch
 
 from inti_adapters import InTIConfig, InTILayer, TokenLayout
 from inti_adapters.inti import frame_tokens
+from inti_adapters.kernels import inti_cpu
 from inti_adapters.tokens import pair_frames, patch_volume
 
 DIM = 16
@@ -188,11 +189,10 @@ def test_global_context_handles_short_sequences(t):
 
 @pytest.mark.parametrize("static", [False, True], ids=["random", "static"])
 @pytest.mark.parametrize("t", [1, 2, 3, 4, 5, 8, 9])
-def test_global_context_equals_conv1d_and_max_pool(t, static):
-    """The window-sum convolutions and pooling on (B, T, C) equal nn.Conv1d + max_pool1d on (B, C, T),
-    gradients included; on a static clip (every max a tie) the gradient goes where max_pool1d sends it."""
-    from inti_reference import reference_global_context
-
+def test_fused_global_context_equals_conv1d_and_max_pool(t, static):
+    """The fused kernel's window-sum convolutions and pooling on (B, T, C) equal the plain GlobalContext
+    (nn.Conv1d + max_pool1d on (B, C, T)), gradients included; on a static clip (every max a tie) the
+    gradient goes where max_pool1d sends it."""
     g = InTILayer(DIM, InTIConfig(contexts=("global",))).global_ctx.double()
     gen = torch.Generator().manual_seed(t)
     with torch.no_grad():
@@ -206,7 +206,7 @@ def test_global_context_equals_conv1d_and_max_pool(t, static):
         y = fn(x)
         return [y, *torch.autograd.grad((y * out_grad).sum(), [x, *g.parameters()])]
 
-    for got, want in zip(run(g), run(lambda x: reference_global_context(g, x)), strict=True):
+    for got, want in zip(run(lambda x: inti_cpu.global_context(g, x)), run(g), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
@@ -225,16 +225,19 @@ def test_cube_feature_is_zero_for_prefix_tokens_and_local_in_space(fusion):
     layer = InTILayer(DIM, InTIConfig(fusion=fusion))
     perturb(layer)
     x = tokens(n=10)
-    f = layer._cube_feature(patch_volume(x, LAYOUT, who="test"))
-    assert f.shape == (2, 3, 9, DIM)  # the patch tokens only
+    f = layer.cube_context(x, LAYOUT)
+    assert f.shape == (2, 3, 10, DIM)
     # the prefix token takes a zero cube feature: its fused input is that of a layer without the cube
-    fused = layer._fused({"cube": f}, (2, 3, 10, DIM), LAYOUT.num_prefix_tokens)
-    assert fused.shape[-2] == 10 and torch.count_nonzero(fused[:, :, 0]) == 0
-    torch.testing.assert_close(fused[:, :, 1:], f)
+    assert torch.count_nonzero(f[:, :, 0]) == 0
+    torch.testing.assert_close(layer.fuse({"cube": f}, (2, 3, 10, DIM)), f)
+    # the fused kernel's cube feature covers the patch rows only, and its fused input adds the zero rows
+    patches = inti_cpu._cube_feature(layer, patch_volume(x, LAYOUT, who="test"))
+    torch.testing.assert_close(patches, f[:, :, 1:])
+    torch.testing.assert_close(inti_cpu.fused_input(layer, {"cube": patches}, (2, 3, 10, DIM), 1), f)
     # a change in one corner patch of frame 0 moves the cube feature only of its 3x3 neighbourhood
     x2 = x.clone()
     x2[:, 0, 1] += 1.0  # patch (0, 0)
-    diff = (layer._cube_feature(patch_volume(x2, LAYOUT, who="test")) - f).abs().sum((0, 3))  # (T', HW)
+    diff = (layer.cube_context(x2, LAYOUT) - f)[:, :, 1:].abs().sum((0, 3))  # (T', HW)
     changed = {int(i) for i in torch.nonzero(diff[0] > 0).flatten()}
     assert changed == {0, 1, 3, 4}  # patches (0,0), (0,1), (1,0), (1,1): kernel 3 reaches one step
     assert torch.count_nonzero(diff[2]) == 0  # frames 4 and 5 are out of the temporal kernel's reach
@@ -281,10 +284,12 @@ def test_bad_token_shapes():
         layer(torch.randn(2, 4, 10, 8), LAYOUT)
 
 
-# -- the same function as the layer before issue 9 (tests/inti_reference.py) ---------------------------
-REF_LAYOUTS = {
+# -- the fused CPU kernel computes the plain layer (inti.py, the definition) ---------------------------
+REF_LAYOUTS = {  # (T, layout, N): odd and even T, with and without a class token
     "cls": (6, TokenLayout(1, 0, (3, 3)), 10),
+    "cls_odd": (3, TokenLayout(1, 0, (3, 3)), 10),
     "no_prefix_odd": (5, TokenLayout(0, None, (2, 3)), 6),
+    "no_cls_registers": (4, TokenLayout(2, None, (2, 2)), 6),
     "registers": (4, TokenLayout(3, 0, (2, 2)), 7),
     "one_frame": (1, TokenLayout(1, 0, (3, 3)), 10),
 }
@@ -298,60 +303,128 @@ def _outputs_and_grads(fn, layer, x, out_grad):
     return {"y": y, "w": w, **{f"grad {n}": g for n, g in zip(names, grads, strict=True)}}
 
 
-def _check_against_reference(layer, t, layout, n, dtype=torch.float64, tol=1e-10):
-    from inti_reference import reference_forward
+def _with_kernel(layer, kernel):
+    """The layer's forward with ``kernel``; the kernel actually run is checked."""
+    def run(v, layout):
+        layer.config.kernel = kernel
+        assert layer.uses_fused_kernel(v) == (kernel == "fused")
+        return layer(v, layout, return_weights=True)
+    return run
 
+
+def _check_fused_against_plain(layer, layouts, dtype=torch.float64, tol=1e-10):
     layer = layer.to(dtype)
     perturb(layer)
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(2, t, n, DIM, generator=g).to(dtype)
-    out_grad = torch.randn(2, (t + 1) // 2, n, DIM, generator=g).to(dtype)
-    got = _outputs_and_grads(lambda v: layer(v, layout, return_weights=True), layer, x, out_grad)
-    want = _outputs_and_grads(lambda v: reference_forward(layer, v, layout), layer, x, out_grad)
-    for k, v in want.items():
-        if v is None or got[k] is None:  # a parameter outside the graph (e.g. attention head's bias)
-            assert got[k] is None and v is None, k
-            continue
-        torch.testing.assert_close(got[k], v, rtol=tol, atol=tol, msg=k)
+    for name in layouts:
+        t, layout, n = REF_LAYOUTS[name]
+        g = torch.Generator().manual_seed(7)
+        x = torch.randn(2, t, n, DIM, generator=g).to(dtype)
+        out_grad = torch.randn(2, (t + 1) // 2, n, DIM, generator=g).to(dtype)
+        got = _outputs_and_grads(lambda v: _with_kernel(layer, "fused")(v, layout), layer, x, out_grad)
+        want = _outputs_and_grads(lambda v: _with_kernel(layer, "reference")(v, layout), layer, x, out_grad)
+        for k, v in want.items():
+            if v is None or got[k] is None:  # a parameter outside the graph (e.g. attention head's bias)
+                assert got[k] is None and v is None, (name, k)
+                continue
+            torch.testing.assert_close(got[k], v, rtol=tol, atol=tol, msg=f"{name}: {k}")
 
 
-@pytest.mark.parametrize("layout", list(REF_LAYOUTS))
 @pytest.mark.parametrize("contexts", CONTEXT_SUBSETS, ids=lambda c: "+".join(c))
 @pytest.mark.parametrize("fusion", ["sep", "add", "cat"])
-def test_layer_equals_the_old_formulation(contexts, fusion, layout):
-    t, lay, n = REF_LAYOUTS[layout]
-    _check_against_reference(InTILayer(DIM, InTIConfig(contexts=contexts, fusion=fusion)), t, lay, n)
+def test_fused_kernel_equals_the_plain_layer(contexts, fusion):
+    """Outputs, weights and every gradient, in float64, for each layout of REF_LAYOUTS."""
+    _check_fused_against_plain(InTILayer(DIM, InTIConfig(contexts=contexts, fusion=fusion)), list(REF_LAYOUTS))
 
 
 @pytest.mark.parametrize("head", ["softmax", "sigmoid", "attention"])
 @pytest.mark.parametrize("fusion", ["sep", "add", "cat"])
 @pytest.mark.parametrize("hidden_dim", [None, 8])
-def test_layer_equals_the_old_formulation_for_every_head(head, fusion, hidden_dim):
+@pytest.mark.parametrize("temporal_embed", [True, False])
+def test_fused_kernel_equals_the_plain_layer_for_every_head(head, fusion, hidden_dim, temporal_embed):
+    cfg = InTIConfig(weight_head=head, fusion=fusion, hidden_dim=hidden_dim, temporal_embed=temporal_embed)
+    _check_fused_against_plain(InTILayer(DIM, cfg), ["cls", "no_prefix_odd"])
+
+
+def test_fused_kernel_equals_the_plain_layer_in_float32_and_under_bf16_autocast():
+    _check_fused_against_plain(InTILayer(DIM), ["cls", "no_prefix_odd"], dtype=torch.float32, tol=1e-4)
     t, lay, n = REF_LAYOUTS["cls"]
-    cfg = InTIConfig(weight_head=head, fusion=fusion, hidden_dim=hidden_dim, temporal_embed=head != "sigmoid")
-    _check_against_reference(InTILayer(DIM, cfg), t, lay, n)
-
-
-def test_layer_equals_the_old_formulation_in_float32_and_under_bf16_autocast():
-    t, lay, n = REF_LAYOUTS["cls"]
-    _check_against_reference(InTILayer(DIM), t, lay, n, dtype=torch.float32, tol=1e-4)
-    from inti_reference import reference_forward
-
-    # bf16 autocast: the new formulation is as close to the float32 result as the old one was. Where
-    # one bf16 rounding lands decides a single seed's worst token, so the errors are averaged over seeds.
-    errors = []  # (mean new, mean old, max new, max old) per seed
+    # bf16 autocast: the fused kernel is as close to the float32 result as the plain layer. Where one
+    # bf16 rounding lands decides a single seed's worst token, so the errors are averaged over seeds.
+    errors = []  # (mean fused, mean plain, max fused, max plain) per seed
     for seed in range(12):
         layer = InTILayer(DIM)
         perturb(layer, seed)
         x = tokens(t=t, n=n, seed=seed)
-        exact, _ = reference_forward(layer, x, lay)
+        with torch.no_grad():
+            exact = _with_kernel(layer, "reference")(x, lay)[0]
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            new, (old, _) = layer(x, lay), reference_forward(layer, x, lay)
-        err_new, err_old = (new.float() - exact).abs(), (old.float() - exact).abs()
-        errors.append([err_new.mean(), err_old.mean(), err_new.max(), err_old.max()])
-    mean_new, mean_old, max_new, max_old = torch.tensor(errors).mean(0).tolist()
-    assert mean_new <= 1.5 * mean_old + 1e-3, (mean_new, mean_old)
-    assert max_new <= 1.5 * max_old + 0.01, (max_new, max_old)
+            fused, plain = _with_kernel(layer, "fused")(x, lay)[0], _with_kernel(layer, "reference")(x, lay)[0]
+        err_fused, err_plain = (fused.float() - exact).abs(), (plain.float() - exact).abs()
+        errors.append([err_fused.mean(), err_plain.mean(), err_fused.max(), err_plain.max()])
+    mean_fused, mean_plain, max_fused, max_plain = torch.tensor(errors).mean(0).tolist()
+    assert mean_fused <= 1.5 * mean_plain + 1e-3, (mean_fused, mean_plain)
+    assert max_fused <= 1.5 * max_plain + 0.01, (max_fused, max_plain)
+
+
+def test_auto_kernel_is_fused_in_eager_cpu_and_plain_under_compile(monkeypatch):
+    layer = InTILayer(DIM)
+    x = tokens()
+    assert layer.config.kernel == "auto" and layer.uses_fused_kernel(x)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not layer.uses_fused_kernel(x)
+    assert InTILayer(DIM, InTIConfig(kernel="fused")).uses_fused_kernel(x)  # forced: also under compile
+    monkeypatch.undo()
+    assert not InTILayer(DIM, InTIConfig(kernel="reference")).uses_fused_kernel(x)
+    assert not layer.uses_fused_kernel(x.to("meta"))  # not the CPU
+
+
+def test_saved_weights_do_not_depend_on_the_kernel(tmp_path):
+    """A layer saved while running one kernel loads into a layer running the other: the same keys and
+    shapes, the same outputs."""
+    from safetensors.torch import load_file, save_file
+
+    t, lay, n = REF_LAYOUTS["cls_odd"]
+    x = tokens(t=t, n=n)
+    for saved, loaded in (("fused", "reference"), ("reference", "fused")):
+        src = InTILayer(DIM, InTIConfig(kernel=saved))
+        perturb(src)
+        save_file(src.state_dict(), tmp_path / f"{saved}.safetensors")
+        dst = InTILayer(DIM, InTIConfig(kernel=loaded))
+        assert {k: v.shape for k, v in dst.state_dict().items()} == {k: v.shape for k, v in src.state_dict().items()}
+        dst.load_state_dict(load_file(tmp_path / f"{saved}.safetensors"))
+        assert dst.uses_fused_kernel(x) == (loaded == "fused")
+        torch.testing.assert_close(dst(x, lay), src(x, lay), rtol=1e-5, atol=1e-6)
+
+
+def test_a_context_added_in_the_layer_runs_on_the_plain_kernel(monkeypatch):
+    """The module docstring's recipe ("motion" = b - a), done in a subclass: the config accepts the name,
+    the head's input widens, 'auto' runs the plain layer and 'fused' is refused with the reason."""
+    import inti_adapters.config as config_module
+
+    monkeypatch.setattr(config_module, "_context_names", list(config_module._context_names))
+    config_module.register_context("motion")
+
+    class MotionInTI(InTILayer):
+        def __init__(self, dim, config=None):
+            super().__init__(dim, config)
+            h = self.hidden_dim
+            self.motion_proj = torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, h), torch.nn.GELU())
+
+        def contexts(self, x, a, b, layout):
+            return {**super().contexts(x, a, b, layout), "motion": self.motion_proj(b - a)}
+
+    layer = MotionInTI(DIM, InTIConfig(contexts=("motion", "token"), fusion="cat"))
+    assert layer.config.contexts == ("token", "motion") and layer.predictor[0].in_features == 2 * DIM
+    perturb(layer)
+    x = tokens().requires_grad_()
+    assert not layer.uses_fused_kernel(x)
+    layer(x, LAYOUT).sum().backward()
+    assert layer.motion_proj[1].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"kernel 'fused' computes the contexts .* not \['motion'\]"):
+        MotionInTI(DIM, InTIConfig(contexts=("motion",), kernel="fused"))
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="motion"):
+        InTIConfig(contexts=("motion",))
 
 
 def test_saved_cube_conv3d_weights_load():
@@ -431,11 +504,12 @@ def test_compiled_layer_with_a_symbolic_clip_length_equals_eager_forward_and_bac
 @pytest.mark.parametrize("contexts", [("token",), ("cube",), ("frame",), ("global",), ("cube", "frame", "global"),
                                       ("token", "frame")], ids="+".join)
 def test_compiled_layer_equals_eager_for_each_context_set(contexts):
-    """Dynamo traces the context-reading node whatever it is asked for (aot_eager: the tracing, not
-    the kernels). It used to fail for one context other than 'token': the two outputs not asked for
-    were one empty tensor returned twice, and the backward read a compiled zero gradient of it."""
+    """The fused kernel, forced under torch.compile: dynamo traces its context-reading node whatever it
+    is asked for (aot_eager: the tracing, not the kernels). It used to fail for one context other than
+    'token': the two outputs not asked for were one empty tensor returned twice, and the backward read
+    a compiled zero gradient of it."""
     torch._dynamo.reset()
-    layer = InTILayer(DIM, InTIConfig(contexts=contexts))
+    layer = InTILayer(DIM, InTIConfig(contexts=contexts, kernel="fused"))
     perturb(layer)
     x, out_grad = tokens(t=5), torch.randn(2, 3, 10, DIM, generator=torch.Generator().manual_seed(1))
     want = _outputs_and_grads(lambda v: layer(v, LAYOUT, return_weights=True), layer, x, out_grad)
