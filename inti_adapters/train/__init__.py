@@ -5,7 +5,8 @@
     >>> result = train(cfg)                                                # doctest: +SKIP
 
 Command line: ``inti-train`` / ``inti-eval`` (see :mod:`inti_adapters.train.cli`). DeepSpeed is
-imported only when training starts.
+imported only when training starts. A run stopped by a checkpoint signal (``train.checkpoint_signals``)
+exits with :data:`PREEMPTED_EXIT_CODE` (75) after a complete checkpoint: run the same command again.
 """
 
 from .build import build_model, create_backbone, load_backbone_weights, read_state_dict
@@ -20,18 +21,27 @@ from .config import (
     load_config,
 )
 from .engine import Trainer, TrainResult, deepspeed_config, train
+from .failures import CheckpointWriteError, NonFiniteLossError, PeerLostError
+from .preemption import PREEMPTED_EXIT_CODE, Preempted
+from .runlock import RunLockedError
 from .evaluate import EvalResult, evaluate, topk_correct
 from .optim import WarmupCosine, build_optimizer, build_scheduler, param_groups
 from .synthetic import SyntheticVideoLoader
 
 __all__ = [
+    "PREEMPTED_EXIT_CODE",
     "CheckpointManager",
+    "CheckpointWriteError",
     "Config",
     "ConfigError",
     "EvalConfig",
     "EvalResult",
     "ModelConfig",
+    "NonFiniteLossError",
     "OptimConfig",
+    "PeerLostError",
+    "Preempted",
+    "RunLockedError",
     "SyntheticVideoLoader",
     "TrainLoopConfig",
     "TrainResult",

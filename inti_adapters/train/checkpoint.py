@@ -21,6 +21,7 @@ naming the file and the offending global, before any of it is executed.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import logging
@@ -29,6 +30,7 @@ import pickle
 import random
 import re
 import shutil
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,8 @@ from torch import nn
 from .._io import atomic_write
 from .._peft import peft_adapter_parameters
 from .distributed import barrier
+from .elastic import WorldSizeChangeError, has_consolidated, load_consolidated, needs_consolidated
+from .failures import checkpoint_write_error
 
 logger = logging.getLogger(__name__)
 
@@ -169,15 +173,27 @@ class CheckpointManager:
         tag = pointer.read_text().strip()
         return tag if (self.root / tag).is_dir() else None
 
-    def save(self, engine: Any, step: int, client_state: dict[str, Any], *, meta: dict[str, Any] | None = None) -> str:
-        """Collective: every rank calls it. ``meta`` (plain values) goes to ``run.json`` (rank 0). Returns the tag."""
+    def save(self, engine: Any, step: int, client_state: dict[str, Any], *, meta: dict[str, Any] | None = None,
+             before_commit: Callable[[Path], None] | None = None) -> str:
+        """Collective: every rank calls it. ``meta`` (plain values) goes to ``run.json`` (rank 0);
+        ``before_commit(directory)`` (every rank, may be collective) adds files before the checkpoint is
+        marked complete. A write that fails (a full disk: "no space left on DEVICE while writing FILE")
+        raises with the previous checkpoint still the latest. Returns the tag."""
         tag = tag_for(step)
-        self.root.mkdir(parents=True, exist_ok=True)
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
-        if meta is not None and self.rank == 0:
-            atomic_write(self.root / tag / META, json.dumps(meta, indent=1) + "\n")
-        rng_path = self.root / tag / f"rng_rank{self.rank}.pt"
-        atomic_write(rng_path, lambda p: torch.save(rng_state(), p))
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+            if meta is not None and self.rank == 0:
+                atomic_write(self.root / tag / META, json.dumps(meta, indent=1) + "\n")
+            rng_path = self.root / tag / f"rng_rank{self.rank}.pt"
+            atomic_write(rng_path, lambda p: torch.save(rng_state(), p))
+            if before_commit is not None:
+                before_commit(self.root / tag)
+        except (OSError, RuntimeError) as e:
+            failure = write_failure(e, self.root / tag)
+            if failure is e:
+                raise
+            raise failure from e
         barrier()  # every rank's files are complete before the pointer moves
         if self.rank == 0:
             atomic_write(self.root / POINTER, tag + "\n")
@@ -204,11 +220,19 @@ class CheckpointManager:
             raise CheckpointError(f"{path} does not hold a run record (a mapping with a 'recipe')")
         return meta
 
-    def load(self, engine: Any, tag: str | None = None) -> dict[str, Any]:
-        """Restore engine (model, optimizer, scheduler) and this rank's RNG; return the client state."""
+    def load(self, engine: Any, tag: str | None = None, *, world_size: int | None = None) -> dict[str, Any]:
+        """Restore engine (model, optimizer, scheduler) and this rank's RNG; return the client state.
+
+        With ``world_size`` other than the checkpoint's, and DeepSpeed files that depend on it (ZeRO >= 1,
+        bf16), the world-size-independent consolidated state is loaded instead (:mod:`.elastic`).
+        """
         tag = tag or self.latest()
         if tag is None:
             raise FileNotFoundError(f"no complete checkpoint under {self.root} (no {POINTER} file)")
+        meta = self.read_meta(tag) or {}
+        saved_world = meta.get("facts", {}).get("world_size")
+        if world_size is not None and saved_world not in (None, world_size) and needs_consolidated(engine):
+            return self._load_consolidated(engine, tag, meta, saved_world, world_size)
         verify_checkpoint(self.root / tag)  # before DeepSpeed opens anything
         own = engine.checkpoint_engine
         engine.checkpoint_engine = _WeightsOnlyLoads(own)
@@ -219,13 +243,52 @@ class CheckpointManager:
             engine.checkpoint_engine = own
         if path is None or client_state is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root / tag}")
+        self._load_rng(tag)
+        return client_state
+
+    def _load_rng(self, tag: str) -> None:
         rng_path = self.root / tag / f"rng_rank{self.rank}.pt"
         if rng_path.is_file():
             set_rng_state(safe_torch_load(rng_path))
         else:
             logger.warning("no RNG state for rank %d in %s (different world size?); RNG not restored",
                            self.rank, self.root / tag)
-        return client_state
+
+    def _load_consolidated(self, engine: Any, tag: str, meta: dict[str, Any], saved: int, now: int) -> dict[str, Any]:
+        where = self.root / tag
+        if not has_consolidated(where) or not isinstance(meta.get("state"), dict):
+            raise WorldSizeChangeError(
+                f"{where} was written by {saved} ranks and holds no world-size-independent state (written by an "
+                f"older version, or under ZeRO-3); resume it with {saved} ranks, not {now}")
+        load_consolidated(engine, where)
+        self._load_rng(tag)
+        if self.rank == 0:
+            logger.info("%s was written by %d ranks: loaded its consolidated weights and optimizer state on %d",
+                        where, saved, now)
+        return dict(meta["state"])
+
+
+_WRITER_FAILURES = ("unexpected pos", "basic_ios", "file write failed", "pytorchstreamwriter", "no space left")
+
+
+def write_failure(exc: BaseException, directory: Path) -> BaseException:
+    """The clear error for a checkpoint write that failed for lack of space, else ``exc`` itself.
+
+    torch's zip writer reports a full disk as ``unexpected pos ... vs ...`` or ``basic_ios::clear``
+    without a file name: when the disk holding the checkpoint has (almost) no space left, that is the cause.
+    """
+    text = str(exc).lower()
+    full = getattr(exc, "errno", None) == errno.ENOSPC or "no space left" in text
+    if not full and any(w in text for w in _WRITER_FAILURES):
+        try:
+            full = shutil.disk_usage(directory if directory.exists() else directory.parent).free < 16 * 2**20
+        except OSError:
+            full = False
+    if not full:
+        return exc
+    files = [p for p in directory.rglob("*") if p.is_file()] if directory.is_dir() else []
+    newest = max(files, key=lambda p: p.stat().st_mtime, default=directory)
+    return checkpoint_write_error(OSError(errno.ENOSPC, "No space left on device", str(newest)), newest)
 
 
 def resolve_resume(resume: str, checkpoints: Path) -> tuple[Path, str] | None:

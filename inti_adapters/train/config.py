@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
@@ -32,6 +33,9 @@ from ._recipe import ConfigError, coerce, parse_override, read_yaml, reject_unkn
 ZERO_STAGES = (0, 1, 2, 3)
 MODEL_SOURCES = ("timm", "open_clip")
 RESUME_MODES = ("auto", "never")
+# signals a checkpoint-and-exit may be bound to (those a scheduler sends; SIGINT stays Ctrl-C)
+CHECKPOINT_SIGNALS = tuple(n for n in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGCONT", "SIGINT")
+                           if hasattr(signal, n))
 
 
 @dataclass
@@ -181,6 +185,31 @@ class TrainLoopConfig(ConfigBase):
     progress: bool = option(True, help="tqdm progress bar on rank 0 when stderr is a terminal (a log file gets "
                                            "the epoch lines only).")
     tensorboard: bool = option(True, help="Also log to TensorBoard when it is installed.")
+    wandb: dict[str, Any] | None = option(
+        None,
+        help="Weights & Biases on global rank 0: keyword arguments of wandb.init (project, entity, name, "
+             "mode, ...); null = off. WANDB_MODE=offline writes the run folder locally.",
+    )
+    dist_timeout_s: float = option(
+        1800.0,
+        help="Seconds a collective (or the rendezvous) waits for the other ranks; a lost peer then ends the "
+             "run with PeerLostError and a non-zero exit instead of a hang.",
+    )
+    sample_log: bool = option(
+        False,
+        help="Write OUTPUT_DIR/samples/rank{R}.jsonl: one line per optimizer step with the sample keys each "
+             "rank trained on (appended on resume).",
+    )
+    checkpoint_signals: list[str] = option(
+        default_factory=lambda: ["SIGTERM", "SIGUSR1"],
+        help="Signals that make every rank finish its optimizer step, write a checkpoint, write "
+             "OUTPUT_DIR/PREEMPTED and exit with status 75 (resumable); [] = the default actions.",
+    )
+    max_nonfinite_steps: int = option(
+        0,
+        help="Optimizer steps with a non-finite loss that may be skipped (their bad micro-batches give no "
+             "gradient) before the run stops with NonFiniteLossError; 0 = stop at the first.",
+    )
 
     def __post_init__(self) -> None:
         for name in ("epochs", "grad_accum", "log_every"):
@@ -202,6 +231,14 @@ class TrainLoopConfig(ConfigBase):
             raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.backend is not None:
             check_choice("train.backend", self.backend, ("nccl", "gloo", "mpi", "ccl", "hccl"))
+        if not self.dist_timeout_s > 0 or self.dist_timeout_s == float("inf"):
+            raise ConfigError(f"train.dist_timeout_s must be a finite number of seconds > 0, got {self.dist_timeout_s}")
+        if self.max_nonfinite_steps < 0:
+            raise ConfigError(f"train.max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
+        for name in self.checkpoint_signals:
+            if name not in CHECKPOINT_SIGNALS:
+                raise ConfigError(f"train.checkpoint_signals: {name!r} is not a signal a run can catch here; "
+                                  f"expected names among {list(CHECKPOINT_SIGNALS)}")
 
 
 @dataclass
@@ -353,9 +390,12 @@ def help_text() -> str:
 # matching entry wins ("model." matches every model key).
 NOT_COMPARED = ("model.grad_checkpointing", "model.num_classes", "train.output_dir", "train.resume", "train.save_every", "train.keep_last",
                 "train.log_every", "train.eval_every_epochs", "train.backend", "train.progress", "train.tensorboard",
+                "train.wandb", "train.dist_timeout_s", "train.sample_log", "train.checkpoint_signals",
+                "train.max_nonfinite_steps",
                 "eval.")  # how the run is operated, not what it computes (the class count is compared resolved)
 KEPT_FROM_CHECKPOINT = ("optim.", "train.seed", "model.pretrained", "model.checkpoint")  # restored state wins
-REFUSED_ON_RESUME = ("model.", "train.zero_stage", "train.bf16")  # the weights / optimizer state would not fit
+# the weights / optimizer state would not fit; the data position (and the keys trained) belong to the data set
+REFUSED_ON_RESUME = ("model.", "train.zero_stage", "train.bf16", "data.train_shards", "builtin_data.")
 
 
 def _flat(recipe: dict[str, Any]) -> dict[str, Any]:
@@ -383,7 +423,8 @@ def compare_recipes(saved: dict[str, Any], current: Config) -> RecipeChanges:
 
     - ``model.*`` (but ``pretrained``, ``checkpoint``, ``grad_checkpointing`` and ``num_classes``, which
       the trainer compares as resolved), ``train.zero_stage``, ``train.bf16``: refused (the saved
-      weights or optimizer state do not fit);
+      weights or optimizer state do not fit); ``data.train_shards``, ``builtin_data.*``: refused (another
+      data set: the data position and the keys already trained belong to the checkpoint's);
     - ``optim.*``, ``train.seed``, ``model.pretrained``, ``model.checkpoint``: the checkpoint's value
       stays in force (the optimizer, its schedule and the RNG are restored), so it is recorded;
     - operational keys (logging, saving, evaluation, paths): taken silently;

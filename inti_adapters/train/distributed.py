@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -80,25 +81,34 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def setup_distributed(backend: str | None = None, *, use_deepspeed: bool = True) -> DistInfo:
+def setup_distributed(backend: str | None = None, *, use_deepspeed: bool = True,
+                      timeout_s: float | None = None) -> DistInfo:
     """Initialise ``torch.distributed`` once (reused if already initialised) and pick the device.
 
     Args:
         backend: ``nccl`` / ``gloo`` / ...; None picks nccl with CUDA, gloo without.
         use_deepspeed: Initialise through ``deepspeed.init_distributed`` (also discovers MPI
             launches); otherwise plain ``torch.distributed.init_process_group``.
+        timeout_s: How long a collective or the rendezvous waits for the other ranks (None = torch's
+            default, 30 min). It also applies to the data-parallel group DeepSpeed's ZeRO reduces over:
+            that group (DeepSpeed's copy of the world group, otherwise created with torch's default) is
+            created here with the same timeout.
     """
     set_env_defaults()
     backend = backend or default_backend()
+    timeout = timedelta(seconds=timeout_s) if timeout_s is not None else None
     if use_deepspeed:  # before DeepSpeed creates its backend (here, or in deepspeed.initialize)
         skip_unused_cpu_comm_op()
     if not dist.is_initialized():
         if use_deepspeed:
             import deepspeed
 
-            deepspeed.init_distributed(dist_backend=backend)
+            kwargs = {"timeout": timeout} if timeout is not None else {}
+            deepspeed.init_distributed(dist_backend=backend, **kwargs)
         else:
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, timeout=timeout)
+    if use_deepspeed and timeout is not None:
+        _deepspeed_world_group(timeout)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -106,6 +116,16 @@ def setup_distributed(backend: str | None = None, *, use_deepspeed: bool = True)
     else:
         device = torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def _deepspeed_world_group(timeout: timedelta) -> None:
+    """Create DeepSpeed's clone of the world group (its data-parallel group without a model-parallel unit,
+    used by ZeRO's gradient reduction) with ``timeout``; ``dist.new_group`` would otherwise give it torch's
+    30-minute default, and a cut link would block a ZeRO reduce that long."""
+    from deepspeed.utils import groups
+
+    if getattr(groups, "_WORLD_GROUP", "missing") is None:
+        groups._WORLD_GROUP = dist.new_group(ranks=list(range(dist.get_world_size())), timeout=timeout)
 
 
 def _distributed() -> bool:

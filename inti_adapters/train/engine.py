@@ -4,17 +4,21 @@ One code path for every launch: ``deepspeed`` (multi-node via a hostfile), ``tor
 lone process; NCCL on GPUs, gloo on CPU. The loop normalises uint8 clips on the device, steps
 DeepSpeed (ZeRO 0-3, bf16, accumulation, clipping), checkpoints every ``save_every`` steps,
 resumes exactly (weights, optimizer, scheduler, step, data position, RNG), logs to tqdm / CSV /
-TensorBoard and exports the adapter with ``save_pretrained`` at the end.
+TensorBoard / W&B and exports the adapter with ``save_pretrained`` at the end.
+
+What a cluster adds (see the README's "Multi-node and clusters"): a checkpoint signal ends in a
+checkpoint and exit status 75 (:mod:`.preemption`); a lost peer ends in :class:`PeerLostError`
+within ``train.dist_timeout_s``; a non-finite loss in :class:`NonFiniteLossError`; the output
+folder is locked (:mod:`.runlock`); a run resumes on another number of ranks (:mod:`.elastic`,
+the epoch's trained sample keys excluded from the rest of the epoch); ``train.sample_log``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,130 +27,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import DataConfig, build_dataloader, ensure_builtin_dataset
 from ..video import normalize_video
 from .build import build_model
 from .checkpoint import CheckpointManager, export_adapter, resolve_resume
-from .config import Config, ConfigError, TrainLoopConfig, compare_recipes
-from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, setup_distributed
+from .config import Config, ConfigError
+from .distributed import DistInfo, all_reduce_max, all_reduce_sum, setup_distributed
+from .ds_setup import DataSetup, LoaderFactory, data_value, deepspeed_config, real_data
+from .elastic import needs_consolidated, save_consolidated
 from .evaluate import EvalResult, evaluate
+from .failures import NonFiniteLossError, PeerLostError, is_comm_failure, peer_lost
+from .guards import NonFiniteGuard
 from .metrics import MetricsLogger
 from .optim import build_optimizer, build_scheduler
+from .preemption import Preempted, SignalWatch, clear_marker, write_marker
+from .resume import Position, data_position, reconcile_recipe
+from .runlock import RunLock, RunLockedError
+from .samples import EpochKeys, SampleLog, load_epoch_keys, save_epoch_keys
+
+__all__ = ["DataSetup", "LoaderFactory", "Trainer", "TrainResult", "data_value", "deepspeed_config", "real_data",
+           "train"]
 
 logger = logging.getLogger(__name__)
-
-# (train, rank, world_size, epoch) -> loader with set_epoch() and skip_batches(); None = no such split
-LoaderFactory = Callable[[bool, int, int, int], Any]
-_FIXED_FACTS = ("num_classes", "num_frames", "crop_size")  # a resume that changes them is refused
-_RESERVED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                     "gradient_clipping")
-
-
-def deepspeed_config(train: TrainLoopConfig, micro_batch: int, grad_accum: int) -> dict[str, Any]:
-    """The DeepSpeed config: the recipe's JSON (ZeRO tuning) + batch, clipping, stage, bf16 from YAML."""
-    ds: dict[str, Any] = {}
-    if train.deepspeed_config:
-        path = Path(train.deepspeed_config)
-        if not path.is_file():
-            raise ConfigError(f"train.deepspeed_config: no such file {path}")
-        try:
-            ds = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"train.deepspeed_config: {path} is not valid JSON: {e.msg} at line {e.lineno}, "
-                              f"column {e.colno}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"train.deepspeed_config: cannot read {path}: {e}") from None
-        if not isinstance(ds, dict):
-            raise ConfigError(f"train.deepspeed_config: {path} must hold a JSON object, got {type(ds).__name__}")
-    if isinstance(ds.get("checkpoint"), dict) and ds["checkpoint"].get("load_universal"):
-        raise ConfigError(f"{train.deepspeed_config} sets checkpoint.load_universal: DeepSpeed reads universal "
-                          "checkpoints with unrestricted unpickling, which resume refuses; remove it")
-    for key in _RESERVED_DS_KEYS:
-        if ds.get(key, "auto") != "auto":
-            raise ConfigError(f"{train.deepspeed_config} sets {key}={ds[key]!r}; batch sizes and clipping come "
-                              f"from the recipe (data.batch_size, train.grad_accum / global_batch_size, "
-                              f"train.clip_grad): use \"auto\" or leave it out")
-    for key in ("optimizer", "scheduler"):
-        if key in ds:
-            raise ConfigError(f"{train.deepspeed_config} defines '{key}'; the recipe's optim section builds "
-                              f"them (AdamW + warm-up cosine): remove it from the JSON")
-    ds.pop("train_batch_size", None)
-    ds["train_micro_batch_size_per_gpu"] = micro_batch
-    ds["gradient_accumulation_steps"] = grad_accum
-    ds["gradient_clipping"] = float(train.clip_grad or 0.0)
-    zero = ds.setdefault("zero_optimization", {})
-    if train.zero_stage is not None:
-        zero["stage"] = train.zero_stage
-    zero.setdefault("stage", 0)
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bool(train.bf16)}
-    if train.bf16 and ds.get("fp16", {}).get("enabled"):
-        raise ConfigError(f"{train.deepspeed_config} enables fp16 while train.bf16 is true; pick one")
-    ds.setdefault("zero_allow_untested_optimizer", True)  # torch AdamW as the client optimizer
-    ds.setdefault("steps_per_print", 2**31 - 1)  # the loop logs itself
-    return ds
-
-
-@dataclass
-class DataSetup:
-    """The recipe's data: loader factory, resolved ``DataConfig`` and the built-in set's class count."""
-
-    factory: LoaderFactory
-    data_config: Any
-    num_classes: int | None
-
-
-def real_data(cfg: Config, dist_info: DistInfo) -> DataSetup:
-    """Loaders from ``inti_adapters.data`` for the recipe's ``data`` / ``builtin_data`` sections.
-
-    With ``builtin_data``, rank 0 creates the data set first (once), then the other ranks open it.
-    """
-    num_classes = None
-    if cfg.builtin_data is not None:
-        opts = dict(cfg.builtin_data)
-        root = Path(str(opts.pop("root"))).expanduser()
-        dataset = None
-        for turn in (0, 1):  # rank 0 writes the shards first, the others then find them
-            if (turn == 0) == dist_info.is_main:
-                dataset = ensure_builtin_dataset(root, **opts)
-            barrier()
-        data_cfg = dataset.to_data_config(**cfg.data)
-        num_classes = int(dataset.num_classes)
-    else:
-        try:
-            data_cfg = DataConfig(**cfg.data)
-        except TypeError as e:
-            raise ConfigError(f"data: {e}") from None
-
-    def factory(train: bool, rank: int, world_size: int, epoch: int) -> Any:
-        if not train and not getattr(data_cfg, "val_shards", None):
-            return None
-        return build_dataloader(data_cfg, train=train, rank=rank, world_size=world_size, epoch=epoch)
-
-    return DataSetup(factory, data_cfg, num_classes)
-
-
-def data_value(cfg: Config, data_cfg: Any, name: str, *default: Any) -> Any:
-    """A data setting from the resolved ``DataConfig`` if there is one, else from the recipe's mapping."""
-    if data_cfg is not None:
-        return getattr(data_cfg, name)
-    if name in cfg.data:
-        return cfg.data[name]
-    if default:
-        return default[0]
-    raise ConfigError(f"data.{name} is required")
-
-
-@dataclass
-class _Position:
-    """Where a run (re)starts, and what its first epoch had done before the checkpoint."""
-
-    step: int = 0
-    epoch: int = 0
-    micro: int = 0  # micro-batches of the epoch already trained on
-    resumed: bool = False
-    replay: bool = False  # read (decode) those micro-batches instead of skipping them undecoded
-    loss_sum: float = 0.0  # the epoch's summed step losses before the checkpoint (all ranks, on rank 0)
-    steps: int = 0
 
 
 @dataclass
@@ -167,8 +68,10 @@ class Trainer:
     Args:
         cfg: The recipe.
         loader_factory: ``(train, rank, world_size, epoch) -> loader``; defaults to
-            ``inti_adapters.data.build_dataloader`` on the recipe's data section. A factory may
-            return None for the eval split (no evaluation).
+            ``inti_adapters.data.build_dataloader`` on the recipe's data section (train batches with
+            their sample keys). A factory may return None for the eval split (no evaluation); its train
+            batches may be ``(video, label)`` (no sample log, no key-based resume on another world size)
+            or ``(video, label, keys)``.
         num_classes: Overrides the class count (else ``model.num_classes`` or the built-in data set's).
 
     Subclass and override :meth:`on_step_end` to add callbacks.
@@ -177,7 +80,7 @@ class Trainer:
     def __init__(self, cfg: Config, *, loader_factory: LoaderFactory | None = None,
                  num_classes: int | None = None) -> None:
         self.cfg = cfg
-        self.dist: DistInfo = setup_distributed(cfg.train.backend)
+        self.dist: DistInfo = setup_distributed(cfg.train.backend, timeout_s=cfg.train.dist_timeout_s)
         self._data_cfg = None
         if loader_factory is None:
             data = real_data(cfg, self.dist)
@@ -188,16 +91,20 @@ class Trainer:
         if not self.num_classes:
             raise ConfigError("model.num_classes is null and no built-in data set gives it; set model.num_classes")
         world = self.dist.world_size
+        self.out_dir = Path(cfg.train.output_dir).expanduser()
         self.train_loader = self.loader_factory(True, self.dist.rank, world, 0)
         self.micro_batch = int(getattr(self.train_loader, "batch_size", None) or self._data_value("batch_size"))
         self.grad_accum = self._grad_accum(world)
         self.global_batch = self.micro_batch * world * self.grad_accum
-        self.steps_per_epoch = cfg.train.steps_per_epoch or self._measure_epoch(world)
+        self.steps_per_epoch = cfg.train.steps_per_epoch or self._checkpoint_epoch(world) or self._measure_epoch(world)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
-        self.out_dir = Path(cfg.train.output_dir).expanduser()
         self.engine: Any = None
         self._notes: list[str] = []  # what resumes changed in the recipe (recorded with the config)
         self._corrupt_at_epoch_start = 0
+        self._keys = EpochKeys()
+        self._phase, self._at_step = "setup", 0  # for the message of a lost peer
+        self._signals = SignalWatch([])
+        self._stop = False
 
     def _data_value(self, name: str, *default: Any) -> Any:
         return data_value(self.cfg, self._data_cfg, name, *default)
@@ -210,6 +117,17 @@ class Trainer:
             raise ConfigError(f"train.global_batch_size={target} is not a multiple of data.batch_size x world size "
                               f"= {self.micro_batch} x {world}")
         return target // (self.micro_batch * world)
+
+    def _checkpoint_epoch(self, world: int) -> int | None:
+        """A resume at another world size keeps the checkpoint's steps per epoch (and so its schedule)."""
+        found = resolve_resume(self.cfg.train.resume, self.out_dir / "checkpoints")
+        if found is None:
+            return None
+        meta = CheckpointManager(found[0], rank=self.dist.rank).read_meta(found[1]) or {}
+        state = meta.get("state") or {}
+        if meta.get("facts", {}).get("world_size") in (None, world) or not state.get("steps_per_epoch"):
+            return None
+        return int(state["steps_per_epoch"])
 
     def _measure_epoch(self, world: int) -> int:
         """Optimizer steps per epoch from the loader's length (the same on every rank)."""
@@ -243,9 +161,12 @@ class Trainer:
         scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch=self.steps_per_epoch,
                                     total_steps=self.total_steps)
         ds_config = deepspeed_config(cfg.train, self.micro_batch, self.grad_accum)
+        self.zero_stage = int(ds_config["zero_optimization"]["stage"])
+        if cfg.train.max_nonfinite_steps and self.zero_stage == 3:
+            raise ConfigError("train.max_nonfinite_steps > 0 needs ZeRO stage 0-2 (a skipped micro-batch's zero "
+                              "gradient is built from the whole parameters); set it to 0 or use another stage")
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
-        self.zero_stage = int(ds_config["zero_optimization"]["stage"])
         self.dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
         self._seed(cfg.train.seed + 1000 * self.dist.rank + 1)  # per-rank randomness (drop path, ...)
         self.ckpt = CheckpointManager(self.out_dir / "checkpoints", rank=self.dist.rank, keep_last=cfg.train.keep_last)
@@ -253,7 +174,7 @@ class Trainer:
     def on_step_end(self, step: int, loss: float) -> None:
         """Called on every rank after each optimizer step; override for callbacks (no-op)."""
 
-    # -- loop ---------------------------------------------------------------------------------
+    # -- state --------------------------------------------------------------------------------
     def _current_lr(self) -> float:
         return max(g["lr"] for g in self.optimizer.param_groups)
 
@@ -267,19 +188,31 @@ class Trainer:
                 "crop_size": self._data_value("crop_size", None), "global_batch": self.global_batch,
                 "micro_batch": self.micro_batch, "world_size": self.dist.world_size}
 
-    def _save(self, step: int, epoch: int, micro: int, loss_sum: float = 0.0, steps: int = 0) -> None:
-        """Collective. Also records the epoch's loss so far and whether corrupt samples were skipped in it."""
+    def _save(self, step: int, epoch: int, micro: int, loss_sum: float = 0.0, steps: int = 0) -> str:
+        """Collective. Also records the epoch's loss so far, whether corrupt samples were skipped in it and
+        the keys every rank trained on in it."""
+        self._phase = "a checkpoint save"
         per_epoch = self.steps_per_epoch * self.grad_accum
         corrupt = self._corrupt_count() - self._corrupt_at_epoch_start
         loss_sum, steps, corrupt = all_reduce_sum([loss_sum, steps, corrupt])
+        excluded = bool(self._keys.inherited) or self._excluded_epoch
         if micro >= per_epoch:  # the epoch is complete: resume at the start of the next one
-            epoch, micro, loss_sum, steps, corrupt = epoch + 1, 0, 0.0, 0, 0
+            epoch, micro, loss_sum, steps, corrupt, excluded = epoch + 1, 0, 0.0, 0, 0, False
         state = {"step": step, "epoch": epoch, "micro_in_epoch": micro, "global_batch": self.global_batch,
                  "world_size": self.dist.world_size, "micro_batch": self.micro_batch, "epoch_loss_sum": loss_sum,
-                 "epoch_steps": int(steps), "corrupt_in_epoch": int(corrupt)}
-        meta = {"step": step, "recipe": self.cfg.to_dict(), "facts": self._facts(), "notes": self._notes}
-        self.ckpt.save(self.engine, step, state, meta=meta)
+                 "epoch_steps": int(steps), "corrupt_in_epoch": int(corrupt), "steps_per_epoch": self.steps_per_epoch,
+                 "excluded_in_epoch": excluded}
+        meta = {"step": step, "recipe": self.cfg.to_dict(), "facts": self._facts(), "notes": self._notes,
+                "state": state}
+
+        def extra(directory: Path) -> None:
+            save_epoch_keys(directory, self.dist.rank, self._keys)
+            if needs_consolidated(self.engine):
+                save_consolidated(self.engine, directory, rank=self.dist.rank, world_size=self.dist.world_size)
+
+        tag = self.ckpt.save(self.engine, step, state, meta=meta, before_commit=extra)
         self._last_saved = step
+        return tag
 
     def _evaluate(self) -> EvalResult | None:
         loader = self.loader_factory(False, self.dist.rank, self.dist.world_size, 0)
@@ -291,89 +224,107 @@ class Trainer:
                             lockstep=self.zero_stage == 3, average_clips=self.cfg.eval.average_clips,
                             num_crops=self._data_value("num_crops", 1))
 
-    def _resume(self) -> _Position:
+    def _resume(self) -> Position:
         """Load the checkpoint ``train.resume`` points to (after comparing its recipe with this run's)."""
         found = resolve_resume(self.cfg.train.resume, self.out_dir / "checkpoints")
         if found is None:
-            return _Position()
+            return Position()
         root, tag = found
         manager = CheckpointManager(root, rank=self.dist.rank)
-        self._reconcile_recipe(manager.read_meta(tag), root / tag)
-        state = manager.load(self.engine, tag)
+        meta = manager.read_meta(tag)
+        rec = reconcile_recipe(self.cfg, meta, root / tag, self._facts(), self.dist.is_main)
+        self.cfg, self._notes = rec.cfg, rec.notes
+        state = manager.load(self.engine, tag, world_size=self.dist.world_size)
         if state.get("global_batch") != self.global_batch:
             raise ConfigError(f"checkpoint {root / tag} was written with global batch {state.get('global_batch')}, "
                               f"this run has {self.global_batch}: the data position would not match")
-        micro, old = state["micro_in_epoch"], (state.get("micro_batch", self.micro_batch), state.get("world_size"))
-        if old[1] is not None and old != (self.micro_batch, self.dist.world_size):  # same samples per step
-            micro = micro * old[0] * old[1] // (self.micro_batch * self.dist.world_size)
-        pos = _Position(state["step"], state["epoch"], micro, resumed=True,
-                        replay=bool(state.get("corrupt_in_epoch", 0)) and micro > 0,
-                        loss_sum=float(state.get("epoch_loss_sum", 0.0)) if self.dist.is_main else 0.0,
-                        steps=int(state.get("epoch_steps", 0)) if self.dist.is_main else 0)
+        saved_world = int(state.get("world_size") or self.dist.world_size)
+        keys = load_epoch_keys(root / tag, saved_world, state["epoch"]) if state["micro_in_epoch"] else None
+        pos = data_position(state, micro_batch=self.micro_batch, world_size=self.dist.world_size,
+                            is_main=self.dist.is_main, epoch_keys=keys)
         if self.dist.is_main:
-            logger.info("resumed from %s: step %d, epoch %d, micro-batch %d", root / tag, pos.step, pos.epoch, micro)
+            logger.info("resumed from %s: step %d, epoch %d, micro-batch %d%s", root / tag, pos.step, pos.epoch,
+                        pos.micro, f", {len(pos.exclude)} samples of the epoch already trained (excluded)"
+                        if pos.exclude is not None else "")
             if pos.replay:
                 logger.info("corrupt samples were skipped in this epoch before the checkpoint: re-reading its first "
-                            "%d micro-batches (decoded, not trained on) so that the next batches are exact", micro)
+                            "%d micro-batches (decoded, not trained on) so that the next batches are exact", pos.micro)
         return pos
 
-    def _reconcile_recipe(self, meta: dict[str, Any] | None, where: Path) -> None:
-        """Refuse a resume whose recipe changes the model or the data shape; keep or apply the rest (noted)."""
-        if meta is None:
-            if self.dist.is_main:
-                logger.warning("%s has no recipe record (an older checkpoint): the recipe is not compared", where)
-            return
-        changes = compare_recipes(meta["recipe"], self.cfg)
-        saved_facts, facts = meta.get("facts", {}), self._facts()
-        refused = changes.refused + [f"{k} (resolved): {saved_facts[k]!r} in the checkpoint, {v!r} now"
-                                     for k, v in facts.items() if k in _FIXED_FACTS and k in saved_facts
-                                     and saved_facts[k] != v]
-        if refused:
-            raise ConfigError(f"cannot resume from {where} with this recipe; it changes what the checkpoint's weights "
-                              f"and optimizer state belong to: {'; '.join(refused)}. Use the checkpoint's values, "
-                              "or start a new run (train.resume=never or another train.output_dir)")
-        step = meta.get("step", "?")
-        moved = [f"{k} (resolved): {saved_facts[k]!r} in the checkpoint, {v!r} now" for k, v in facts.items()
-                 if k in ("micro_batch", "world_size") and k in saved_facts and saved_facts[k] != v]
-        new = ([f"resumed at step {step}: {c}; the checkpoint's value stays in force (the optimizer, its learning-"
-                "rate schedule and the RNG are restored from it)" for c in changes.kept]
-               + [f"resumed at step {step}: {c}; the new value applies from step {step} on, so the run no longer "
-                  "matches an uninterrupted one" for c in changes.applied + moved])
-        for note in new if self.dist.is_main else ():
-            logger.warning("%s", note)
-        self._notes = list(meta.get("notes", [])) + new
-        self.cfg = Config.from_dict(changes.effective)
+    def _latest(self) -> str | None:
+        tag = self.ckpt.latest()
+        return str(self.ckpt.root / tag) if tag else None
 
+    def _lock(self) -> RunLock | None:
+        """Global rank 0 locks the output folder; every rank stops if it could not."""
+        lock, error = None, None
+        if self.dist.is_main:
+            try:
+                lock = RunLock(self.out_dir)
+                lock.acquire()
+            except RunLockedError as e:
+                lock, error = None, e
+        if all_reduce_max([int(error is not None)])[0]:
+            raise error or RunLockedError(f"{self.out_dir} is in use by another run (global rank 0 could not lock it)")
+        return lock
+
+    # -- loop ---------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
-        """Train to the end (resuming first when a checkpoint exists); returns the run's summary."""
+        """Train to the end (resuming first when a checkpoint exists); returns the run's summary.
+
+        Raises :class:`Preempted` (status 75) after a checkpoint signal, :class:`PeerLostError`,
+        :class:`NonFiniteLossError`, :class:`RunLockedError`.
+        """
+        lock = self._lock()
+        try:
+            with SignalWatch(self.cfg.train.checkpoint_signals) as self._signals:
+                return self._fit()
+        except (Preempted, PeerLostError, NonFiniteLossError):
+            raise
+        except Exception as e:
+            if self.dist.world_size > 1 and self._phase != "data loading" and is_comm_failure(e):
+                raise peer_lost(e, what=self._phase, step=self._at_step, timeout_s=self.cfg.train.dist_timeout_s,
+                                rank=self.dist.rank, world=self.dist.world_size) from None
+            raise
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _fit(self) -> TrainResult:
         from tqdm.auto import tqdm
 
         if self.engine is None:
             self.setup()
         rank0 = self.dist.is_main
+        self._phase = "the resume"
         start = self._resume()
         cfg, step = self.cfg, start.step  # the recipe as the resume reconciled it
         self._last_saved = step
         if rank0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            clear_marker(self.out_dir)
             cfg.dump(self.out_dir / "config.yaml", notes=self._notes)
         self._metrics = MetricsLogger(self.out_dir, enabled=rank0, tensorboard=cfg.train.tensorboard,
-                                      resume_step=step if start.resumed else None)
+                                      resume_step=step if start.resumed else None, wandb=cfg.train.wandb,
+                                      config=cfg.to_dict())
+        self._sample_log = SampleLog(self.out_dir, self.dist.rank, enabled=cfg.train.sample_log)
         # disable=None: a bar on a terminal only; a log file gets the epoch lines, not carriage-return updates
         self._bar = tqdm(total=self.total_steps, initial=step, disable=None if rank0 and cfg.train.progress else True,
                          desc="train", dynamic_ncols=True)
         result = TrainResult(step=step, epoch=start.epoch)
+        self._guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, rank=self.dist.rank, latest=self._latest)
         self.engine.train()
         try:
             for epoch in range(start.epoch, cfg.train.epochs):
                 if step >= self.total_steps:
                     break
                 t0 = time.perf_counter()
-                first = start if epoch == start.epoch else _Position(step, epoch)
+                first = start if epoch == start.epoch else Position(step, epoch)
                 step, loss_sum, steps, trained = self._train_epoch(epoch, step, first, result)
                 result.step, result.epoch = step, epoch + 1
                 summary = self._epoch_summary(epoch, loss_sum, steps, trained, time.perf_counter() - t0, step)
                 if cfg.train.eval_every_epochs and (epoch + 1) % cfg.train.eval_every_epochs == 0:
+                    self._phase = "evaluation"
                     ev = self._evaluate()
                     if ev is not None:
                         result.eval = ev
@@ -381,8 +332,11 @@ class Trainer:
                         summary += f" | val {ev.summary()}"
                 if rank0:
                     tqdm.write(summary)
+                if epoch + 1 < cfg.train.epochs and step < self.total_steps:
+                    self._maybe_preempt(step, epoch, self.steps_per_epoch * self.grad_accum)
             if self._last_saved != step:
                 self._save(step, max(result.epoch - 1, 0), self.steps_per_epoch * self.grad_accum)
+            self._phase = "the export"
             result.export_dir = self.out_dir / "final"
             export_adapter(self.engine, result.export_dir)
             if rank0:
@@ -392,12 +346,39 @@ class Trainer:
             self._metrics.close()
         return result
 
-    def _epoch_iterator(self, epoch: int, first: _Position) -> Any:
-        """The train loader's iterator for ``epoch``, positioned after ``first.micro`` micro-batches."""
+    def _maybe_preempt(self, step: int, epoch: int, micro: int, loss_sum: float = 0.0, steps: int = 0) -> None:
+        """At a step boundary: when a checkpoint signal was agreed on (or arrives now), save and exit 75."""
+        self._phase = "the preemption check (all-reduce)"
+        if not (self._stop or all_reduce_max([int(self._signals.requested)])[0]):
+            return
+        signame = self._signals.received or "a checkpoint signal (on another rank)"
+        tag = self._save(step, epoch, micro, loss_sum, steps)
+        checkpoint = str(self.ckpt.root / tag)
+        if self.dist.is_main:
+            write_marker(self.out_dir, step=step, signame=signame, checkpoint=checkpoint)
+            logger.warning("preempted by %s: checkpoint %s at step %d; exiting with status 75", signame, checkpoint,
+                           step)
+        self._metrics.close()
+        raise Preempted(step, signame, checkpoint)
+
+    def _epoch_iterator(self, epoch: int, first: Position) -> Any:
+        """The train loader's iterator for ``epoch``, positioned after ``first.micro`` micro-batches (or with
+        the samples ``first.exclude`` left out, after a resume on another world size)."""
         loader = self.train_loader
         loader.set_epoch(epoch)
         self._corrupt_at_epoch_start = self._corrupt_count()
-        if first.micro and not first.replay:
+        self._keys.start(epoch, first.inherited)
+        self._excluded_epoch = first.exclude is not None
+        if first.exclude is not None:
+            if hasattr(loader, "exclude_keys"):
+                loader.exclude_keys(first.exclude)
+            else:
+                self._excluded_epoch = False
+                if self.dist.is_main:
+                    logger.warning("the train loader has no exclude_keys(): skipping %d micro-batches per rank "
+                                   "instead; samples of the rest of this epoch may repeat or be missed", first.micro)
+                loader.skip_batches(first.micro)
+        elif first.micro and not first.replay:
             loader.skip_batches(first.micro)  # skipped samples are not decoded
         # torch's DataLoader draws its base seed from the global RNG when an iterator is made: keep that draw
         # (and any reading) off the training RNG, which a resume restores as it was after the previous step
@@ -407,32 +388,53 @@ class Trainer:
                 next(it, None)  # decoded and dropped: corrupt samples shift the batches as they did before
         return it
 
-    def _train_epoch(self, epoch: int, step: int, first: _Position,
+    def _forward(self, batch: Any) -> tuple[torch.Tensor, list[str] | None]:
+        video, label, *rest = batch
+        keys = [str(k) for k in rest[0]] if rest and rest[0] is not None else None
+        device = self.engine.device
+        x = normalize_video(video.to(device, non_blocking=True), self.mean_std, dtype=self.dtype)
+        self._phase = "the forward pass"
+        logits = self.engine(x).float()
+        return F.cross_entropy(logits, label.to(device), label_smoothing=self.cfg.train.label_smoothing), keys
+
+    def _train_epoch(self, epoch: int, step: int, first: Position,
                      result: TrainResult) -> tuple[int, float, int, int]:
         """One epoch from micro-batch ``first.micro`` on; returns ``(step, summed step losses, steps, steps
         trained by this call)`` where the sums include the epoch's steps before a resume."""
-        cfg, device = self.cfg, self.engine.device
+        cfg = self.cfg
         per_epoch = self.steps_per_epoch * self.grad_accum
         it, micro = self._epoch_iterator(epoch, first), first.micro
         loss_sum, steps, trained = first.loss_sum, first.steps, 0
         step_loss, window, t0 = 0.0, [0.0, 0], time.perf_counter()
         while micro < per_epoch and step < self.total_steps:
+            self._phase, self._at_step = "data loading", step + 1
             batch = next(it, None)
-            if all_reduce_max([int(batch is None)])[0]:  # all ranks stop together
+            self._phase = "the batch check (all-reduce)"
+            ended, stop = all_reduce_max([int(batch is None), int(self._signals.requested)])
+            self._stop = self._stop or bool(stop)
+            if ended:  # all ranks stop together
                 if self.dist.is_main:
                     logger.warning("epoch %d: the loader ran out after %d of %d micro-batches", epoch, micro, per_epoch)
                 break
-            video, label = batch
-            x = normalize_video(video.to(device, non_blocking=True), self.mean_std, dtype=self.dtype)
-            loss = F.cross_entropy(self.engine(x).float(), label.to(device), label_smoothing=cfg.train.label_smoothing)
+            loss, keys = self._forward(batch)
             lr = self._current_lr()
+            loss_value = float(loss.detach())
+            self._phase = "the loss check (all-reduce)"
+            loss = self._guard.loss(loss, self.engine.module, step=step + 1, epoch=epoch)
+            self._phase = "the backward pass (gradient reduction)"
             self.engine.backward(loss)
+            self._phase = "the optimizer step"
             self.engine.step()
             micro += 1
-            step_loss += float(loss.detach()) / self.grad_accum
+            self._keys.add(keys)
+            self._sample_log.add(keys)
+            step_loss += (loss_value if math.isfinite(loss_value) else 0.0) / self.grad_accum
             if self.engine.global_steps == step:
                 continue  # still accumulating
             step = self.engine.global_steps
+            self._guard.grad_norm(self.engine, step=step, epoch=epoch)
+            self._guard.step_done()
+            self._sample_log.step(epoch, step)
             window = [window[0] + step_loss, window[1] + 1]
             loss_sum, steps, trained = loss_sum + step_loss, steps + 1, trained + 1
             seconds = time.perf_counter() - t0
@@ -441,6 +443,7 @@ class Trainer:
             self._bar.update(1)
             self._bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", clips_s=f"{clips_s:.1f}")
             if step % cfg.train.log_every == 0 or step == self.total_steps:
+                self._phase = "the metrics all-reduce"
                 total, count = all_reduce_sum(window)
                 result.history.append((step, total / count))
                 self._metrics.log(step, epoch, "train", loss=total / count, lr=lr, clips_per_s=clips_s)
@@ -448,11 +451,14 @@ class Trainer:
             if cfg.train.save_every and step % cfg.train.save_every == 0:
                 self._save(step, epoch, micro, loss_sum, steps)
             self.on_step_end(step, step_loss)
+            if self._stop and micro < per_epoch and step < self.total_steps:
+                self._maybe_preempt(step, epoch, micro, loss_sum, steps)
             step_loss, t0 = 0.0, time.perf_counter()
         return step, loss_sum, steps, trained
 
     def _epoch_summary(self, epoch: int, loss_sum: float, steps: int, trained: int, seconds: float, step: int) -> str:
         """The epoch's line: mean loss over all its steps (before a resume too), throughput of this process."""
+        self._phase = "the epoch summary all-reduce"
         total, count = all_reduce_sum([loss_sum, steps])
         mean = total / max(count, 1)
         clips = trained * self.global_batch

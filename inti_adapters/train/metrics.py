@@ -1,4 +1,5 @@
-"""Metrics on rank 0: a CSV file (always) and TensorBoard (when it is installed)."""
+"""Metrics on global rank 0: a CSV file (always), TensorBoard (when it is installed; in the ``train``
+extra) and Weights & Biases (``train.wandb``: the keyword arguments of ``wandb.init``)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ class MetricsLogger:
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, enabled: bool, tensorboard: bool = True,
-                 resume_step: int | None = None) -> None:
+                 resume_step: int | None = None, wandb: dict[str, Any] | None = None,
+                 config: dict[str, Any] | None = None) -> None:
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.csv"
         self._tb = None
+        self._wandb = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,6 +44,8 @@ class MetricsLogger:
                 logger.info("tensorboard is not installed; metrics go to %s only", self.path)
             else:
                 self._tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"), purge_step=resume_step)
+        if wandb is not None:
+            self._wandb = start_wandb(Path(out_dir), wandb, config)
 
     def _write(self, rows: list[dict[str, Any]], mode: str) -> None:
         with open(self.path, mode, newline="") as f:
@@ -60,11 +65,32 @@ class MetricsLogger:
         if self._tb is not None:
             for k, v in values.items():
                 self._tb.add_scalar(f"{split}/{k}", v, step)
+        if self._wandb is not None:
+            self._wandb.log({f"{split}/{k}": v for k, v in values.items()} | {"epoch": epoch}, step=step)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def start_wandb(out_dir: Path, options: dict[str, Any], config: dict[str, Any] | None) -> Any:
+    """``wandb.init(**options)`` with the run's folder under ``out_dir`` (``wandb/``) and the recipe as its config;
+    ``wandb`` missing is an error naming the key (it was asked for)."""
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError("train.wandb is set but wandb is not installed: pip install 'inti-adapters[wandb]' "
+                          "(or wandb), or set train.wandb=null") from None
+    kwargs = {"dir": str(out_dir), "config": config, **options}
+    Path(kwargs["dir"]).mkdir(parents=True, exist_ok=True)
+    try:
+        return wandb.init(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"train.wandb: {e} (its keys are the keyword arguments of wandb.init)") from None
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -17,11 +17,14 @@ class SyntheticVideoLoader:
 
     Train: the sample order is a permutation drawn from ``(seed, epoch)``, split over ranks by
     striding, incomplete last batch dropped. Eval: every sample exactly once over all ranks.
+    With ``with_keys`` a batch is ``(clips, labels, keys)``, a sample's key ``"syn{id:06d}"``.
+    :meth:`exclude_keys` leaves samples out of the next epoch pass (after :meth:`set_epoch`) and spreads
+    the rest over the ranks, as ``inti_adapters.data`` loaders do (resume on another world size).
     """
 
     def __init__(self, *, num_samples: int, num_classes: int, num_frames: int = 4, size: int = 32,
                  batch_size: int = 2, train: bool = True, rank: int = 0, world_size: int = 1,
-                 num_views: int = 1, seed: int = 0, epoch: int = 0) -> None:
+                 num_views: int = 1, seed: int = 0, epoch: int = 0, with_keys: bool = False) -> None:
         if num_samples < 1 or num_classes < 1 or batch_size < 1 or num_views < 1:
             raise ValueError(f"num_samples, num_classes, batch_size and num_views must be >= 1, got "
                              f"{num_samples}, {num_classes}, {batch_size}, {num_views}")
@@ -31,10 +34,21 @@ class SyntheticVideoLoader:
         self.num_frames, self.size, self.batch_size = num_frames, size, batch_size
         self.train, self.rank, self.world_size = train, rank, world_size
         self.num_views, self.seed, self.epoch = num_views, seed, epoch
+        self.with_keys = with_keys
         self._skip = 0
+        self._exclude: set[str] | None = None
+
+    @staticmethod
+    def key(sample: int) -> str:
+        return f"syn{sample:06d}"
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        self._exclude = None
+
+    def exclude_keys(self, keys: list[str] | set[str]) -> None:
+        """For the next pass over the current epoch: drop these samples, split the rest over the ranks."""
+        self._exclude = set(keys)
 
     def skip_batches(self, num_batches: int) -> None:
         """The next iteration starts at batch ``num_batches`` of the current epoch (resume)."""
@@ -49,6 +63,8 @@ class SyntheticVideoLoader:
             order = torch.randperm(self.num_samples, generator=g).tolist()
         else:
             order = list(range(self.num_samples))
+        if self._exclude is not None:
+            order = [i for i in order if self.key(i) not in self._exclude]
         return order[self.rank::self.world_size]
 
     def __len__(self) -> int:
@@ -75,9 +91,9 @@ class SyntheticVideoLoader:
             video[:, f, :, x:x + width] += 80.0
         return video.clamp(0, 255).to(torch.uint8)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         ids = self.indices()
-        skip, self._skip = self._skip, 0
+        skip, self._skip, self._exclude = self._skip, 0, None
         stop = len(ids) - len(ids) % self.batch_size if self.train else len(ids)
         for start in range(skip * self.batch_size, stop, self.batch_size):
             batch = ids[start:start + self.batch_size]
@@ -86,4 +102,4 @@ class SyntheticVideoLoader:
                 clips = torch.stack([self.clip(i) for i in batch])
             else:
                 clips = torch.stack([torch.stack([self.clip(i, v) for v in range(self.num_views)]) for i in batch])
-            yield clips, labels
+            yield (clips, labels, [self.key(i) for i in batch]) if self.with_keys else (clips, labels)
