@@ -10,22 +10,32 @@
 
 What exports: every built-in compressor (``inti``, ``linear_pool``, ``conv_pool`` and ``tome``, whose
 merging keeps a fixed ``r`` tokens per layer, so every shape is known), every temporal adapter,
-and LoRA / other peft tuners, which are merged into the weights first (in place, peft's
-``merge_adapter``). The batch size is dynamic; the frame count and frame size are those of the example
+and LoRA / other peft tuners, which are merged into the weights first (peft's ``merge_adapter``, in a
+copy: the model passed to :func:`export_program` keeps its tuners unmerged, its weights bit for bit
+and the training mode of each module). The batch size is dynamic; the frame count and frame size are those of the example
 video (the frame schedule depends on them). A compressor or temporal adapter that declares
 ``exportable = False`` is refused with an :class:`ExportError` naming it; any failure of
 ``torch.export`` is reported with the model's extensions. The exported program is checked against
-the eager model on the example video (``check=True``).
+the eager model on the example video (``check=True``); an output or a difference that is not finite
+(NaN, inf: e.g. the weights of a run that diverged) fails the check.
 
 ONNX (``pip install 'inti-adapters[export]'``: onnx, onnxscript, onnxruntime) goes through the
 same exported program (``torch.onnx.export(program, dynamo=True)``) and is checked with
-onnxruntime on the CPU when it is installed. ``inti-export`` does both from a recipe and a saved
+onnxruntime on the CPU when it is installed. ``opset_version`` must lie in the range the exporter
+can write (:func:`supported_opsets`; others are refused before anything is written), and the file
+appears at its path only once it is written and checked. ``inti-export`` does both from a recipe and a saved
 adapter (:mod:`inti_adapters.train.export_cli`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import math
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +45,7 @@ from torch import nn
 from ._peft import is_peft_model, unwrap_peft
 from .model import InTIModel
 
-__all__ = ["ExportError", "export_onnx", "export_program", "onnx_difference", "prepare_for_export"]
+__all__ = ["ExportError", "export_onnx", "export_program", "onnx_difference", "prepare_for_export", "supported_opsets"]
 
 _INSTALL = "pip install 'inti-adapters[export]' (onnx, onnxscript, onnxruntime)"
 
@@ -63,6 +73,35 @@ def _max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().float() - b.detach().float()).abs().max())
 
 
+def _check_close(what: str, got: torch.Tensor, reference: torch.Tensor, atol: float, *,
+                 against: str = "the eager model", hint: str = "") -> None:
+    """:class:`ExportError` unless both outputs are finite and differ by at most ``atol``
+    (``nan > atol`` is False: a NaN difference must not pass)."""
+    for name, out in ((what, got), (against, reference)):
+        bad = int((~torch.isfinite(out.detach())).sum())
+        if bad:
+            raise ExportError(f"{name} gives {bad} non-finite values (NaN or inf) of {out.numel()} on the example "
+                              "video: the check cannot compare it; are the weights finite (a run that diverged)?")
+    diff = _max_difference(got, reference)
+    if not diff <= atol:
+        raise ExportError(f"{what} differs from {against} by {diff:.3g} (> {atol}){hint}")
+
+
+@contextlib.contextmanager
+def _modes_kept(model: nn.Module) -> Iterator[None]:
+    """Restore the training flag of every module of ``model`` on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _has_peft_tuners(model: nn.Module) -> bool:
+    return is_peft_model(model) or is_peft_model(getattr(unwrap_peft(model), "backbone", None))
+
+
 def prepare_for_export(model: nn.Module, video: torch.Tensor, *, atol: float = 1e-4) -> InTIModel:
     """The ``InTIModel`` to export: peft tuners merged into the weights (in place), eval mode.
 
@@ -80,16 +119,16 @@ def prepare_for_export(model: nn.Module, video: torch.Tensor, *, atol: float = 1
     model.eval()
     with torch.no_grad():
         before = model(video)
-    for tuned in (model, inner.backbone):  # LoRA after inject, LoRA before inject
-        if is_peft_model(tuned):
-            tuned.merge_adapter()  # weights merged, modules kept: the surgery's overrides on them stay
+    tuned = [m for m in (model, inner.backbone) if is_peft_model(m)]  # LoRA after inject, LoRA before inject
+    for m in tuned:
+        m.merge_adapter()  # weights merged, modules kept: the surgery's overrides on them stay
     model = inner
     _check_exportable(model)
+    if not tuned:
+        return model
     with torch.no_grad():
-        diff = _max_difference(model(video), before)
-    if diff > atol:
-        raise ExportError(f"merging the peft tuners changed the output by {diff:.3g} (> {atol}); "
-                          "export the unmerged model with merge=False")
+        _check_close("the model with its peft tuners merged", model(video), before, atol, against="the unmerged model",
+                     hint="; export the unmerged model with merge=False")
     return model
 
 
@@ -101,13 +140,25 @@ def export_program(model: nn.Module, video: torch.Tensor, *, dynamic_batch: bool
         model: An ``InTIModel`` or a ``PeftModel`` around one (see :func:`prepare_for_export`).
         video: An example input ``(B, 3, T, H, W)`` (or the model's layout); ``T``, ``H``, ``W`` are fixed.
         dynamic_batch: Let the batch size vary (``torch.export.Dim``); else it is ``B``.
-        merge: Merge peft tuners into the weights first (in place).
-        check: Compare the program with the eager model on ``video`` (max abs difference ``atol``).
+        merge: Merge peft tuners into the weights first (in a copy: ``model`` is left as it was).
+        check: Compare the program with the eager model on ``video`` (max abs difference ``atol``;
+            a NaN or inf output fails).
+
+    ``model`` is put in eval mode for the export; every module's training flag is restored afterwards.
 
     Raises:
         ExportError: An extension that does not export, a ``torch.export`` failure, or a mismatch.
     """
-    model = prepare_for_export(model, video, atol=atol) if merge else model.eval()
+    with _modes_kept(model):
+        if merge and _has_peft_tuners(model):  # merging changes the weights: work on a copy
+            model = prepare_for_export(copy.deepcopy(model), video, atol=atol)
+        else:
+            model = prepare_for_export(model, video, atol=atol) if merge else model.eval()
+        return _export(model, video, dynamic_batch, check, atol)
+
+
+def _export(model: nn.Module, video: torch.Tensor, dynamic_batch: bool, check: bool,
+            atol: float) -> torch.export.ExportedProgram:
     if dynamic_batch and video.shape[0] < 2:  # sizes 0 and 1 are specialised while tracing
         video = video.expand(2, *video.shape[1:]).contiguous()
     dims = ({0: torch.export.Dim("batch", min=1, max=1 << 16)},) if dynamic_batch else None
@@ -119,10 +170,33 @@ def export_program(model: nn.Module, video: torch.Tensor, *, dynamic_batch: bool
         raise ExportError(f"torch.export could not capture the model ({where}): {type(e).__name__}: {e}") from e
     if check:
         with torch.no_grad():
-            diff = _max_difference(program.module()(video), model(video))
-        if diff > atol:
-            raise ExportError(f"the exported program differs from the eager model by {diff:.3g} (> {atol})")
+            _check_close("the exported program", program.module()(video), model(video), atol)
     return program
+
+
+def supported_opsets() -> range:
+    """The ONNX opsets :func:`export_onnx` can write: torch's exporter builds opset 18 and converts it
+    with onnxscript's version converter, which only goes up (to its newest supported opset); asking
+    for another one would silently write opset 18 or an invalid file."""
+    try:
+        from onnxscript.version_converter import _version_converter as converter
+    except ImportError as e:
+        raise ImportError(f"ONNX export needs onnx and onnxscript: {_INSTALL}") from e
+    return range(getattr(converter, "SUPPORTED_MIN_ONNX_OPSET", 18), getattr(converter, "SUPPORTED_MAX_ONNX_OPSET", 18) + 1)
+
+
+def _check_opset(opset: Any) -> None:
+    if opset is None:
+        return
+    ok = supported_opsets()
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset not in ok:
+        raise ExportError(f"opset_version={opset!r} cannot be exported: this torch and onnxscript write ONNX opsets "
+                          f"{ok.start} to {ok.stop - 1} (an older opset would silently be written as {ok.start}, a newer "
+                          "one as an invalid file); nothing was written")
+
+
+def _written_opset(onnx_program: Any) -> int | None:
+    return next((o.version for o in onnx_program.model_proto.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 def export_onnx(model: nn.Module | torch.export.ExportedProgram, video: torch.Tensor, path: str | os.PathLike, *,
@@ -133,24 +207,43 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram, video: torch.Te
     ``model`` may be an exported program from :func:`export_program` (then ``video`` is only the
     check input). With ``check`` and onnxruntime installed, the ONNX model is run on the CPU on
     ``video`` and compared with the eager (or exported) model. ``export_options`` go to
-    ``torch.onnx.export`` (e.g. ``opset_version``).
+    ``torch.onnx.export`` (e.g. ``opset_version``, one of :func:`supported_opsets`; others raise
+    :class:`ExportError` before anything is written). The file is written beside ``path`` and moved
+    there only once it is complete and checked: a failure leaves no file (and an existing one as it was).
     """
     try:
         import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter needs it)
     except ImportError as e:
         raise ImportError(f"ONNX export needs onnx and onnxscript: {_INSTALL}") from e
+    _check_opset(export_options.get("opset_version"))
     program = model if isinstance(model, torch.export.ExportedProgram) else export_program(
         model, video, dynamic_batch=dynamic_batch, check=check, atol=atol)
     onnx_program = torch.onnx.export(program, dynamo=True, input_names=["video"], output_names=["output"],
                                      optimize=optimize, verbose=False, **export_options)
+    wanted, written = export_options.get("opset_version"), _written_opset(onnx_program)
+    if wanted is not None and written != wanted:
+        raise ExportError(f"opset_version={wanted} was asked for but the exporter produced opset {written}; "
+                          "nothing was written")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx_program.save(str(path))
-    if check:
-        diff = onnx_difference(path, program.module(), video)
-        if diff is not None and diff > atol:
-            raise ExportError(f"the ONNX model differs from the exported program by {diff:.3g} (> {atol})")
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:  # saved under its final name (external data files refer to it), checked, then moved
+        onnx_program.save(str(staging / path.name))
+        if check:
+            _check_onnx(staging / path.name, program, video, atol)
+        for item in sorted(staging.iterdir(), key=lambda p: p.name == path.name):  # the model file last
+            os.replace(item, path.parent / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def _check_onnx(path: Path, program: torch.export.ExportedProgram, video: torch.Tensor, atol: float) -> None:
+    diff = onnx_difference(path, program.module(), video)
+    if diff is not None and not diff <= atol:
+        what = "is not finite (the ONNX model or the program gives NaN or inf)" if not math.isfinite(diff) else (
+            f"is {diff:.3g} (> {atol})")
+        raise ExportError(f"the ONNX model's largest difference from the exported program {what}")
 
 
 def onnx_difference(path: str | os.PathLike, reference: Any, video: torch.Tensor) -> float | None:

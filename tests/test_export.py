@@ -129,3 +129,84 @@ def test_inti_export_onnx_goes_through_export_onnx(tmp_path, monkeypatch, capsys
     assert program == ("program", (3, 3, 4, S, S), {"dynamic_batch": False, "check": True})
     assert out == tmp_path / "m.onnx" and kw == {"check": True}
     assert "static batch" in capsys.readouterr().out
+
+
+# -- issue 23 item 3: NaN does not pass the check; opsets; the caller's model is left as it was --------
+def test_non_finite_outputs_fail_the_export_check():
+    model = _perturb(ia.inject(_vit(), layers=[0], temporal=TEMPORAL[:1]))
+    video, = _videos(2)
+    with torch.no_grad():
+        next(iter(model.temporal.parameters())).fill_(float("nan"))  # an adapter of NaNs (a diverged run)
+    assert torch.isnan(_eager(model, [video])[0]).all()
+    with pytest.raises(ExportError, match=r"the exported program gives 6 non-finite values \(NaN or inf\) of 6 "
+                                          r"on the example video"):
+        ia.export_program(model, video)
+    program = ia.export_program(model, video, check=False)  # unchecked, it still exports
+    assert torch.isnan(program.module()(video)).all()
+
+
+@pytest.mark.parametrize("lora_after_inject", [True, False])
+def test_export_leaves_the_peft_model_unmerged_trainable_and_bit_identical(lora_after_inject):
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["qkv"])
+    if lora_after_inject:
+        model = ia.add_lora(ia.inject(_vit(), layers=[0], temporal=TEMPORAL[:1]), lora)
+    else:
+        model = ia.inject(peft.get_peft_model(_vit(), lora), layers=[0], temporal=TEMPORAL[:1])
+    model = _perturb(model)
+    videos = _videos(2, 3)
+    expected = _eager(model, videos)
+    model.train()
+    next(m for n, m in model.named_modules() if n.endswith("blocks.1")).eval()  # mixed modes are kept too
+    modes = {n: m.training for n, m in model.named_modules()}
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+
+    program = ia.export_program(model, videos[0])
+    for video, ref in zip(videos, expected, strict=True):
+        torch.testing.assert_close(program.module()(video), ref, rtol=1e-5, atol=1e-5)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    state = model.state_dict()
+    assert state.keys() == weights.keys() and all(torch.equal(state[k], v) for k, v in weights.items())
+    tuners = [m for m in model.modules() if hasattr(m, "merged") and hasattr(m, "lora_A")]
+    assert tuners and not any(m.merged for m in tuners)
+    model(videos[0]).sum().backward()  # LoRA still learns
+    lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert lora_params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_params)
+
+
+@pytest.fixture(scope="module")
+def program_and_video():
+    model = _perturb(ia.inject(_vit(), layers=[0]))
+    video, = _videos(2)
+    return ia.export_program(model, video), video
+
+
+@pytest.mark.parametrize("opset", [7, 17, 99, "18", True])
+def test_unsupported_onnx_opsets_are_refused_before_writing(tmp_path, opset, program_and_video):
+    pytest.importorskip("onnxscript")
+    from inti_adapters.export import supported_opsets
+
+    program, video = program_and_video
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"an older export")
+    with pytest.raises(ExportError, match=rf"opset_version={opset!r} cannot be exported: .* write ONNX opsets "
+                                          rf"{supported_opsets().start} to .*nothing was written"):
+        ia.export_onnx(program, video, out, opset_version=opset)
+    assert out.read_bytes() == b"an older export" and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_onnx_file_appears_only_once_written_and_checked(tmp_path, monkeypatch, program_and_video):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from inti_adapters import export
+
+    program, video = program_and_video
+    opset = export.supported_opsets()[-1]
+    out = ia.export_onnx(program, video, tmp_path / "sub" / "m.onnx", opset_version=opset)
+    written = onnx.load(str(out))
+    assert [o.version for o in written.opset_import if o.domain in ("", "ai.onnx")] == [opset]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.onnx"]
+    monkeypatch.setattr(export, "onnx_difference", lambda *a: float("nan"))  # a check that fails after saving
+    with pytest.raises(ExportError, match="difference from the exported program is not finite"):
+        ia.export_onnx(program, video, tmp_path / "bad.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]
