@@ -41,6 +41,24 @@ def tree(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def pretend_gpu(monkeypatch):
+    """decode_device='cuda' is refused without a GPU; these tests run the device path on CPU tensors."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+
+def test_decode_device_cuda_without_a_gpu_is_refused_when_the_config_is_read(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="decode_device is 'cuda' but torch finds no CUDA GPU.*set decode_device: cpu"):
+        DataConfig(decode_device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"'cuda:2' but this machine has 2 CUDA GPU\(s\)"):
+        DataConfig(decode_device="cuda:2")
+    assert DataConfig(decode_device="cuda:1").decode_device == "cuda:1"
+
+
 def test_stored_frames_and_mapping():
     np.testing.assert_array_equal(stored_frame_indices(100, 4), [12, 37, 62, 87])  # segment centres
     np.testing.assert_array_equal(stored_frame_indices(5, 8), np.arange(5))  # fewer frames: all of them
@@ -114,7 +132,7 @@ def test_frame_and_video_shards_give_the_same_clips(tree, tmp_path):
 
 
 @pytest.mark.parametrize("train", [True, False])
-def test_gpu_decoding_path_on_cpu_tensors(tree, tmp_path, train):
+def test_gpu_decoding_path_on_cpu_tensors(tree, tmp_path, train, pretend_gpu):
     summary = write_shards(source=str(tree), output=str(tmp_path / "f"), samples_per_shard=6, store="frames",
                            frames_per_video=8, short_side=SIZE, progress=False)
     cfg = _cfg(summary.shards, num_clips=2, num_crops=3, hflip=True, crop_size=24, short_side=28)
@@ -180,7 +198,7 @@ def _rewrite(shard: str, change) -> None:
             tar.addfile(m, io.BytesIO(data))
 
 
-def test_corrupt_jpeg_members_are_skipped_and_counted(tree, tmp_path, caplog):
+def test_corrupt_jpeg_members_are_skipped_and_counted(tree, tmp_path, caplog, pretend_gpu):
     summary = write_shards(source=str(tree), output=str(tmp_path / "f"), samples_per_shard=12, store="frames",
                            frames_per_video=4, short_side=SIZE, progress=False, shuffle=False)
     keys = sorted({s["__key__"] for s in read_tar_samples(summary.shards)})

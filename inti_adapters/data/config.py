@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from .._config import Config, check_choice, check_int
 
 SAMPLING_MODES = ("uniform", "dense")
@@ -47,6 +49,19 @@ def _check_pair(name: str, value: Any, low: float, high: float | None) -> tuple[
         bound = f"<= {high}" if high is not None else ""
         raise ValueError(f"{name} must satisfy {low} < min <= max {bound}, got {value!r}")
     return (a, b)
+
+
+def _check_decode_device(device: str) -> None:
+    """A CUDA decode device must exist on this machine (refused when the config is read, not at every batch)."""
+    if device == "cpu":
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"decode_device is {device!r} but torch finds no CUDA GPU on this machine "
+                         "(torch.cuda.is_available() is False); set decode_device: cpu")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"decode_device is {device!r} but this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                         f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
 
 
 @dataclass
@@ -150,6 +165,22 @@ class DataConfig(Config):
         metadata={"help": "Evaluation that read a different number of samples than sizes.json lists (a "
                           "damaged or truncated shard): 'raise' an error or 'warn' loudly."},
     )
+    retries: int = field(
+        default=5,
+        metadata={"help": "Remote shards (http://, https://, pipe:CMD): failures in a row retried before giving up on "
+                          "a shard (a dropped connection, a reset, a timeout, HTTP 5xx, a pipe: command exiting "
+                          "non-zero); reading continues where it stopped (HTTP Range, else a re-read that drops what "
+                          "was delivered). Given up: training warns naming the shard and counts it as damaged; "
+                          "evaluation fails."},
+    )
+    retry_backoff_s: float = field(
+        default=1.0, metadata={"help": "Remote shards: seconds before the first retry, doubled for each further one "
+                                       "(at most 60)."}
+    )
+    read_timeout_s: float = field(
+        default=60.0, metadata={"help": "Remote shards: seconds without a byte before a read counts as failed "
+                                        "(and is retried)."}
+    )
     pin_memory: bool = field(default=False, metadata={"help": "DataLoader pin_memory."})
     multiprocessing_context: str | None = field(
         default=None,
@@ -193,7 +224,15 @@ class DataConfig(Config):
         if not isinstance(self.decode_device, str) or not (
                 self.decode_device == "cpu" or re.fullmatch(r"cuda(:\d+)?", self.decode_device)):
             raise ValueError(f"decode_device must be 'cpu', 'cuda' or 'cuda:N', got {self.decode_device!r}")
+        _check_decode_device(self.decode_device)
         check_choice("on_incomplete", self.on_incomplete, INCOMPLETE_POLICIES)
+        check_int("retries", self.retries, 0)
+        for name in ("retry_backoff_s", "read_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+        if self.read_timeout_s == 0:
+            raise ValueError("read_timeout_s must be > 0 (seconds without a byte before a read is retried), got 0")
         check_choice("multiprocessing_context", self.multiprocessing_context, START_METHODS)
 
     @property

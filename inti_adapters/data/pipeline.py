@@ -55,12 +55,9 @@ skipped like an undecodable video.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,7 +67,8 @@ from webdataset import DataPipeline
 from .config import DataConfig
 from .decode import resolve_decoder
 from .device import EncodedBatch, decode_batch
-from .shards import SIZES_FILE
+from .remote import RemoteOptions
+from .sizes import read_shard_sizes
 from .stages import (
     DAMAGED,
     MISSING,
@@ -86,33 +84,12 @@ from .stages import (
     TakeBatches,
     plan_batches,
 )
-from .tario import count_tar_samples, expand_shards, is_local
+from .tario import expand_shards
 
 logger = logging.getLogger("inti_adapters.data")
 
 # ---------------------------------------------------------------------------------------------------
 # shard lists
-
-
-def read_shard_sizes(shards: list[str]) -> list[int] | None:
-    """Samples per shard, from ``sizes.json`` beside the shards or by reading local tar headers.
-
-    Returns None when some shard is remote and not listed in a ``sizes.json``.
-    """
-    listings: dict[str, dict[str, int]] = {}
-    sizes = []
-    for s in shards:
-        folder, name = os.path.split(s)
-        if folder not in listings:
-            path = os.path.join(folder, SIZES_FILE)
-            listings[folder] = json.loads(Path(path).read_text()) if is_local(path) and os.path.exists(path) else {}
-        if name in listings[folder]:
-            sizes.append(int(listings[folder][name]))
-        elif is_local(s):
-            sizes.append(count_tar_samples(s))
-        else:
-            return None
-    return sizes
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -163,7 +140,8 @@ class VideoLoader:
         self.num_workers = cfg.num_workers
         self.batch_size = cfg.batch_size if train else (cfg.eval_batch_size or cfg.batch_size)
         slots = world_size * max(1, self.num_workers)
-        self.shard_sizes = read_shard_sizes(self.shards)
+        self.remote = RemoteOptions(cfg.retries, cfg.retry_backoff_s, cfg.read_timeout_s)
+        self.shard_sizes = read_shard_sizes(self.shards, self.remote)
         if len(self.shards) < slots and not (train and cfg.resampled) and rank == 0:
             logger.warning(
                 "%d shards for %d readers (world_size %d x %d workers): every reader reads every shard and keeps "
@@ -315,14 +293,15 @@ class VideoLoader:
         st = state or self._state()
         cfg = self.cfg
         if not self.train:
-            return [ShardSource(self.shards, st, mode="eval", shard_shuffle=False), ReadSamples(st, self._listed()),
+            return [ShardSource(self.shards, st, mode="eval", shard_shuffle=False),
+                    ReadSamples(st, self._listed(), opener=self.remote, train=False),
                     DecodeClip(cfg, st, train=False, decoder=self.decoder, encoded=self.encoded),
                     Batch(self.batch_size, partial=True)]
         skipper = SkipSamples(st, self.batch_size)
         return [
             ShardSource(self.shards, st, mode="resampled" if cfg.resampled else "train",
                         shard_shuffle=cfg.shard_shuffle),
-            ReadSamples(st, self._listed()),
+            ReadSamples(st, self._listed(), opener=self.remote),
             ShuffleSamples(st, cfg.shuffle_buffer),
             skipper,
             DecodeClip(cfg, st, train=True, decoder=self.decoder, encoded=self.encoded),

@@ -55,11 +55,11 @@ from .config import VIDEO_EXTENSIONS, ShardWriterConfig
 from .decode import VideoDecodeError, probe_video, reencode_video
 from .frames import extract_frames
 from .inplace import STAGING_DIR, finish_swap, pending_swap, record_swap, source_shards_in
+from .sizes import SIZES_FILE
 
 logger = logging.getLogger("inti_adapters.data")
 
 MANIFEST_FILE = "manifest.json"
-SIZES_FILE = "sizes.json"
 MANIFEST_VERSION = 1
 
 

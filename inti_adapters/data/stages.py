@@ -21,6 +21,7 @@ from .config import DataConfig
 from .decode import open_video
 from .device import EncodedClip, collate_encoded
 from .frames import FrameReader, frame_members
+from .remote import RemoteOptions, ShardUnavailable
 from .sampling import sample_indices
 from .tario import ShardDamage, iter_tar_samples
 from .transforms import test_view_boxes, test_views, to_cthw, train_crop_box, train_transform
@@ -164,21 +165,31 @@ class ReadSamples:
     DAMAGED); reading goes on with the next shard.
     """
 
-    def __init__(self, state: ReaderState, expected: dict[str, int] | None = None) -> None:
+    def __init__(self, state: ReaderState, expected: dict[str, int] | None = None, *,
+                 opener: RemoteOptions | None = None, train: bool = True) -> None:
         self.state, self.expected = state, expected or {}
+        self.opener, self.train = opener or RemoteOptions(), train
 
     def _shard(self, url: str, modulo: tuple[int, int] | None) -> Iterator[dict[str, Any]]:
         read = 0
         try:
-            for sample in iter_tar_samples(url):
+            for sample in iter_tar_samples(url, opener=self.opener):
                 read += 1
                 yield sample
         except ShardDamage as exc:
             logger.warning("%s", exc)
             self.state.count(DAMAGED)
+        except ShardUnavailable as exc:
+            if exc.permanent or not self.train:
+                what = "evaluation cannot" if not self.train else "cannot"
+                raise RuntimeError(f"{what} read shard {url} after {read} samples: {exc.reason}") from None
+            logger.warning("shard %s could not be read after %d samples: %s; its other samples are left out of this "
+                           "pass (counted as a damaged shard)", url, read, exc.reason)
+            self.state.count(DAMAGED)
         listed = self.expected.get(url)
         if listed is not None and read != listed:
-            logger.warning("shard %s: read %d samples, sizes.json lists %d", url, read, listed)
+            logger.warning("shard %s: read %d samples, sizes.json lists %d (a truncated shard, or a sizes.json that "
+                           "disagrees with it)", url, read, listed)
             lost = range(read, listed)  # in sample-split mode, only this reader's share of them
             self.state.count(MISSING, len(lost) if modulo is None else sum(1 for i in lost if i % modulo[1] == modulo[0]))
 

@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import braceexpand
-from webdataset.gopen import gopen
+
+from .remote import RemoteOptions
 
 
 def is_local(url: str) -> bool:
@@ -174,10 +175,14 @@ def _guarded(members: Iterator[tuple[int, str, bytes]]) -> Iterator[tuple[Any, A
 def iter_tar_samples(url: str, *, opener: Callable[[str], Any] | None = None) -> Iterator[dict[str, Any]]:
     """Samples ``{'__key__', '__url__', ext: bytes, ...}`` of one tar shard, in archive order.
 
+    ``opener`` maps the URL to a file object (default: :class:`~inti_adapters.data.remote.RemoteOptions`,
+    which reads local paths, ``http(s)://`` and ``pipe:`` with retries).
+
     Raises:
         ShardDamage: after yielding every complete sample before the damage.
+        ShardUnavailable: a remote shard could not be read (its retries ran out, or a permanent error).
     """
-    stream = (opener or (lambda u: gopen(u, "rb")))(url)
+    stream = (opener or RemoteOptions())(url)
     count, offset, damage = 0, None, None
     current: dict[str, Any] | None = None
     seen: set[str] = set()
