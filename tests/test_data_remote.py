@@ -14,9 +14,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import read_tar_samples
 from test_data_pipeline import _cfg, make_shards
 
-from inti_adapters.data import build_dataloader
+from inti_adapters.data import build_dataloader, write_shards
 from inti_adapters.data.remote import RemoteOptions, ShardStream, ShardUnavailable
 from inti_adapters.data.sizes import sizes_location
 
@@ -202,3 +203,25 @@ def test_remote_sizes_json_that_disagrees_or_is_corrupt(local, serve, tmp_path, 
     del faults.files["sizes.json"]  # no sizes.json: training needs train_samples
     with pytest.raises(ValueError, match="no sizes.json; set DataConfig.train_samples"):
         build_dataloader(_cfg(_urls(base, local)), train=True)
+
+
+def test_inti_shards_converts_remote_video_shards(local, serve, tmp_path):
+    base, faults = serve(Path(local[0]).parent)
+    faults.cut = {"part-000001.tar": [5000]}
+    opts = dict(samples_per_shard=7, store="frames", frames_per_video=3, progress=False)
+    remote = write_shards(source=_urls(base, local), output=str(tmp_path / "r"), **opts)
+    reference = write_shards(source=str(Path(local[0]).parent), output=str(tmp_path / "l"), **opts)
+    assert remote.written == reference.written == 18 and not (tmp_path / "r" / ".inti-shards-source").exists()
+
+    def content(shards):
+        out = []
+        for s in read_tar_samples(shards):
+            meta = json.loads(s.pop("json"))
+            out.append((s.pop("__key__"), sorted(s.items()), meta.pop("path").rsplit("/", 1)[1], meta))
+        return out
+
+    assert content(remote.shards) == content(reference.shards)  # the same, but for where the source was
+    assert json.loads((tmp_path / "r" / "sizes.json").read_text()) == {"shard-000000.tar": 7, "shard-000001.tar": 7,
+                                                                       "shard-000002.tar": 4}
+    with pytest.raises(ValueError, match=rf"cannot fetch source shard {base}/gone\.tar: HTTP 404"):
+        write_shards(source=f"{base}/gone.tar", output=str(tmp_path / "x"), **opts)

@@ -24,6 +24,7 @@ from .digits import (
 )
 from .frames import FrameReader, extract_frames, nearest_stored, stored_frame_indices
 from .pipeline import ReadReport, VideoLoader, build_dataloader, expand_shards, read_shard_sizes
+from .remote import RemoteOptions, ShardUnavailable
 from .sampling import dense_indices, sample_indices, uniform_indices
 from .shards import ShardSummary, write_shards
 from .tario import ShardDamage
@@ -37,8 +38,10 @@ __all__ = [
     "DigitsOptions",
     "FrameReader",
     "ReadReport",
+    "RemoteOptions",
     "ShardDamage",
     "ShardSummary",
+    "ShardUnavailable",
     "ShardWriterConfig",
     "VideoDecodeError",
     "VideoInfo",

@@ -11,9 +11,10 @@ Supported layouts:
 - **ssv2_json**: a list of ``{"id": ..., "template": ...}`` (or ``"label"``) entries plus a labels
   JSON ``{class name: index}``; the template's ``[something]`` brackets are dropped, as in the
   official files. Videos are ``<id>.webm`` or ``<id>.mp4``.
-- **shards**: existing video shards (a brace pattern, a glob, or a folder of ``.tar`` files), to
-  convert them to frame shards; one item per sample with a video member, labelled by its
-  ``.cls``, with the class names of the ``classes.json`` beside the shards.
+- **shards**: existing video shards (a brace pattern, a glob, or a folder of ``.tar`` files; also
+  ``http(s)://`` URLs and ``pipe:`` commands, copied first into ``<output>/.inti-shards-source/``,
+  removed when the run completes), to convert them to frame shards; one item per sample with a
+  video member, labelled by its ``.cls``, with the class names of the ``classes.json`` beside the shards.
 
 Folder trees: hidden folders (``.ipynb_checkpoints``, ...) and class folders without any video
 file are left out of the class index, with a warning naming them.
@@ -26,17 +27,21 @@ import json
 import logging
 import os
 import tarfile
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._io import AtomicFile
 from .config import VIDEO_EXTENSIONS, ShardWriterConfig
-from .tario import expand_shards, split_member_name
+from .remote import RemoteOptions, ShardUnavailable, fetch_optional
+from .tario import expand_shards, is_local, split_member_name
 
 logger = logging.getLogger("inti_adapters.data")
 
 CLASS_INDEX_FILE = "classes.json"
+SOURCE_CACHE_DIR = ".inti-shards-source"  # local copies of remote source shards, removed when a run completes
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class VideoItem:
     source: str
     member: tuple[int, int] | None = None
     meta: str | None = None
+    local: str | None = None  # a local copy of the remote shard ``path`` (what is read)
 
 
 @dataclass
@@ -131,17 +137,57 @@ def _shard_videos(path: str) -> Iterable[tuple[str, tuple[int, int] | None, int 
         yield key, sample.get("video"), label, sample.get("json")
 
 
-def read_shards(spec: str, class_names: list[str] | None = None) -> Annotations:
-    """Video shards written earlier (``inti-shards --store video`` or any webdataset video shards)."""
+def fetch_shard(url: str, folder: Path, index: int, remote: RemoteOptions) -> str:
+    """A local copy of a remote shard (``http(s)://`` or ``pipe:``) in ``folder``, made once (atomically).
+
+    Raises:
+        ValueError: the shard could not be fetched (naming the URL and the HTTP status or exit status).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{index:06d}-{url.rsplit('/', 1)[-1].split()[-1][-60:].replace('/', '_')}"
+    if path.exists():
+        return str(path)
+    try:
+        with remote.open(url) as stream, AtomicFile(path, "wb") as out:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                out.file.write(chunk)
+            out.commit()
+    except ShardUnavailable as exc:
+        raise ValueError(f"cannot fetch source shard {exc}") from None
+    return str(path)
+
+
+def _class_names_beside(shard: str, remote: RemoteOptions) -> list[str] | None:
+    """The class names of the ``classes.json`` beside a (local or remote) shard, if there is one."""
+    folder = shard.rsplit("/", 1)[0] if "/" in shard else "."
+    if is_local(shard):
+        index = Path(folder) / CLASS_INDEX_FILE
+        return load_class_index(index) if index.exists() else None
+    raw = None if shard.startswith("pipe:") else fetch_optional(f"{folder}/{CLASS_INDEX_FILE}", remote)
+    if raw is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / CLASS_INDEX_FILE).write_bytes(raw)
+        return load_class_index(Path(tmp) / CLASS_INDEX_FILE)
+
+
+def read_shards(spec: str, class_names: list[str] | None = None, cache_dir: str | Path | None = None) -> Annotations:
+    """Video shards written earlier (``inti-shards --store video`` or any webdataset video shards).
+
+    Remote shards (``http(s)://``, ``pipe:``) are first copied into ``cache_dir`` (with retries).
+    """
     shards = expand_shards(spec)
+    remote = RemoteOptions()
     items, problems = [], []
-    for shard in shards:
+    for i, shard in enumerate(shards):
+        local = shard if is_local(shard) else fetch_shard(shard, Path(cache_dir or "."), i, remote)
         try:
-            for key, video, label, meta in _shard_videos(shard):
+            for key, video, label, meta in _shard_videos(local):
                 if video is None or label is None:
                     problems.append(f"{os.path.basename(shard)}:{key} has no {'video member' if video is None else '.cls label'}")
                     continue
-                items.append(VideoItem(shard, label, key, member=video, meta=meta))
+                items.append(VideoItem(shard, label, key, member=video, meta=meta,
+                                       local=None if local == shard else local))
         except (tarfile.TarError, OSError) as exc:
             raise ValueError(f"cannot read source shard {shard}: {type(exc).__name__}: {exc}") from exc
     if problems:
@@ -150,8 +196,7 @@ def read_shards(spec: str, class_names: list[str] | None = None) -> Annotations:
         raise ValueError(f"the shards {spec!r} hold no sample with a video member ({', '.join(VIDEO_EXTENSIONS)}) "
                          "and a .cls label (frame shards cannot be converted again)")
     if class_names is None:
-        index = Path(os.path.dirname(shards[0])) / CLASS_INDEX_FILE
-        class_names = load_class_index(index) if index.exists() else [str(i) for i in range(max(i.label for i in items) + 1)]
+        class_names = _class_names_beside(shards[0], remote) or [str(i) for i in range(max(i.label for i in items) + 1)]
     bad = sorted({i.label for i in items if not 0 <= i.label < len(class_names)})
     if bad:
         raise ValueError(f"labels {bad[:5]} of {spec!r} are outside the class index ({len(class_names)} classes)")
@@ -297,7 +342,7 @@ def read_annotations(cfg: ShardWriterConfig) -> Annotations:
     elif fmt == "path_csv":
         ann = read_path_csv(cfg.source, cfg.video_root, class_names=classes)
     elif fmt == "shards":
-        ann = read_shards(cfg.source, classes)
+        ann = read_shards(cfg.source, classes, cache_dir=Path(cfg.output) / SOURCE_CACHE_DIR)
     else:
         if classes is None and cfg.labels_file is None:
             raise ValueError("Something-Something JSON needs labels_file (its labels JSON, class name -> index) "

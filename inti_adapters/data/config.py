@@ -264,7 +264,8 @@ class ShardWriterConfig(Config):
         metadata={"help": "A folder with one sub-folder per class, an annotation file (Kinetics CSV "
                           "label,youtube_id,time_start,time_end,split; a 'path,label' CSV; a Something-Something "
                           "JSON list), or existing video shards to convert (a brace pattern, a glob, or a folder "
-                          "of .tar files) with --store frames."},
+                          "of .tar files; also http(s):// URLs and pipe:CMD commands, copied into the output folder "
+                          "first) with --store frames."},
     )
     output: str = field(default="", metadata={"help": "Folder the shards are written to."})
     format: str = field(

@@ -37,6 +37,7 @@ import io
 import json
 import logging
 import re
+import shutil
 import sys
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -50,7 +51,7 @@ from tqdm.auto import tqdm
 from .._config import add_config_arguments, config_from_namespace
 from .._io import AtomicFile, atomic_write, temporary_name_pattern
 from ._processes import worker_pool
-from .annotations import CLASS_INDEX_FILE, VideoItem, read_annotations, write_class_index
+from .annotations import CLASS_INDEX_FILE, SOURCE_CACHE_DIR, VideoItem, read_annotations, write_class_index
 from .config import VIDEO_EXTENSIONS, ShardWriterConfig
 from .decode import VideoDecodeError, probe_video, reencode_video
 from .frames import extract_frames
@@ -137,7 +138,7 @@ def read_item(item: VideoItem) -> tuple[bytes | str, dict[str, Any]]:
     if item.member is None:
         return item.path, {}
     offset, size = item.member
-    with open(item.path, "rb") as f:
+    with open(item.local or item.path, "rb") as f:
         f.seek(offset)
         data = f.read(size)
     if len(data) != size:
@@ -359,7 +360,9 @@ def write_shards(config: ShardWriterConfig | None = None, **options: Any) -> Sha
     old = source_shards_in(cfg.source, cfg.format, cfg.output) if swap is None else []
     if swap is not None or old:
         return _write_in_place(cfg, old, swap)
-    return _write(cfg)
+    summary = _write(cfg)
+    shutil.rmtree(Path(cfg.output) / SOURCE_CACHE_DIR, ignore_errors=True)  # copies of remote source shards
+    return summary
 
 
 def _write_in_place(cfg: ShardWriterConfig, old: list[Path], swap: dict[str, Any] | None) -> ShardSummary:
