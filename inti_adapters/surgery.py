@@ -27,12 +27,15 @@ on the instance attribute. Every handle is kept and :meth:`Site.remove` restores
 exactly (the last removal deletes the override). Every site reads the batch size from the
 per-forward context and the current frame count from its input, so it is safe to run twice
 (activation checkpointing). :func:`probe` gives measuring code (planning, visualisation,
-benchmarks) the same mechanism for a ``with`` block.
+benchmarks) the same mechanism for a ``with`` block. The functions a site installs are instances of
+module-level classes, not closures, so an injected model pickles (``pickle.dumps(model)``,
+``torch.save(model)``) as long as the extensions' own functions do (bound methods, partials).
 """
 
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -69,6 +72,22 @@ class _Patched:
         for fn in self.post:
             out = fn(out)
         return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the module's own forward is stored as "the class's forward of this module", not as a bound method
+        # (which unpickles as getattr(module, 'forward'): this object itself once the module is restored)
+        state = dict(self.__dict__)
+        owner = getattr(self.inner, "__self__", None)
+        if owner is not None and getattr(self.inner, "__func__", None) is type(owner).forward:
+            del state["inner"]
+            state["_owner"] = owner
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        owner = state.pop("_owner", None)
+        self.__dict__.update(state)
+        if owner is not None:
+            self.inner = types.MethodType(type(owner).forward, owner)
 
 
 class _Handle:
@@ -154,6 +173,116 @@ def _stream_arg(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tens
     return x, put
 
 
+class _BlockOutput:
+    """``post`` of :meth:`Site.on_block_output`."""
+
+    def __init__(self, site: Site, fn: TokenFn) -> None:
+        self.site, self.fn = site, fn
+
+    def __call__(self, out: torch.Tensor) -> torch.Tensor:
+        if self.site._holder.disabled:
+            return out
+        tokens, ctx = self.site._clip(out)
+        return self.site._unclip(self.fn(tokens, ctx), out)
+
+
+class _ObserveOutput(_BlockOutput):
+    """``post`` of :meth:`Site.observe_block_output`."""
+
+    def __call__(self, out: torch.Tensor) -> torch.Tensor:
+        if not self.site._holder.disabled and not recomputing():
+            self.fn(*self.site._clip(out))
+        return out
+
+
+class _BeforeBlock:
+    """``pre`` of :meth:`Site.before_block`."""
+
+    def __init__(self, site: Site, block: nn.Module, fn: TokenFn) -> None:
+        self.site, self.block, self.fn = site, block, fn
+
+    def __call__(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self.site._holder.disabled:
+            return None
+        x, put = _stream_arg(self.block, args, kwargs)
+        tokens, ctx = self.site._clip(x)
+        return put(self.site._unclip(self.fn(tokens, ctx), x))
+
+
+class _StashStream:
+    """``pre`` of a block for :meth:`Site.after_attention`: keeps the block's token input."""
+
+    def __init__(self, site: Site, block: nn.Module) -> None:
+        self.site, self.block = site, block
+        self.slot: dict[str, torch.Tensor] = {}
+
+    def __call__(self, args: tuple, kwargs: dict) -> None:
+        if not self.site._holder.disabled:
+            self.slot["x"] = _stream_arg(self.block, args, kwargs)[0]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "slot": {}}  # a forward's tensor is not part of the model
+
+
+class _AfterAttention:
+    """``post`` of the end of the attention branch for :meth:`Site.after_attention`."""
+
+    def __init__(self, stash: _StashStream, i: int, anchor: nn.Module, fn: TokenFn) -> None:
+        self.stash, self.i, self.anchor, self.fn = stash, i, anchor, fn
+
+    def __call__(self, out: torch.Tensor) -> torch.Tensor:
+        site = self.stash.site
+        if site._holder.disabled:
+            return out
+        x = self.stash.slot.pop("x", None)
+        if x is None:
+            raise RuntimeError(f"blocks[{self.i}]: {type(self.anchor).__name__} ran outside "
+                               f"{_describe(self.stash.block)}.forward")
+        tokens, ctx = site._clip(x + out)
+        return out + site._unclip(self.fn(tokens, ctx), out)
+
+
+class _AttentionBias:
+    """``pre`` of the attention module for :meth:`Site.attention_bias`."""
+
+    def __init__(self, holder: ContextHolder, key: str, fn: Callable) -> None:
+        self.holder, self.key, self.fn = holder, key, fn
+
+    def __call__(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self.holder.disabled:
+            return None
+        x = args[0] if args else kwargs["x"]
+        bias = self.fn(self.holder.require(), x)
+        if bias is None:
+            return None
+        mask = kwargs.get(self.key)
+        if mask is not None:
+            if mask.dtype == torch.bool:
+                mask = torch.zeros_like(mask, dtype=x.dtype).masked_fill(~mask, float("-inf"))
+            bias = mask + bias
+        return args, {**kwargs, self.key: bias}
+
+
+class _AttentionKeys:
+    """``post`` of the qkv projection for :meth:`Site.attention_keys`."""
+
+    def __init__(self, holder: ContextHolder, i: int, qkv: Any, fn: Callable) -> None:
+        self.holder, self.i, self.qkv, self.fn = holder, i, qkv, fn
+        self.width = 3 * qkv.num_heads * qkv.head_dim
+
+    def __call__(self, out: torch.Tensor) -> torch.Tensor:
+        if self.holder.disabled:
+            return out
+        qkv = self.qkv
+        if out.shape[-1] != self.width:
+            raise RuntimeError(f"blocks[{self.i}] qkv gave width {out.shape[-1]}, expected 3 * {qkv.num_heads} "
+                               f"heads * {qkv.head_dim}")
+        with torch.no_grad():
+            k = out.detach().unflatten(-1, (3, qkv.num_heads, qkv.head_dim)).select(-3, 1)
+            self.fn(qkv.k_norm(k) if qkv.k_norm is not None else k, self.holder.require())
+        return out
+
+
 class Site:
     """Where extensions may act on one backbone, and the owner of every change made there.
 
@@ -214,39 +343,16 @@ class Site:
     # -- sites ---------------------------------------------------------------------------------------
     def on_block_output(self, i: int, fn: TokenFn) -> None:
         """Replace the output of ``blocks[i]`` by ``fn(tokens (B, T, N, C), ctx)``."""
-        holder = self._holder
-
-        def post(out: torch.Tensor) -> torch.Tensor:
-            if holder.disabled:
-                return out
-            tokens, ctx = self._clip(out)
-            return self._unclip(fn(tokens, ctx), out)
-
-        self._add(self._block(i), "post", post)
+        self._add(self._block(i), "post", _BlockOutput(self, fn))
 
     def observe_block_output(self, i: int, fn: ObserveFn) -> None:
         """Call ``fn(tokens, ctx)`` on the output of ``blocks[i]`` once per forward (not on recompute)."""
-        holder = self._holder
-
-        def post(out: torch.Tensor) -> torch.Tensor:
-            if not holder.disabled and not recomputing():
-                fn(*self._clip(out))
-            return out
-
-        self._add(self._block(i), "post", post)
+        self._add(self._block(i), "post", _ObserveOutput(self, fn))
 
     def before_block(self, i: int, fn: TokenFn) -> None:
         """Replace the token input of ``blocks[i]`` by ``fn(tokens, ctx)``."""
-        block, holder = self._block(i), self._holder
-
-        def pre(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            if holder.disabled:
-                return None
-            x, put = _stream_arg(block, args, kwargs)
-            tokens, ctx = self._clip(x)
-            return put(self._unclip(fn(tokens, ctx), x))
-
-        self._add(block, "pre", pre)
+        block = self._block(i)
+        self._add(block, "pre", _BeforeBlock(self, block, fn))
 
     def after_attention(self, i: int, fn: TokenFn) -> None:
         """Add ``fn(stream, ctx)`` to the attention branch's output of ``blocks[i]``.
@@ -254,7 +360,7 @@ class Site:
         The block computes ``x_mid = x + attn_branch(x)``, then its MLP branch on ``x_mid``; with
         this site both see ``x_mid + fn(x_mid)``. Needs the host's ``attention_branch_end``.
         """
-        block, holder = self._block(i), self._holder
+        block = self._block(i)
         anchor = self._host.attention_branch_end(block)
         if anchor is None:
             raise ValueError(
@@ -263,23 +369,9 @@ class Site:
                 f"{list(self._host.attention_branch_ends)}, so nothing can run between attention and MLP there. "
                 "Use placement='attn', or give the host an attention_branch_end(block) that returns that module."
             )
-        slot: dict[str, torch.Tensor] = {}
-
-        def stash(args: tuple, kwargs: dict) -> None:
-            if not holder.disabled:
-                slot["x"] = _stream_arg(block, args, kwargs)[0]
-
-        def post(out: torch.Tensor) -> torch.Tensor:
-            if holder.disabled:
-                return out
-            x = slot.pop("x", None)
-            if x is None:
-                raise RuntimeError(f"blocks[{i}]: {type(anchor).__name__} ran outside {_describe(block)}.forward")
-            tokens, ctx = self._clip(x + out)
-            return out + self._unclip(fn(tokens, ctx), out)
-
+        stash = _StashStream(self, block)
         self._add(block, "pre", stash)
-        self._add(anchor, "post", post)
+        self._add(anchor, "post", _AfterAttention(stash, i, anchor, fn))
 
     def attention_bias(self, i: int, fn: Callable[[VideoContext, torch.Tensor], torch.Tensor | None]) -> None:
         """Add ``fn(ctx, x)`` (broadcastable to the logits) to the attention logits of ``blocks[i]``.
@@ -294,22 +386,7 @@ class Site:
                 f"knows of (host {self._host.name!r}: attention_mask_keyword returns None; timm's "
                 "vision_transformer.Attention takes attn_mask)"
             )
-
-        def pre(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            if holder.disabled:
-                return None
-            x = args[0] if args else kwargs["x"]
-            bias = fn(holder.require(), x)
-            if bias is None:
-                return None
-            mask = kwargs.get(key)
-            if mask is not None:
-                if mask.dtype == torch.bool:
-                    mask = torch.zeros_like(mask, dtype=x.dtype).masked_fill(~mask, float("-inf"))
-                bias = mask + bias
-            return args, {**kwargs, key: bias}
-
-        self._add(attn, "pre", pre)
+        self._add(attn, "pre", _AttentionBias(holder, key, fn))
 
     def attention_keys(self, i: int, fn: Callable[[torch.Tensor, VideoContext], None]) -> None:
         """Call ``fn(keys, ctx)`` with the attention keys ``(S, N, heads, head_dim)`` of ``blocks[i]`` (detached)."""
@@ -321,20 +398,7 @@ class Site:
                 f"projection in {type(self._host.attention(block)).__name__} (timm's vision_transformer.Attention "
                 "has one)"
             )
-        width = 3 * qkv.num_heads * qkv.head_dim
-
-        def post(out: torch.Tensor) -> torch.Tensor:
-            if holder.disabled:
-                return out
-            if out.shape[-1] != width:
-                raise RuntimeError(f"blocks[{i}] qkv gave width {out.shape[-1]}, expected 3 * {qkv.num_heads} "
-                                   f"heads * {qkv.head_dim}")
-            with torch.no_grad():
-                k = out.detach().unflatten(-1, (3, qkv.num_heads, qkv.head_dim)).select(-3, 1)
-                fn(qkv.k_norm(k) if qkv.k_norm is not None else k, holder.require())
-            return out
-
-        self._add(qkv.module, "post", post)
+        self._add(qkv.module, "post", _AttentionKeys(holder, i, qkv, fn))
 
     def on_features(self, fn: TokenFn) -> None:
         """Change the frame-averaged video feature ``(B, D)`` before the head: ``fn(features, ctx)``."""

@@ -189,3 +189,32 @@ def test_bad_base_entries_name_the_recipe(tmp_path, base, bad):
         load_config(str(path))
     path.write_text("base: [a.yaml]\n")
     assert load_config(str(path)).optim.lr == 1e-3
+
+
+# -- issue 23: an injected model pickles (the sites' functions were closures) --------------------------
+@pytest.mark.parametrize("kw", [
+    {"layers": [1]},
+    {"layers": [0, 1], "compressor": "tome", "r": 1},
+    {"layers": [1], "temporal": [{"name": "local_mhra", "blocks": "all"},
+                                  {"name": "global_mhra", "blocks": {"last": 1}, "num_heads": 2}]},
+    {"layers": [], "temporal": [{"name": "st_adapter", "blocks": "all", "placement": "mlp"}]},
+])
+def test_injected_model_pickles_and_works_after(kw):
+    import pickle
+
+    model = ia.inject(make_vit(), **kw).eval()
+    video = torch.randn(2, 3, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(video)
+        with model.disable_adapters():
+            bare = model(video)
+    copy = pickle.loads(pickle.dumps(model))
+    with torch.no_grad():
+        assert torch.equal(copy(video), ref)
+        with copy.disable_adapters():  # the copy's sites read the copy's own context holder
+            assert torch.equal(copy(video), bare)
+    copy.train()
+    copy(video).sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in copy.parameters())
+    backbone = copy.unload()  # every override removed: the bare backbone again
+    assert all("forward" not in m.__dict__ for m in backbone.modules())
