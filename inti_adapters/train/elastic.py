@@ -149,7 +149,7 @@ def load_consolidated(engine: Any, directory: Path) -> dict[str, Any]:
             param.data.copy_(value.to(param.dtype))  # the working (lp) copy every rank holds whole
         for key in MOMENTS:
             moment = tensors[f"{key}/{name}"].to(param.device)
-            if getattr(param, "_hp_mapping", None) is not None:
+            if hasattr(param, "_hp_mapping"):  # ZeRO-managed (None: no slice of it on this rank)
                 safe_set_full_optimizer_state(param, moment, key)
             else:
                 _torch_optimizer(engine).state[param][key].copy_(moment)
