@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from inti_adapters import load_pretrained, normalize_video
-from inti_adapters.train import SyntheticVideoLoader, Trainer, create_backbone, load_config
+from inti_adapters.train import PREEMPTED_EXIT_CODE, Preempted, SyntheticVideoLoader, Trainer, create_backbone, load_config
 from inti_adapters.train.checkpoint import POINTER, resolve_resume, rng_state, set_rng_state
 from inti_adapters.train.metrics import read_metrics
 
@@ -185,3 +187,69 @@ def test_resume_resolution_and_rng_round_trip(tmp_path):
     expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
     set_rng_state(torch.load(path, weights_only=True))
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+
+
+def test_consolidated_state_resumes_like_deepspeeds_own_files(tmp_path, reference):
+    """The world-size-independent state (full fp32 weights + Adam moments, safetensors) that a resume on another
+    world size loads gives the same run as DeepSpeed's ZeRO files: loaded here at the same size by pretending the
+    checkpoint came from 2 ranks, the rest of the run equals the uninterrupted one."""
+    ref_params, ref_rows, _ = reference
+    cfg = make_cfg(tmp_path, "train.zero_stage=2", "train.save_every=4")
+    killed = CrashAt(cfg, loader_factory=factory)
+    killed.crash_at = 5
+    with pytest.raises(Crash):
+        killed.fit()
+    ckpt = tmp_path / "checkpoints" / "step_00000004"
+    assert {"consolidated.safetensors", "consolidated.json", "epoch_keys_rank0.json"} <= {p.name for p in ckpt.iterdir()}
+    saved = load_file(str(ckpt / "consolidated.safetensors"))
+    assert {k.split("/")[0] for k in saved} == {"param", "exp_avg", "exp_avg_sq"}
+    meta = json.loads((ckpt / "run.json").read_text())
+    meta["facts"]["world_size"] = 2  # DeepSpeed's ZeRO files would now be refused: the consolidated state is used
+    (ckpt / "run.json").write_text(json.dumps(meta))
+    resumed = Trainer(cfg, loader_factory=factory)
+    resumed.fit()
+    for k, v in ref_params.items():
+        torch.testing.assert_close(params(resumed)[k], v, rtol=0, atol=1e-6, msg=k)
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in ref_rows], abs=1e-6)
+
+
+class SignalledDuringSave(Trainer):
+    """Sends itself SIGTERM twice while its first checkpoint is being written."""
+
+    def _save(self, *args, **kwargs):
+        if not getattr(self, "_signalled", False):
+            self._signalled = True
+            original = self.ckpt.save
+
+            def save(engine, step, state, **kw):
+                os.kill(os.getpid(), signal.SIGTERM)
+                extra = kw.pop("before_commit")
+
+                def commit(directory):
+                    os.kill(os.getpid(), signal.SIGTERM)  # a second signal, in the middle of the save
+                    extra(directory)
+                return original(engine, step, state, before_commit=commit, **kw)
+
+            self.ckpt.save = save
+        return super()._save(*args, **kwargs)
+
+
+def test_signal_during_a_save_ends_in_a_loadable_checkpoint(tmp_path, reference):
+    ref_params, ref_rows, _ = reference
+    cfg = make_cfg(tmp_path, "train.zero_stage=2", "train.save_every=2")
+    with pytest.raises(Preempted) as stopped:
+        SignalledDuringSave(cfg, loader_factory=factory).fit()
+    assert stopped.value.code == PREEMPTED_EXIT_CODE == 75
+    # the save in progress (step 2) completed; the next step (3) finished, then the preemption checkpoint
+    marker = json.loads((tmp_path / "PREEMPTED").read_text())
+    assert marker["step"] == 3 and marker["signal"] == "SIGTERM"
+    assert (tmp_path / "checkpoints" / POINTER).read_text().strip() == "step_00000003"
+    resumed = Trainer(cfg, loader_factory=factory)
+    assert resumed.fit().step == 8
+    assert not (tmp_path / "PREEMPTED").exists()
+    for k, v in ref_params.items():
+        torch.testing.assert_close(params(resumed)[k], v, rtol=0, atol=1e-6, msg=k)
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in ref_rows], abs=1e-6)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are restored after fit
