@@ -65,6 +65,25 @@ class Annotations:
     items: list[VideoItem]
     class_names: list[str]
     unlabelled: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) left out while listing
+
+
+def _utf8(name: str) -> bool:
+    """Whether a file name decoded from the file system is valid UTF-8 (Python keeps bad bytes as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _name_bad_files(root: Path, files: list[Path]) -> list[tuple[str, str]]:
+    """Warn about (and return) files under ``root`` whose names are not valid UTF-8: they are skipped."""
+    bad = [(repr(os.fsencode(f.relative_to(root)))[2:-1], "its file name is not valid UTF-8 (rename it)")
+           for f in files]
+    for name, why in bad:
+        logger.warning("skipped %s under %s: %s", name, root, why)
+    return bad
 
 
 def write_class_index(path: str | Path, class_names: list[str]) -> None:
@@ -103,8 +122,11 @@ def read_folder(root: str | Path, class_names: list[str] | None = None) -> Annot
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise ValueError(f"{root} has no class sub-folders; expected root/<class name>/<video files>")
-    videos = {folder.name: [f for f in sorted(folder.rglob("*"))
-                            if f.is_file() and f.suffix.lower().lstrip(".") in VIDEO_EXTENSIONS] for folder in folders}
+    found = {folder.name: [f for f in sorted(folder.rglob("*"))
+                           if f.is_file() and f.suffix.lower().lstrip(".") in VIDEO_EXTENSIONS] for folder in folders}
+    skipped = _name_bad_files(root, [f for files in found.values() for f in files if not _utf8(str(f.relative_to(root)))])
+    videos = {name: [f for f in files if _utf8(str(f.relative_to(root)))] for name, files in found.items()}
+    folders = [f for f in folders if _utf8(f.name)]
     empty = [name for name, files in videos.items() if not files]
     if empty:
         logger.warning("%d class folder(s) of %s hold no video file (%s)%s", len(empty), root, ", ".join(empty[:10]),
@@ -115,8 +137,9 @@ def read_folder(root: str | Path, class_names: list[str] | None = None) -> Annot
     items = [VideoItem(str(f), lookup[folder.name], str(f.relative_to(root))) for folder in folders
              for f in videos[folder.name]]
     if not items:
-        raise ValueError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) under {root}")
-    return Annotations(items, names)
+        raise ValueError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) under {root}"
+                         + (f" with a UTF-8 name ({len(skipped)} skipped)" if skipped else ""))
+    return Annotations(items, names, skipped=skipped)
 
 
 def _shard_videos(path: str) -> Iterable[tuple[str, tuple[int, int] | None, int | None, str | None]]:

@@ -36,6 +36,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -57,6 +58,7 @@ from .decode import VideoDecodeError, probe_video, reencode_video
 from .frames import extract_frames
 from .inplace import STAGING_DIR, finish_swap, pending_swap, record_swap, source_shards_in
 from .sizes import SIZES_FILE
+from .tario import is_local
 
 logger = logging.getLogger("inti_adapters.data")
 
@@ -228,22 +230,45 @@ def shard_pattern(shards: Sequence[str]) -> str:
     return str(first.parent / f"{m1.group(1)}{{{m1.group(2)}..{m2.group(2)}}}.tar")
 
 
-def _digest(items: Sequence[VideoItem]) -> str:
+def _digest(items: Sequence[VideoItem], *, normalise: bool = True) -> str:
+    """A hash of the videos, their labels and (shards) members; local paths made absolute and resolved, so
+    ``--source videos`` and ``--source /abs/videos`` are the same run (``normalise=False``: older manifests)."""
     h = hashlib.sha256()
     for it in items:
         member = f"\t{it.source}\t{it.member}" if it.member is not None else ""
-        h.update(f"{it.path}\t{it.label}{member}\n".encode())
+        path = os.path.realpath(it.path) if normalise and is_local(it.path) else it.path
+        h.update(f"{path}\t{it.label}{member}\n".encode())
     return h.hexdigest()
 
 
-def _load_manifest(out: Path, cfg: ShardWriterConfig, digest: str, num_shards: int,
+def _what_differs(old: dict[str, Any], cfg: ShardWriterConfig, items: Sequence[VideoItem], digest: str,
+                  num_shards: int) -> str:
+    """What an earlier run of an output folder did differently, in words."""
+    then, now = old.get("fingerprint") or {}, cfg.fingerprint()
+    parts = [f"{k} {then.get(k)!r} then, {now.get(k)!r} now" for k in sorted(set(then) | set(now))
+             if then.get(k) != now.get(k)]
+    if old.get("items_digest") != digest:
+        count = old.get("num_items", "an unrecorded number of")
+        source = f" from {old['source']!r}" if "source" in old else ""
+        same = " (as many, but other files, labels or order)" if count == len(items) else ""
+        parts.append(f"other videos: {count} videos{source} then, {len(items)} from {cfg.source!r} now{same}")
+    elif old.get("num_shards") != num_shards:
+        parts.append(f"{old.get('num_shards')} shards then, {num_shards} now")
+    return "; ".join(parts)
+
+
+def _load_manifest(out: Path, cfg: ShardWriterConfig, items: Sequence[VideoItem], num_shards: int,
                    replace_other: bool = False) -> dict[str, Any]:
     path = out / MANIFEST_FILE
+    digest = _digest(items)
     fresh = {"version": MANIFEST_VERSION, "fingerprint": cfg.fingerprint(), "items_digest": digest,
-             "num_shards": num_shards, "shards": {}, "complete": False}
+             "num_shards": num_shards, "shards": {}, "complete": False, "source": cfg.source,
+             "num_items": len(items)}
     if not path.exists():
         return fresh
     old = _read_json(path, "the manifest of an earlier inti-shards run")
+    if old.get("items_digest") == _digest(items, normalise=False):
+        old["items_digest"] = digest  # written before paths were normalised: the same videos
     same = (old.get("fingerprint") == cfg.fingerprint() and old.get("items_digest") == digest
             and old.get("num_shards") == num_shards)
     if cfg.overwrite or (replace_other and not same):
@@ -252,7 +277,7 @@ def _load_manifest(out: Path, cfg: ShardWriterConfig, digest: str, num_shards: i
         return fresh
     if not same:
         raise ValueError(
-            f"{out} holds shards of a different run (other options {old.get('fingerprint')} or other videos); "
+            f"{out} holds shards of a different run ({_what_differs(old, cfg, items, digest, num_shards)}); "
             "pass overwrite=True (--overwrite) to replace them, or choose another output folder"
         )
     return old
@@ -293,7 +318,7 @@ def _open_output(cfg: ShardWriterConfig, items: Sequence[VideoItem], num_shards:
     """Create the output folder, load or start the manifest, drop unfinished shards."""
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = _load_manifest(out, cfg, _digest(items), num_shards, replace_other)
+    manifest = _load_manifest(out, cfg, items, num_shards, replace_other)
     for stale in [*out.glob(f"{cfg.prefix}-*.tar.tmp"), *out.glob(temporary_name_pattern(f"{cfg.prefix}-*.tar"))]:
         # left by a run that was killed mid-shard (older versions named them <shard>.tmp)
         logger.info("removing unfinished shard %s", stale.name)
@@ -424,7 +449,7 @@ def _finish(cfg: ShardWriterConfig, out: Path, manifest: dict[str, Any], names: 
     """Write sizes.json, mark the run complete, warn about empty classes, and summarise."""
     done = manifest["shards"]
     written = [n for n in names if done[n]["count"]]
-    skipped_all = [tuple(x) for n in names for x in done[n]["skipped"]]
+    skipped_all = [tuple(x) for n in names for x in done[n]["skipped"]] + list(ann.skipped)
     if not written:
         reasons = "; ".join(f"{src}: {why}" for src, why in skipped_all[:3])
         raise ValueError(f"no video of {cfg.source} could be read ({len(skipped_all)} skipped, e.g. {reasons})")

@@ -11,7 +11,8 @@ and mean class accuracy.
   or the predictions (a class only ever predicted counts 0, as in mmaction2).
 
 Every view of every sample goes through the model exactly once; the loader guarantees that
-every sample is on exactly one rank, and the counts (per class too) are summed over ranks.
+every sample is on exactly one rank, and the counts (per class too) are summed over ranks. An
+evaluation that saw no sample at all is an error, not a top-1 of 0.
 """
 
 from __future__ import annotations
@@ -209,6 +210,10 @@ def evaluate(
         average_clips: ``'prob'`` (mean of the softmax of the views, mmaction2's default) or
             ``'score'`` (mean of the raw scores).
         num_crops: Spatial crops per clip, to write the views as frames×clips×crops.
+
+    Raises:
+        RuntimeError: no sample at all was evaluated (on any rank), or the shards held another number of
+            samples than their ``sizes.json`` lists (``data.on_incomplete: raise``).
     """
     if average_clips not in AVERAGE_CLIPS:
         raise ValueError(f"average_clips must be one of {list(AVERAGE_CLIPS)} (as in mmaction2), got {average_clips!r}")
@@ -232,7 +237,19 @@ def evaluate(
             model.train()
     result = tally.result(average_clips, num_crops)
     _read_report(result, loader, complete=max_batches is None or batches < max_batches)
+    if result.num_samples == 0:
+        raise RuntimeError(f"evaluation saw no sample (0 videos on every rank) from {_describe(loader)}: the shards "
+                           "are empty, every sample was undecodable, or max_batches is 0; an accuracy of nothing is "
+                           "not reported")
     return result
+
+
+def _describe(loader: Any) -> str:
+    """The shards a loader reads, for messages (its type name when it is not a shard loader)."""
+    shards = getattr(loader, "shards", None)
+    if isinstance(shards, list) and shards:
+        return f"{len(shards)} shard(s) ({shards[0]}{' ...' if len(shards) > 1 else ''})"
+    return f"the loader {type(loader).__name__}"
 
 
 def _read_report(result: EvalResult, loader: Any, complete: bool) -> None:
