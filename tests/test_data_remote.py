@@ -14,12 +14,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import read_tar_samples
 from test_data_pipeline import _cfg, make_shards
 
 from inti_adapters.data import build_dataloader, write_shards
 from inti_adapters.data.remote import RemoteOptions, ShardStream, ShardUnavailable
 from inti_adapters.data.sizes import sizes_location
+from inti_adapters.train.evaluate import evaluate
 
 FAST = dict(retries=3, retry_backoff_s=0.01, read_timeout_s=5.0)
 
@@ -127,6 +129,16 @@ def test_cut_connections_and_503_give_the_same_batches_as_local_files(local, ser
     assert codes and set(codes) == ({206} if ranges else {200}) and "retry 1 of 3" in caplog.text
 
 
+def test_dataloader_workers_read_remote_shards(local, serve):
+    base, faults = serve(Path(local[0]).parent, ranges=False)
+    faults.cut = {"part-000002.tar": [7000]}
+    cfg = dict(num_workers=2, batch_size=3, **FAST)
+    reference = _batches(build_dataloader(_cfg(local, **cfg), train=True, with_keys=True, rank=1, world_size=2))
+    got = _batches(build_dataloader(_cfg(_urls(base, local), **cfg), train=True, with_keys=True, rank=1, world_size=2))
+    assert _same(got, reference) and len(got) == 2
+    assert faults.cut["part-000002.tar"] == []  # the cut happened (in a worker), and it was read again
+
+
 def test_retries_exhausted_warn_in_training_and_fail_evaluation(local, serve, caplog):
     base, faults = serve(Path(local[0]).parent)
     faults.status = {"part-000001.tar": [503] * 100}
@@ -188,11 +200,11 @@ def test_remote_sizes_json_that_disagrees_or_is_corrupt(local, serve, tmp_path, 
         (folder / Path(p).name).write_bytes(Path(p).read_bytes())
     (folder / "sizes.json").write_text(json.dumps({"part-000000.tar": 6, "part-000001.tar": 7, "part-000002.tar": 6}))
     base, faults = serve(folder)
-    # listed vs read in remote evaluation (one sample fewer than listed): what evaluate() fails on
+    # listed vs read in remote evaluation (one sample fewer than listed)
     loader = build_dataloader(_cfg(_urls(base, local)), train=False)
-    with caplog.at_level(logging.WARNING, logger="inti_adapters.data"):
-        list(loader)
-    assert (loader.read_report.expected, loader.read_report.read) == (19, 18)
+    with caplog.at_level(logging.WARNING, logger="inti_adapters.data"), \
+            pytest.raises(RuntimeError, match="evaluation read 18 samples but sizes.json lists 19"):
+        evaluate(lambda x: torch.zeros(x.shape[0], 30), loader)
     assert f"shard {base}/part-000001.tar: read 6 samples, sizes.json lists 7" in caplog.text
     faults.files["sizes.json"] = json.dumps({"part-000000.tar": 6}).encode()
     with pytest.raises(ValueError, match=rf"{base}/sizes.json does not list the shard part-000001.tar"):
