@@ -22,13 +22,16 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["AtomicFile", "atomic_open", "atomic_write", "remove_stale_temporaries", "temporary_name_pattern"]
+__all__ = ["AtomicFile", "atomic_open", "atomic_write", "pipe_safe", "remove_stale_temporaries",
+           "temporary_name_pattern"]
 
 
 def temporary_name_pattern(name: str) -> str:
@@ -155,3 +158,26 @@ def remove_stale_temporaries(directory: str | os.PathLike, name_glob: str = "*")
             p.unlink()
             removed.append(p)
     return removed
+
+
+def pipe_safe(main: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a command's entry point so that a reader that stops early (``inti-train --list-recipes |
+    head -1``) ends it quietly with status 0, as the standard tools do, instead of a
+    ``BrokenPipeError`` traceback. Standard output is flushed inside the wrapper, so that the error
+    cannot surface later, during the interpreter's shutdown."""
+
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            result = main(*args, **kwargs)
+        except BrokenPipeError:
+            result = 0
+        finally:  # also after a SystemExit (argparse's --help, a usage error), whose status stays
+            try:
+                sys.stdout.flush()
+            except BrokenPipeError:
+                # later writes (and the flush at exit) go nowhere instead of failing again
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return result
+
+    return wrapper

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ._format import ADAPTER_WEIGHTS_NAME, BACKBONE_WEIGHTS_NAME, CONFIG_NAME, PEFT_SUBFOLDER, read_config, read_tensors
-from ._peft import is_peft_model, unwrap_peft
+from ._peft import is_peft_model, peft_adapter_parameters, unwrap_peft
 from .config import InjectConfig
 from .hosts import resolve_host
 from .hub import resolve_adapter
@@ -171,6 +171,13 @@ def _check_sources(model: InTIModel, adapter: dict[str, torch.Tensor], backbone:
     if stray:
         raise ValueError(f"{path / BACKBONE_WEIGHTS_NAME} holds {stray[0]!r}, which is not a backbone weight: "
                          "refused, nothing was loaded")
+    if backbone:  # the whole backbone was saved: every tensor of it comes from the folder (none left as created)
+        peft = set(model._names_of(peft_adapter_parameters(model)))
+        missing = sorted(k for k in model.state_dict() if k.startswith("backbone.") and k not in peft
+                         and k not in backbone and k not in adapter)
+        if missing:
+            raise ValueError(f"{path / BACKBONE_WEIGHTS_NAME} lacks {len(missing)} backbone tensors, e.g. {missing[:3]}; "
+                             "the file is incomplete")
 
 
 def _inside(folder: Path, sub: str, what: str) -> Path:
@@ -228,6 +235,26 @@ def _check_backbone(backbone: nn.Module, cfg: dict[str, Any], inject_cfg: Inject
         raise ValueError(f"the adapter in {path} was saved with a custom head: pass head=<module> to load it")
 
 
+def _read_checked_config(path: Path) -> tuple[dict[str, Any], InjectConfig]:
+    if path.is_file():
+        raise ValueError(f"{path} is a file; load_pretrained takes the folder written by save_pretrained "
+                         f"(here: {path.parent})")
+    cfg = read_config(path)
+    try:
+        return cfg, InjectConfig.from_dict(cfg["inject"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path / CONFIG_NAME}: its 'inject' options are not valid: {e}") from None
+
+
+def _peft_part(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The saved peft part (order, and its folder: checked to lie inside ``path``), read and checked; {} if none."""
+    peft_info = cfg.get("peft") or {}
+    if peft_info:
+        peft_info = {**peft_info, "subfolder": _inside(path, peft_info.get("subfolder", PEFT_SUBFOLDER), "peft.subfolder")}
+        _check_peft_files(peft_info["subfolder"])
+    return peft_info
+
+
 def load_pretrained(
     backbone: nn.Module,
     path: str | os.PathLike,
@@ -258,21 +285,11 @@ def load_pretrained(
             backbone is then unchanged.
     """
     path = resolve_adapter(path, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
-    if path.is_file():
-        raise ValueError(f"{path} is a file; load_pretrained takes the folder written by save_pretrained "
-                         f"(here: {path.parent})")
-    cfg = read_config(path)
-    try:
-        inject_cfg = InjectConfig.from_dict(cfg["inject"])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path / CONFIG_NAME}: its 'inject' options are not valid: {e}") from None
+    cfg, inject_cfg = _read_checked_config(path)
     _check_backbone(backbone, cfg, inject_cfg, path, head)
     adapter, saved_backbone = _read_saved(path, cfg)  # everything read (and checked by safetensors) before any change
     tensors = {**saved_backbone, **adapter}
-    peft_info = cfg.get("peft") or {}
-    if peft_info:
-        peft_info = {**peft_info, "subfolder": _inside(path, peft_info.get("subfolder", PEFT_SUBFOLDER), "peft.subfolder")}
-        _check_peft_files(peft_info["subfolder"])
+    peft_info = _peft_part(path, cfg)
     before = peft_info.get("order") == "before_inject"
     if before:
         from peft import PeftModel

@@ -63,11 +63,12 @@ def test_paper_recipes_hold_the_paper_settings(path):
 
 @pytest.mark.parametrize("path", ALL, ids=lambda p: p.stem)
 def test_every_recipe_runs_one_smoke_step(path, tmp_path, capsys):
-    assert train_main(["--config", str(path), "--smoke", f"train.output_dir={tmp_path}"]) == 0
+    assert train_main(["--config", str(path), "--smoke", f"train.output_dir={tmp_path / 'run'}"]) == 0
     assert "inti-train: done at step 1" in capsys.readouterr().out
-    rows = read_metrics(tmp_path / "metrics.csv")
+    assert not (tmp_path / "run").exists()  # a smoke run writes beside the real output folder, never into it
+    rows = read_metrics(tmp_path / "run.smoke" / "metrics.csv")
     assert [r["split"] for r in rows] == ["train", "val"] and rows[0]["loss"] > 0
-    saved = json.loads((tmp_path / "final" / "inti_config.json").read_text())
+    saved = json.loads((tmp_path / "run.smoke" / "final" / "inti_config.json").read_text())
     assert saved["inject"]["layers"] == list(load_config(path).model.layers)
 
 
@@ -75,8 +76,8 @@ def test_openclip_source_and_eval_smoke(tmp_path, capsys):
     pytest.importorskip("open_clip")
     recipe = str(RECIPES / "ssv2_vitb16_inti_temporal.yaml")
     swap = ["model.source=open_clip", "model.name=ViT-B-16", "model.pretrained=false"]
-    assert train_main(["--config", recipe, "--smoke", f"train.output_dir={tmp_path}", *swap]) == 0
-    assert json.loads((tmp_path / "final" / "inti_config.json").read_text())["host"] == "open_clip"
+    assert train_main(["--config", recipe, "--smoke", f"train.output_dir={tmp_path / 'run'}", *swap]) == 0
+    assert json.loads((tmp_path / "run.smoke" / "final" / "inti_config.json").read_text())["host"] == "open_clip"
     capsys.readouterr()
     assert eval_main(["--config", recipe, "--smoke", *swap]) == 0
     assert "(2 videos, views 4×1×3 frames×clips×crops" in capsys.readouterr().out  # SSv2: 1 clip x 3 crops
@@ -88,6 +89,7 @@ def test_zero3_json_with_lora_runs(tmp_path):
     recipe = RECIPES / "k400_vitb16_inti_temporal.yaml"
     assert train_main(["--config", str(recipe), "--smoke", f"train.output_dir={tmp_path}", "model.lora={r: 4}",
                        f"train.deepspeed_config={RECIPES / 'ds' / 'zero3.json'}"]) == 0
+    tmp_path = tmp_path.with_name(tmp_path.name + ".smoke")  # where a smoke run writes
     saved = load_file(str(tmp_path / "final" / "peft" / "adapter_model.safetensors"))  # peft's own format
     lora = [k for k in saved if "lora_" in k]
     assert len(lora) == 2 * 12 and all(saved[k].numel() > 0 for k in lora)  # A and B of every block's qkv

@@ -1,20 +1,27 @@
 """Build the video model of a recipe: backbone (timm / OpenCLIP, pretrained or a local file),
-LoRA, then ``inject`` with the recipe's compressor layers and temporal adapters."""
+LoRA, then ``inject`` with the recipe's compressor layers and temporal adapters; or load a saved
+adapter onto the recipe's backbone (``inti-eval``, ``inti-export``: :func:`load_saved_model`)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._format import BACKBONE_WEIGHTS_NAME, read_config
 from ..config import InjectConfig
 from ..hosts import Host, resolve_host
+from ..hub import resolve_adapter
 from ..lora import lora_target_modules, unwrap_peft
 from ..model import InTIModel, build_video_model
+from ..serialization import load_pretrained
 from ..video import MEAN_STD
 from .config import ConfigError, ModelConfig
 
@@ -102,6 +109,31 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike, head_nam
                        len(result.unexpected_keys), path, result.unexpected_keys[:5])
 
 
+class BackboneDownloadError(ConfigError):
+    """The pretrained weights a recipe asks for could not be fetched (offline, no access, no such model)."""
+
+
+@contextlib.contextmanager
+def _download_of(cfg: ModelConfig, pretrained: bool) -> Iterator[None]:
+    """Turn a failed download of pretrained weights into one line: what was asked for and how to
+    point at local weights instead (a wrong option, a TypeError, is reported as it is)."""
+    try:
+        yield
+    except TypeError:
+        raise
+    except Exception as e:
+        if not pretrained:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
+        raise BackboneDownloadError(
+            f"could not fetch the pretrained weights of {cfg.source} model {cfg.name!r} (model.pretrained="
+            f"{cfg.pretrained!r}){offline}: {type(e).__name__}: {first}. Point model.checkpoint at a local weights "
+            "file (.safetensors or a torch state dict), or fill the Hugging Face cache where the network is "
+            "reachable; model.pretrained=false starts from random weights"
+        ) from e
+
+
 def create_backbone(cfg: ModelConfig, num_classes: int, *, lora: bool = True) -> tuple[nn.Module, nn.Module | None]:
     """The image backbone with its weights, plus a head when the backbone has none.
 
@@ -116,14 +148,16 @@ def create_backbone(cfg: ModelConfig, num_classes: int, *, lora: bool = True) ->
     if cfg.source == "timm":
         import timm
 
-        backbone = timm.create_model(cfg.name, pretrained=bool(cfg.pretrained) and cfg.checkpoint is None,
-                                     num_classes=num_classes, **kwargs)
+        pretrained = bool(cfg.pretrained) and cfg.checkpoint is None
+        with _download_of(cfg, pretrained):
+            backbone = timm.create_model(cfg.name, pretrained=pretrained, num_classes=num_classes, **kwargs)
         head_names = None  # the host's
     else:
         import open_clip
 
         tag = cfg.pretrained if isinstance(cfg.pretrained, str) and cfg.checkpoint is None else None
-        clip = open_clip.create_model(cfg.name, pretrained=tag, **kwargs)
+        with _download_of(cfg, tag is not None):
+            clip = open_clip.create_model(cfg.name, pretrained=tag, **kwargs)
         backbone = clip.visual
         head = nn.Linear(int(backbone.output_dim), num_classes)
         head_names = ()
@@ -140,6 +174,25 @@ def create_backbone(cfg: ModelConfig, num_classes: int, *, lora: bool = True) ->
         except TypeError as e:
             raise ConfigError(f"model.lora: {e}") from None
     return backbone, head
+
+
+def load_saved_model(cfg: ModelConfig, num_classes: int, checkpoint: str | os.PathLike, *,
+                     revision: str | None = None) -> tuple[nn.Module, nn.Module]:
+    """A saved adapter (a folder or a Hub id) on the recipe's backbone, for inference; returns
+    ``(model, backbone)``.
+
+    When the folder holds the backbone's own weights (``backbone_model.safetensors``: full
+    fine-tuning), the backbone is created without its pretrained weights, so nothing is downloaded:
+    every backbone tensor then comes from the folder (``load_pretrained`` checks that none is missing).
+    """
+    folder = resolve_adapter(checkpoint, revision=revision)
+    model_cfg = cfg
+    if not folder.is_file() and read_config(folder).get("saved_backbone"):
+        logger.info("the backbone's weights come from %s: not fetching model.pretrained / model.checkpoint",
+                    Path(folder) / BACKBONE_WEIGHTS_NAME)
+        model_cfg = dataclasses.replace(cfg, pretrained=False, checkpoint=None)
+    backbone, head = create_backbone(model_cfg, num_classes, lora=False)  # a saved LoRA part loads itself
+    return load_pretrained(backbone, folder, head=head, is_trainable=False), backbone
 
 
 def mean_std_of(cfg: ModelConfig, backbone: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:

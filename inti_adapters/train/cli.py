@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
+from .._io import pipe_safe
 from ..flops import count_gflops
 from ..recipes import describe_recipes
-from ..serialization import load_pretrained
-from .build import build_model, create_backbone, mean_std_of
+from .build import BackboneDownloadError, build_model, load_saved_model, mean_std_of
 from .config import ConfigError, help_text, load_config
 from .distributed import setup_distributed
 from .engine import Trainer, data_value, deepspeed_config, real_data
@@ -51,6 +51,11 @@ def _setup_logging() -> None:
                         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Options and ``section.key=value`` overrides in any order (``--config R a.b=1 --json x c.d=2``)."""
+    return parser.parse_intermixed_args(argv)
+
+
 def _load(parser: argparse.ArgumentParser, args: argparse.Namespace):
     if args.help_config or args.list_recipes:
         print(help_text() if args.help_config else describe_recipes())
@@ -58,29 +63,33 @@ def _load(parser: argparse.ArgumentParser, args: argparse.Namespace):
     if args.config is None:
         parser.error("--config is required (a built-in recipe such as digits_cpu, see --list-recipes, or a YAML file)")
     try:
-        return load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         parser.error(str(e))
+    return smoke_config(cfg) if args.smoke else cfg
 
 
+def _print_config(parser: argparse.ArgumentParser, cfg) -> int:
+    """``--print-config``: the resolved recipe as YAML (the DeepSpeed JSON read now, so that its errors show)."""
+    import yaml
+
+    try:
+        deepspeed_config(cfg.train, int(cfg.data.get("batch_size", 1)), cfg.train.grad_accum)
+    except ConfigError as e:
+        parser.error(str(e))
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return 0
+
+
+@pipe_safe
 def train_main(argv: list[str] | None = None) -> int:
     """Entry point of ``inti-train``."""
     parser = _parser("inti-train", "Train a video model with InTI / temporal adapters / LoRA under DeepSpeed.")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     cfg = _load(parser, args)
-    factory = None
-    if args.smoke:
-        cfg = smoke_config(cfg)
-        factory = smoke_loader_factory(cfg)
     if args.print_config:
-        import yaml
-
-        try:  # the DeepSpeed JSON is read now, not after the process group started
-            deepspeed_config(cfg.train, int(cfg.data.get("batch_size", 1)), cfg.train.grad_accum)
-        except ConfigError as e:
-            parser.error(str(e))
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        return 0
+        return _print_config(parser, cfg)
+    factory = smoke_loader_factory(cfg) if args.smoke else None
     _setup_logging()
     try:
         result = Trainer(cfg, loader_factory=factory).fit()
@@ -97,24 +106,26 @@ def _eval_model(cfg, num_classes: int, checkpoint: str | None, smoke: bool):
     """The model ``inti-eval`` scores: the saved adapter (+ backbone) or, with ``--smoke``, a fresh one."""
     if smoke:  # nothing was trained: a fresh tiny model checks the pipeline
         return build_model(cfg.model, num_classes)
-    ckpt = Path(checkpoint or cfg.eval.checkpoint or Path(cfg.train.output_dir) / "final").expanduser()
-    backbone, head = create_backbone(cfg.model, num_classes, lora=False)  # a saved LoRA part loads itself
-    return load_pretrained(backbone, ckpt, head=head, is_trainable=False), mean_std_of(cfg.model, backbone)
+    ckpt = checkpoint or cfg.eval.checkpoint or str(Path(cfg.train.output_dir).expanduser() / "final")
+    model, backbone = load_saved_model(cfg.model, num_classes, ckpt)  # downloads nothing when ckpt holds the backbone
+    return model, mean_std_of(cfg.model, backbone)
 
 
+@pipe_safe
 def eval_main(argv: list[str] | None = None) -> int:
     """Entry point of ``inti-eval``: multi-view top-1 / top-5 and GFLOPs per view."""
     parser = _parser("inti-eval", "Multi-view evaluation (frames×clips×crops views averaged as mmaction2's average_clips) of a saved adapter.")
     parser.add_argument("--checkpoint", help="directory written by save_pretrained (default: eval.checkpoint, "
                                              "else <train.output_dir>/final)")
     parser.add_argument("--json", help="also write the results to this JSON file")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     cfg = _load(parser, args)
+    if args.print_config:
+        return _print_config(parser, cfg)
     _setup_logging()
     factory, data_cfg, num_classes = None, None, cfg.model.num_classes
     if args.smoke:
-        cfg = smoke_config(cfg)
-        factory, num_classes = smoke_loader_factory(cfg), cfg.model.num_classes
+        factory = smoke_loader_factory(cfg)
     info = setup_distributed(cfg.train.backend, use_deepspeed=False)
     try:
         if factory is None:
@@ -124,8 +135,12 @@ def eval_main(argv: list[str] | None = None) -> int:
             raise ConfigError("model.num_classes is null and no built-in data set gives it; set model.num_classes")
         model, mean_std = _eval_model(cfg, num_classes, args.checkpoint, args.smoke)
         frames, size = data_value(cfg, data_cfg, "num_frames"), data_value(cfg, data_cfg, "crop_size")
+    except BackboneDownloadError as e:  # one line: what was asked for and how to point at local weights
+        parser.exit(1, f"inti-eval: error: {e}\n")
     except (ConfigError, FileNotFoundError) as e:
         parser.error(str(e))
+    except ValueError as e:  # a damaged or mismatched checkpoint: one line naming the file
+        parser.exit(1, f"inti-eval: error: {e}\n")
     model = model.to(info.device).eval()
     loader = factory(False, info.rank, info.world_size, 0)
     if loader is None:

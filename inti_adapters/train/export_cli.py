@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
+from .._io import pipe_safe
 from ..export import ExportError, export_onnx, export_program
-from ..serialization import load_pretrained
-from .build import create_backbone
+from .build import BackboneDownloadError, load_saved_model
 from .config import ConfigError, load_config
 
 
@@ -43,16 +43,17 @@ def _model_and_video(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.T
     missing = [k for k in ("num_frames", "crop_size") if k not in cfg.data]
     if missing:
         raise ConfigError(f"the recipe has no data.{missing[0]}: add data.{missing[0]}=N (the example input)")
-    backbone, head = create_backbone(cfg.model, cfg.model.num_classes, lora=False)
-    model = load_pretrained(backbone, args.checkpoint, head=head, is_trainable=False, revision=args.revision)
+    # a checkpoint that holds the backbone's weights (full fine-tuning) builds it without downloading
+    model, _ = load_saved_model(cfg.model, cfg.model.num_classes, args.checkpoint, revision=args.revision)
     size = int(cfg.data["crop_size"])
     return model, torch.randn(args.batch, 3, int(cfg.data["num_frames"]), size, size)
 
 
+@pipe_safe
 def export_main(argv: list[str] | None = None) -> int:
     """Entry point of ``inti-export``."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options and key=value overrides in any order
     out = Path(args.out)
     if out.suffix not in (".pt2", ".onnx"):
         parser.error(f"--out must end in .pt2 (torch.export) or .onnx, got {out.name!r}")
@@ -64,8 +65,12 @@ def export_main(argv: list[str] | None = None) -> int:
         else:
             out.parent.mkdir(parents=True, exist_ok=True)
             torch.export.save(program, str(out))
+    except BackboneDownloadError as e:  # one line: what was asked for and how to point at local weights
+        parser.exit(1, f"inti-export: error: {e}\n")
     except (ConfigError, FileNotFoundError, ExportError, ImportError) as e:
         parser.error(str(e))
+    except ValueError as e:  # a damaged or mismatched checkpoint: one line naming the file
+        parser.exit(1, f"inti-export: error: {e}\n")
     batch = "static" if args.static_batch else "dynamic"
     checked = "" if args.no_check else ", checked against the eager model"
     print(f"inti-export: wrote {out} (input {tuple(video.shape[1:])} per video, {batch} batch{checked})")

@@ -2,12 +2,16 @@
 
 Everything that makes the recipe what it is stays: model family and depth, compressor layers,
 temporal adapters, LoRA, ZeRO stage, DeepSpeed JSON, optimizer, evaluation views. What changes:
-width 48, 32x32 frames in 8x8 patches, no pretrained weights, 4 synthetic frames, one step.
+width 48, 32x32 frames in 8x8 patches, no pretrained weights, 4 synthetic frames, one step, and
+the output folder: ``train.output_dir`` + ``.smoke`` (``runs/k400_vitb16_inti.smoke``), so that a
+smoke run never touches the recipe's real output folder (whose checkpoints a real run would then
+try to resume, and whose ``final/`` ``inti-export`` would read).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +22,12 @@ from .synthetic import SyntheticVideoLoader
 
 FRAMES, SIZE, BATCH, CLASSES = 4, 32, 2, 5
 WIDTH = 48  # divisible by the head counts of the temporal presets (12, 16)
+
+
+def smoke_output_dir(output_dir: str) -> str:
+    """Where a smoke run of a recipe with ``train.output_dir=output_dir`` writes: a sibling folder."""
+    real = Path(output_dir).expanduser().absolute()
+    return str(real.parent / f"{real.name or 'run'}.smoke")
 
 
 def smoke_config(cfg: Config) -> Config:
@@ -37,6 +47,7 @@ def smoke_config(cfg: Config) -> Config:
     train = dataclasses.replace(
         cfg.train, epochs=1, steps_per_epoch=1, grad_accum=1, global_batch_size=None, save_every=0,
         eval_every_epochs=1, resume="never", bf16=cfg.train.bf16 and torch.cuda.is_available(),
+        output_dir=smoke_output_dir(cfg.train.output_dir),
     )
     data = {"batch_size": BATCH, "num_frames": FRAMES, "crop_size": SIZE,
             "num_clips": int(cfg.data.get("num_clips", 1)), "num_crops": int(cfg.data.get("num_crops", 1))}

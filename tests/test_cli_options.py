@@ -1,0 +1,153 @@
+"""The command lines as a new user meets them (issue 24): smoke runs beside the real output folder,
+options and overrides in any order, offline evaluation / export of a checkpoint that carries its
+backbone, a failed download in one line, ``| head -1`` without a traceback."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+
+import inti_adapters as ia
+from inti_adapters.train import export_cli
+from inti_adapters.train.cli import _eval_model, eval_main, train_main
+from inti_adapters.train.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS_VIT = dict(img_size=64, patch_size=8, depth=4, embed_dim=64, num_heads=4, class_token=True, global_pool="token")
+
+
+# -- item 2: --smoke never touches the recipe's real output folder ------------------------------------------
+def test_a_smoke_run_writes_beside_the_real_output_folder_never_into_it(tmp_path, capsys):
+    real = tmp_path / "runs" / "digits_cpu"
+    real.mkdir(parents=True)
+    (real / "keep.txt").write_text("the real run's")
+    assert train_main(["--config", "digits_cpu", "--smoke", f"train.output_dir={real}"]) == 0
+    assert sorted(p.name for p in real.iterdir()) == ["keep.txt"] and (real / "keep.txt").read_text() == "the real run's"
+    smoke = tmp_path / "runs" / "digits_cpu.smoke"
+    assert (smoke / "final" / "inti_config.json").is_file()
+    assert f"adapter saved to {smoke / 'final'}" in capsys.readouterr().out
+
+
+# -- item 3: options and key=value overrides in any order -------------------------------------------------
+@pytest.mark.parametrize("main", [train_main, eval_main], ids=["inti-train", "inti-eval"])
+def test_overrides_after_other_options(main, capsys):
+    assert main(["--config", "digits_cpu", "model.pretrained=false", "--print-config", "optim.lr=0.5"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["optim"]["lr"] == 0.5 and printed["model"]["pretrained"] is False
+
+
+def test_inti_export_overrides_between_options(tmp_path, monkeypatch):
+    seen = {}
+
+    def recording_load(config, overrides):
+        seen["overrides"] = list(overrides)
+        raise export_cli.ConfigError("stop here")
+
+    monkeypatch.setattr(export_cli, "load_config", recording_load)
+    with pytest.raises(SystemExit) as e:
+        export_cli.export_main(["--config", "digits_cpu", "model.num_classes=5", "--checkpoint", str(tmp_path),
+                                "data.num_frames=4", "--out", str(tmp_path / "m.pt2"), "optim.lr=1"])
+    assert e.value.code == 2 and seen["overrides"] == ["model.num_classes=5", "data.num_frames=4", "optim.lr=1"]
+
+
+# -- item 4: a checkpoint that carries its backbone is evaluated / exported without the network --------------
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """HF_HUB_OFFLINE=1, an empty Hub cache, and every connect to a non-loopback address refused (and recorded)."""
+    hf = pytest.importorskip("huggingface_hub")
+    attempts: list[object] = []
+    real_connect = socket.socket.connect
+
+    def guarded(self, address):
+        host = address[0] if isinstance(address, tuple) else None
+        try:
+            remote = host is not None and not ipaddress.ip_address(host).is_loopback
+        except ValueError:  # a name, not an address: resolving it is already an attempt
+            remote = host not in ("localhost",)
+        if remote:
+            attempts.append(address)
+            raise OSError(f"test: network access to {address} refused")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hub_cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    return attempts
+
+
+def _digits_vit(num_classes: int = 5) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, **DIGITS_VIT)
+
+
+@pytest.fixture
+def fine_tuned(tmp_path):
+    """A fully fine-tuned digits_cpu-shaped model saved with its backbone, and a video to compare on."""
+    model = ia.inject(_digits_vit(), layers=[1, 2]).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    model.save_pretrained(tmp_path / "final")
+    assert (tmp_path / "final" / "backbone_model.safetensors").is_file()
+    return model, tmp_path / "final"
+
+
+PRETRAINED = ["model.pretrained=true", "model.num_classes=5"]  # what a K400 recipe asks for: downloaded weights
+
+
+def test_eval_model_of_a_fine_tuned_checkpoint_downloads_nothing(fine_tuned, no_network):
+    model, folder = fine_tuned
+    cfg = load_config("digits_cpu", PRETRAINED)
+    loaded, mean_std = _eval_model(cfg, 5, str(folder), smoke=False)
+    video = torch.randn(1, 3, 4, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(video), model(video), rtol=0, atol=0)
+    assert no_network == [] and len(mean_std) == 2
+
+
+def test_export_of_a_fine_tuned_checkpoint_downloads_nothing(fine_tuned, no_network, tmp_path, capsys):
+    _, folder = fine_tuned
+    out = tmp_path / "m.pt2"
+    assert export_cli.export_main(["--config", "digits_cpu", *PRETRAINED, "--checkpoint", str(folder),
+                                   "data.num_frames=4", "--out", str(out)]) == 0
+    assert out.is_file() and "checked against the eager model" in capsys.readouterr().out
+    assert no_network == []
+
+
+def test_a_needed_download_that_fails_is_one_line_saying_how_to_use_local_weights(tmp_path, no_network, capsys):
+    ia.inject(_digits_vit(), layers=[1, 2], freeze_backbone=True).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(SystemExit) as e:
+        export_cli.export_main(["--config", "digits_cpu", *PRETRAINED, "--checkpoint", str(tmp_path / "adapter"),
+                                "--out", str(tmp_path / "m.pt2")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1, err
+    assert err[0].startswith("inti-export: error: could not fetch the pretrained weights of timm model "
+                             "'vit_tiny_patch16_224' (model.pretrained=True) (HF_HUB_OFFLINE is set)")
+    assert "model.checkpoint" in err[0] and not (tmp_path / "m.pt2").exists()
+
+
+# -- item 10: a reader that stops early ends the command quietly with status 0 ----------------------------
+def test_a_closed_pipe_ends_quietly_with_status_0():
+    code = "import sys; from inti_adapters.train.cli import train_main; sys.exit(train_main())"
+    commands = [["--list-recipes"], ["--help-config"], ["--config", "digits_cpu", "--print-config"]]
+    procs = [subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              cwd=ROOT) for args in commands]  # side by side: each spends seconds importing
+    for proc in procs:
+        proc.stdout.close()  # the reader is gone before the command writes (as `| head -1` after its line)
+    for args, proc in zip(commands, procs, strict=True):
+        try:
+            _, err = proc.communicate(timeout=180)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0 and b"Traceback" not in err and b"BrokenPipe" not in err, (args, err.decode()[-2000:])
