@@ -9,8 +9,10 @@ training clips (random resized crop + flip) through ``build_dataloader(..., trai
   i.e. the rate of one CPU core;
 - ``DataLoader, W workers``: total clips/s with W worker processes.
 
-Readers side by side: video shards decoded with PyAV, with torchcodec (when it loads), and frame
-shards decoded with ``torchvision.io.decode_jpeg`` on the CPU. Every configuration is timed in
+Readers side by side: video shards decoded with PyAV, with torchcodec (when it loads), frame
+shards decoded with ``torchvision.io.decode_jpeg`` on the CPU, and the same frame shards read over
+HTTP from an nginx on 127.0.0.1 (started by the benchmark with its own configuration in a temporary
+folder and stopped at the end; the row is left out, with a note, where ``nginx`` is not installed). Every configuration is timed in
 several rounds, round-robin, after a warm-up round; medians. A second table turns
 ``count_gflops`` into the clips per second one H100 consumes in training (forward + backward =
 3x the forward, 2 FLOPs per multiply-add, 40% of 989 TFLOP/s bf16) and the CPU cores per GPU
@@ -25,8 +27,12 @@ Writes ``benchmarks/results/data_throughput[_quick].md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import os
+import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +46,61 @@ from _common import log, machine_info, markdown_table, median, spread, write_res
 
 H100_BF16_TFLOPS = 989.0
 UTILISATION = 0.4
-TARGET_PER_CORE, TARGET_RATIO, TARGET_SCALING = 60.0, 10.0, 1.7
+TARGET_PER_CORE, TARGET_RATIO, TARGET_SCALING, TARGET_HTTP = 60.0, 10.0, 1.7, 0.9
+HTTP_READER = "frame shards over HTTP (nginx), CPU JPEG"
+NGINX_CONF = """worker_processes 1;
+daemon off;
+{user}pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    sendfile on;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{ listen 127.0.0.1:{port}; root {root}; location / {{ }} }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def nginx(root: Path) -> Iterator[str | None]:
+    """Serve ``root`` with nginx on 127.0.0.1 (a free port, its own config and temp folder): yields the base
+    URL, or None where nginx is not installed. The server is stopped when the block ends."""
+    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if binary is None:
+        yield None
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="inti_nginx_") as tmp:
+        conf = Path(tmp) / "nginx.conf"
+        user = "user root;\n" if os.geteuid() == 0 else ""  # workers must read the (private) temp folder
+        conf.write_text(NGINX_CONF.format(user=user, tmp=tmp, port=port, root=root))
+        proc = subprocess.Popen([binary, "-c", str(conf), "-p", tmp], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"nginx did not start on 127.0.0.1:{port}: {proc.stderr.read().decode()[-500:]}"
+                                       if proc.poll() is not None else "nginx did not answer within 10 s")
+                time.sleep(0.05)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            proc.stderr.close()
 GPU_MODELS = [("ViT-B/16", "vit_base_patch16_clip_224", [4, 6]), ("ViT-L/14", "vit_large_patch14_clip_224", [9, 13])]
 
 
@@ -107,14 +167,19 @@ def time_reader(cfg: Any, clips: int, epoch: int) -> float:
         del batches  # shuts the workers down before the next configuration runs
 
 
-def readers(args: argparse.Namespace, video_shards: list[str], frame_shards: list[str]) -> dict[str, tuple]:
-    """``name -> (shards, decoder, clips per timing)``: video shards per decoder, then frame shards."""
+def readers(args: argparse.Namespace, video_shards: list[str], frame_shards: list[str],
+            http_base: str | None = None) -> dict[str, tuple]:
+    """``name -> (shards, decoder, clips per timing, device)``: video shards per decoder, then frame shards
+    (local files; over HTTP from ``http_base`` when given, the shards' folder being the server's root)."""
     from inti_adapters.data.decode import torchcodec_available
 
     out = {"video shards, PyAV": (video_shards, "pyav", args.clips, "cpu")}
     if torchcodec_available():
         out["video shards, torchcodec"] = (video_shards, "torchcodec", args.clips, "cpu")
     out["frame shards, CPU JPEG"] = (frame_shards, "pyav", args.clips * args.frame_clip_factor, "cpu")
+    if http_base is not None:
+        urls = [f"{http_base}/{Path(s).name}" for s in frame_shards]
+        out[HTTP_READER] = (urls, "pyav", args.clips * args.frame_clip_factor, "cpu")
     if torch.cuda.is_available():  # nvJPEG in the main process; the workers only read and choose boxes
         out["frame shards, GPU JPEG"] = (frame_shards, "pyav", args.clips * args.frame_clip_factor, "cuda")
     return out
@@ -152,7 +217,7 @@ def breakdown(shards: dict[str, tuple], args: argparse.Namespace) -> list[list[s
     rows = []
     torch.set_num_threads(1)
     for name, (paths, decoder, _, device) in shards.items():
-        if device != "cpu":
+        if device != "cpu" or name == HTTP_READER:
             continue
         cfg = DataConfig(num_frames=args.frames, crop_size=args.crop, decoder=decoder)
         stage = DecodeClip(cfg, ReaderState(0, 0, 0, 1, 1), train=True, decoder=decoder)
@@ -213,6 +278,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run")
     p.add_argument("--timeout", type=float, default=3600, help="abort with a traceback after this many seconds")
     p.add_argument("--results-name", default=None, help="file name under results/ (default data_throughput[_quick])")
+    p.add_argument("--results-dir", default=None, help="write the results file here instead of benchmarks/results/")
+    p.add_argument("--no-http", action="store_true", help="leave out the frame shards read over HTTP from nginx")
     p.add_argument("--note", action="append", default=[], help="a line for the Notes section (repeatable)")
     args = p.parse_args(argv)
     args.videos = args.videos or (4 if args.quick else 6)
@@ -257,6 +324,7 @@ def report(args, rates, rows_breakdown, gpu) -> tuple[list[tuple[str, str]], lis
                                 *[f"cores/GPU: {n}" for n in names]], gpu_rows, align="lrr" + "r" * len(names))
     frames, video = per_core["frame shards, CPU JPEG"], per_core["video shards, PyAV"]
     scaling = {n: median(rates[n, args.workers]) / median(rates[n, 1]) for n in names if args.workers >= 2}
+    http = per_core.get(HTTP_READER)
     targets = [
         f"- frame shards >= {TARGET_PER_CORE:.0f} training clips/s per core: {frames:.1f} -> "
         f"**{'met' if frames >= TARGET_PER_CORE else 'missed'}**",
@@ -264,6 +332,9 @@ def report(args, rates, rows_breakdown, gpu) -> tuple[list[tuple[str, str]], lis
         f"-> **{'met' if frames / video >= TARGET_RATIO else 'missed'}**",
         *[f"- {n}: DataLoader {args.workers} workers / 1 worker = {s:.2f}x (target >= {TARGET_SCALING}) -> "
           f"**{'met' if s >= TARGET_SCALING else 'missed'}**" for n, s in scaling.items()],
+        *([f"- frame shards over HTTP (nginx on this machine) >= {TARGET_HTTP:.0%} of local files per core: "
+           f"{http:.1f} vs {frames:.1f} = {http / frames:.0%} -> **{'met' if http >= TARGET_HTTP * frames else 'missed'}**"]
+          if http is not None else []),
     ]
     brk = markdown_table(["reader", "decode ms/clip", "crop+resize ms/clip", "clips/s (sum)", "decode share"],
                          rows_breakdown, align="lrrrr")
@@ -288,9 +359,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="inti_data_bench_") as tmp:
         log("writing videos, video shards and frame shards")
         setup, video_shards, frame_shards = make_shards(Path(tmp), args)
-        shards = readers(args, video_shards, frame_shards)
-        log(f"timing {', '.join(shards)} with 0..{args.workers} workers")
-        rates = measure(args, shards)
+        with nginx(Path(tmp) / "frames") if not args.no_http else contextlib.nullcontext() as http_base:
+            shards = readers(args, video_shards, frame_shards, http_base)
+            log(f"timing {', '.join(shards)} with 0..{args.workers} workers")
+            rates = measure(args, shards)
         log("per-clip breakdown")
         rows_breakdown = breakdown(shards, args)
     log("GPU consumption from count_gflops")
@@ -300,9 +372,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes = [*args.note]
     if "video shards, torchcodec" not in shards:
         notes.append("torchcodec is not installed or cannot load FFmpeg's libraries here: its rows are missing")
+    if HTTP_READER not in shards and not args.no_http:
+        notes.append("nginx is not installed here: the HTTP row is missing")
     path = write_results(name, "Data pipeline throughput (CPU) vs what a GPU consumes",
                          [("Setup", setup), *sections, ("Notes", "\n".join(f"- {n}" for n in notes) or "- none")],
-                         info=info)
+                         info=info, results_dir=args.results_dir)
     print(f"\nwrote {path}")
     faulthandler.cancel_dump_traceback_later()
     return 0
