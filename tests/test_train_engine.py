@@ -11,7 +11,14 @@ import torch
 from safetensors.torch import load_file
 
 from inti_adapters import load_pretrained, normalize_video
-from inti_adapters.train import PREEMPTED_EXIT_CODE, Preempted, SyntheticVideoLoader, Trainer, create_backbone, load_config
+from inti_adapters.train import (
+    PREEMPTED_EXIT_CODE,
+    Preempted,
+    SyntheticVideoLoader,
+    Trainer,
+    create_backbone,
+    load_config,
+)
 from inti_adapters.train.checkpoint import POINTER, resolve_resume, rng_state, set_rng_state
 from inti_adapters.train.metrics import read_metrics
 

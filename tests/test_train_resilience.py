@@ -12,7 +12,6 @@ import time
 from collections import Counter
 
 import pytest
-
 from _train_ranks import EPOCHS, SAMPLES, epoch_keys, launch, logs, losses, run, trained, wait, wait_for
 
 pytest.importorskip("deepspeed")

@@ -21,11 +21,11 @@ from .config import (
     load_config,
 )
 from .engine import Trainer, TrainResult, deepspeed_config, train
+from .evaluate import EvalResult, evaluate, topk_correct
 from .failures import CheckpointWriteError, NonFiniteLossError, PeerLostError
+from .optim import WarmupCosine, build_optimizer, build_scheduler, param_groups
 from .preemption import PREEMPTED_EXIT_CODE, Preempted
 from .runlock import RunLockedError
-from .evaluate import EvalResult, evaluate, topk_correct
-from .optim import WarmupCosine, build_optimizer, build_scheduler, param_groups
 from .synthetic import SyntheticVideoLoader
 
 __all__ = [

@@ -155,7 +155,7 @@ def load_consolidated(engine: Any, directory: Path) -> dict[str, Any]:
                 _torch_optimizer(engine).state[param][key].copy_(moment)
     if engine.lr_scheduler is not None and record.get("scheduler") is not None:
         engine.lr_scheduler.load_state_dict(record["scheduler"])
-        for group, lr in zip(_torch_optimizer(engine).param_groups, record["scheduler"].get("_last_lr", [])):
+        for group, lr in zip(_torch_optimizer(engine).param_groups, record["scheduler"].get("_last_lr", []), strict=False):
             group["lr"] = lr  # what the checkpoint's last scheduler step set
     engine.global_steps = record["global_steps"]
     engine.global_samples = record["global_samples"]

@@ -50,7 +50,7 @@ class NonFiniteGuard:
             self.bad_steps += 1
             self._in_bad_step = True
         if self.bad_steps > self.max_steps:
-            who = f"{float(loss.detach())} on rank {self.rank}" if bad_here else f"non-finite on another rank"
+            who = f"{float(loss.detach())} on rank {self.rank}" if bad_here else "non-finite on another rank"
             raise NonFiniteLossError(self.message(step, epoch, f"the loss is {who}"))
         if self.rank == 0:
             logger.warning("step %d (epoch %d): non-finite loss, the micro-batch is skipped (%d of "
