@@ -59,6 +59,35 @@ def test_inti_export_overrides_between_options(tmp_path, monkeypatch):
     assert e.value.code == 2 and seen["overrides"] == ["model.num_classes=5", "data.num_frames=4", "optim.lr=1"]
 
 
+# -- item 5: --help-config lists every data key, --print-config shows the data defaults -----------------------
+def test_help_config_lists_every_data_and_builtin_data_key_with_its_help(capsys):
+    import dataclasses
+
+    from inti_adapters.data import DataConfig, DigitsOptions
+
+    with pytest.raises(SystemExit) as e:
+        train_main(["--help-config"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    data = text.split("\ndata:", 1)[1].split("\nbuiltin_data:", 1)
+    for f in dataclasses.fields(DataConfig):
+        assert f"\n  {f.name} (" in data[0] and f.metadata["help"] in data[0], f.name
+    for name in ["root", "workers", *(f.name for f in dataclasses.fields(DigitsOptions))]:
+        assert f"\n  {name} (" in data[1], name
+
+
+def test_print_config_shows_every_data_default(capsys):
+    import dataclasses
+
+    from inti_adapters.data import DataConfig
+
+    assert train_main(["--config", "digits_cpu", "--print-config", "data.hflip=true"]) == 0
+    data = yaml.safe_load(capsys.readouterr().out)["data"]
+    assert set(data) == {f.name for f in dataclasses.fields(DataConfig)}
+    assert data["hflip"] is True and data["on_incomplete"] == "raise" and data["decode_device"] == "cpu"
+    assert data["crop_size"] == 64 and data["batch_size"] == 16  # the recipe's values win over the defaults
+
+
 # -- item 4: a checkpoint that carries its backbone is evaluated / exported without the network --------------
 @pytest.fixture
 def no_network(monkeypatch, tmp_path):

@@ -23,7 +23,7 @@ from .._io import pipe_safe
 from ..flops import count_gflops
 from ..recipes import describe_recipes
 from .build import BackboneDownloadError, build_model, load_saved_model, mean_std_of
-from .config import ConfigError, help_text, load_config
+from .config import ConfigError, data_with_defaults, help_text, load_config
 from .distributed import setup_distributed
 from .engine import Trainer, data_value, deepspeed_config, real_data
 from .evaluate import evaluate
@@ -77,7 +77,7 @@ def _print_config(parser: argparse.ArgumentParser, cfg) -> int:
         deepspeed_config(cfg.train, int(cfg.data.get("batch_size", 1)), cfg.train.grad_accum)
     except ConfigError as e:
         parser.error(str(e))
-    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    print(yaml.safe_dump({**cfg.to_dict(), "data": data_with_defaults(cfg)}, sort_keys=False))  # data: defaults too
     return 0
 
 

@@ -352,7 +352,7 @@ def _build_section(name: str, cls: type, values: dict[str, Any]) -> Any:
         raise ConfigError(f"section '{name}': {e}") from None
 
 
-def _check_data_sections(data: dict[str, Any], builtin: dict[str, Any] | None) -> None:
+def _check_data_sections(data: dict[str, Any], builtin: dict[str, Any] | None) -> DataConfig:
     """``data`` / ``builtin_data`` checked by the data package's configs (keys and values), so that a bad
     value is reported when the recipe is read, not after DeepSpeed started."""
     reject_unknown("data", data, [f.name for f in dataclasses.fields(DataConfig)])
@@ -366,23 +366,40 @@ def _check_data_sections(data: dict[str, Any], builtin: dict[str, Any] | None) -
         # what DigitsDataset.to_data_config puts under the data section's values
         base = {"num_frames": options.num_frames, "crop_size": options.image_size, "short_side": options.image_size}
     try:
-        DataConfig(**{**base, **data})
+        return DataConfig(**{**base, **data})
     except (TypeError, ValueError) as e:
         raise ConfigError(f"data: {e}") from None
 
 
+def _key_lines(cls: type) -> list[str]:
+    """One line per field of a config dataclass: name (type, default): help."""
+    hints = get_type_hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  {f.name} ({type_name(hints[f.name])}, default {default!r}): {f.metadata.get('help', '')}")
+    return lines
+
+
 def help_text() -> str:
-    """Every key of every section with its type, default and help (``inti-train --help-config``)."""
+    """Every key of every section with its type, default and help (``inti-train --help-config``);
+    the ``data`` and ``builtin_data`` keys come from the data package's dataclasses themselves."""
     lines = []
     for name, cls in SECTIONS.items():
-        lines.append(f"{name}:")
-        hints = get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            lines.append(f"  {f.name} ({type_name(hints[f.name])}, default {default!r}): {f.metadata.get('help', '')}")
-    lines.append("data: fields of inti_adapters.data.DataConfig (train_shards, val_shards, num_frames, ...)")
-    lines.append("builtin_data: {root: DIR, ...options of inti_adapters.data.ensure_builtin_dataset}")
+        lines += [f"{name}:", *_key_lines(cls)]
+    lines += ["data: (inti_adapters.data.DataConfig; with builtin_data, num_frames, crop_size and short_side "
+              "default to the built-in data set's)", *_key_lines(DataConfig)]
+    lines += ["builtin_data: (optional: the built-in data set, created under root if missing)",
+              "  root (str, required): Folder of the built-in data set (created if missing).",
+              "  workers (int, default None): Processes that encode its shards in parallel (None: up to 2; the data do not depend on it).",
+              *_key_lines(DigitsOptions)]
     return "\n".join(lines)
+
+
+def data_with_defaults(cfg: Config) -> dict[str, Any]:
+    """The ``data`` section as the reader sees it: the recipe's values over every ``DataConfig``
+    default (and over the built-in data set's frame count and size), for ``--print-config``."""
+    return _check_data_sections(dict(cfg.data), cfg.builtin_data).to_dict()
 
 
 # -- resuming with another recipe ---------------------------------------------------------------
