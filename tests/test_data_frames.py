@@ -290,6 +290,6 @@ def test_convert_shards_in_place(tree, tmp_path, monkeypatch):
     assert done.written == 12 and done.output == str(folder)
     assert len(originals) == 4 and _tar_bytes(folder) == _tar_bytes(tmp_path / "ref")  # 3 frame shards now
     assert json.loads((folder / "sizes.json").read_text()) == json.loads((tmp_path / "ref" / "sizes.json").read_text())
-    assert sorted(p.name for p in folder.iterdir()) == sorted(["classes.json", "manifest.json", "sizes.json",
-                                                               *_tar_bytes(folder)])  # no staging folder left
+    assert sorted(p.name for p in folder.iterdir()) == sorted([".inti-shards.lock", "classes.json", "manifest.json",
+                                                               "sizes.json", *_tar_bytes(folder)])  # no staging left
     assert [Path(s).name for s in done.shards] == [Path(s).name for s in reference.shards]

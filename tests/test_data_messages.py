@@ -15,6 +15,7 @@ import torch
 from test_data_pipeline import _cfg, _video, make_shards
 
 from inti_adapters.data import build_dataloader, encode_video, write_shards
+from inti_adapters.data._lock import OutputLock
 from inti_adapters.train.evaluate import evaluate
 
 
@@ -96,3 +97,11 @@ def test_resume_accepts_the_same_videos_by_relative_or_absolute_path(tmp_path, m
         write_shards(source="videos", output="shards", samples_per_shard=3, progress=False)
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert manifest["num_items"] == 4 and manifest["source"] == "videos"
+
+
+def test_two_inti_shards_runs_on_one_output_are_refused(tmp_path):
+    root = _tree(tmp_path / "v")
+    with OutputLock(tmp_path / "out", "inti-shards"), pytest.raises(
+            ValueError, match=rf"{tmp_path}/out is being written by another inti-shards run \(pid {os.getpid()} on host"):
+        write_shards(source=str(root), output=str(tmp_path / "out"), progress=False)
+    assert write_shards(source=str(root), output=str(tmp_path / "out"), progress=False).written == 4  # released

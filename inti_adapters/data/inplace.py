@@ -19,15 +19,18 @@ replacement exists.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .._io import _fsync_directory, atomic_write
 from .annotations import detect_format
+from .config import ShardWriterConfig
 from .tario import expand_shards, is_local
 
 logger = logging.getLogger("inti_adapters.data")
@@ -96,3 +99,29 @@ def finish_swap(output: Path, swap: dict[str, Any], meta_files: tuple[str, ...],
     shutil.rmtree(staging)
     logger.info("replaced the shards of %s in place (%d new, %d old ones removed)", output, len(swap["new"]),
                 len(swap["remove"]))
+
+
+def refuse_in_place(cfg: ShardWriterConfig) -> None:
+    """Raise: converting shards into their own folder replaces them, which needs ``overwrite``."""
+    raise ValueError(
+        f"the source shards {cfg.source!r} lie in the output folder {cfg.output}: converting them in place replaces "
+        "them. Pass overwrite=True (--overwrite) to do so (the new shards are written aside and replace the old ones "
+        "only when all are written), or choose another output folder")
+
+
+def convert_in_place(cfg: ShardWriterConfig, old: list[Path], swap: dict[str, Any] | None,
+                     write: Callable[[ShardWriterConfig], dict[str, Any]], meta_files: tuple[str, ...],
+                     manifest: str) -> dict[str, Any]:
+    """Write the run into the staging folder (``write`` returns its summary's fields), then swap it in; or
+    finish an interrupted swap. Returns the summary's fields for the output folder."""
+    out = Path(cfg.output)
+    if swap is None:
+        staged = write(dataclasses.replace(cfg, output=str(out / STAGING_DIR), overwrite=False))
+        swap = record_swap(out, [Path(s).name for s in staged["shards"]], old, cfg.fingerprint(), staged)
+    elif swap["fingerprint"] != cfg.fingerprint():
+        raise ValueError(f"{out} holds an unfinished in-place conversion ({out / STAGING_DIR}) made with other "
+                         f"options ({swap['fingerprint']}); rerun the command that started it to finish it")
+    finish_swap(out, swap, meta_files, manifest)
+    fields = swap["summary"]
+    return {**fields, "output": str(out), "shards": [str(out / n) for n in swap["new"]],
+            "skipped_videos": [tuple(x) for x in fields["skipped_videos"]]}

@@ -20,6 +20,11 @@ Robustness:
   A shard whose videos were all skipped is not written (its samples are listed as skipped), a
   class that ends up with no sample is named in a warning, and a run that reads no video at all
   is an error.
+- One run at a time per output folder: a run holds a lock on ``<output>/.inti-shards.lock`` (released
+  when the process ends, however it ends); a second run on the same folder is refused, naming the first.
+- Converting shards into their own folder (``--source S --output S --store frames --overwrite``)
+  writes the new shards aside and replaces the old ones only when all are written (see
+  :mod:`inti_adapters.data.inplace`).
 - Worker processes are made single-threaded in torch first, so a pool started after torch work
   cannot hang (see :mod:`inti_adapters.data._processes`).
 
@@ -51,12 +56,13 @@ from tqdm.auto import tqdm
 
 from .._config import add_config_arguments, config_from_namespace
 from .._io import AtomicFile, atomic_write, temporary_name_pattern
+from ._lock import OutputLock
 from ._processes import worker_pool
 from .annotations import CLASS_INDEX_FILE, SOURCE_CACHE_DIR, VideoItem, read_annotations, write_class_index
 from .config import VIDEO_EXTENSIONS, ShardWriterConfig
 from .decode import VideoDecodeError, probe_video, reencode_video
 from .frames import extract_frames
-from .inplace import STAGING_DIR, finish_swap, pending_swap, record_swap, source_shards_in
+from .inplace import convert_in_place, pending_swap, refuse_in_place, source_shards_in
 from .sizes import SIZES_FILE
 from .tario import is_local
 
@@ -383,33 +389,17 @@ def write_shards(config: ShardWriterConfig | None = None, **options: Any) -> Sha
     cfg = config
     swap = pending_swap(cfg.output)
     old = source_shards_in(cfg.source, cfg.format, cfg.output) if swap is None else []
-    if swap is not None or old:
-        return _write_in_place(cfg, old, swap)
-    summary = _write(cfg)
+    if old and not cfg.overwrite:
+        refuse_in_place(cfg)  # before anything is touched
+    with OutputLock(cfg.output, "inti-shards"):
+        if swap is not None or old:
+            fields = convert_in_place(cfg, old, swap, lambda c: dataclasses.asdict(_write(c, replace_other=True)),
+                                      (CLASS_INDEX_FILE, SIZES_FILE), MANIFEST_FILE)
+            summary = ShardSummary(**fields)
+            logger.info("%s", summary)
+            return summary
+        summary = _write(cfg)
     shutil.rmtree(Path(cfg.output) / SOURCE_CACHE_DIR, ignore_errors=True)  # copies of remote source shards
-    return summary
-
-
-def _write_in_place(cfg: ShardWriterConfig, old: list[Path], swap: dict[str, Any] | None) -> ShardSummary:
-    """Convert shards into their own folder: written aside, then swapped in (see :mod:`.inplace`)."""
-    out = Path(cfg.output)
-    if swap is None:
-        if not cfg.overwrite:
-            raise ValueError(
-                f"the source shards {cfg.source!r} lie in the output folder {out}: converting them in place "
-                "replaces them. Pass overwrite=True (--overwrite) to do so (the new shards are written aside and "
-                "replace the old ones only when all are written), or choose another output folder")
-        staged = _write(dataclasses.replace(cfg, output=str(out / STAGING_DIR), overwrite=False), replace_other=True)
-        swap = record_swap(out, [Path(s).name for s in staged.shards], old, cfg.fingerprint(),
-                           dataclasses.asdict(staged))
-    elif swap["fingerprint"] != cfg.fingerprint():
-        raise ValueError(f"{out} holds an unfinished in-place conversion ({out / STAGING_DIR}) made with other "
-                         f"options ({swap['fingerprint']}); rerun the command that started it to finish it")
-    finish_swap(out, swap, (CLASS_INDEX_FILE, SIZES_FILE), MANIFEST_FILE)
-    fields = swap["summary"]
-    summary = ShardSummary(**{**fields, "output": str(out), "shards": [str(out / n) for n in swap["new"]],
-                              "skipped_videos": [tuple(x) for x in fields["skipped_videos"]]})
-    logger.info("%s", summary)
     return summary
 
 
