@@ -8,7 +8,8 @@ from typing import Any
 
 from _common import markdown_table
 from _gpu_common import PartResult, Settings, device_name, fmt
-from _gpu_throughput import ThroughputState, mfu, speedup
+from _gpu_throughput import LABELS, ThroughputState, mfu, speedup
+from _speed_kernels import auto_choice
 
 TARGET_DEVICES = r"H100|H200"
 MFU_GOAL = 0.40  # naive ViT-B/16 bf16 training with torch.compile
@@ -146,3 +147,27 @@ def engine_body(s: Settings, data: dict[str, Any], sm: dict[str, Any]) -> str:
     if res:
         lines.append("- resumed run's losses: " + " ".join(f"{st}: {v:.3f}" for st, v in res["history"]))
     return "\n".join(lines)
+
+
+def kernel_verdict(s: Settings, state: ThroughputState) -> str:
+    """Which InTI kernel ``kernel="auto"`` should pick on this device, eager and compiled: the 'InTI' rows
+    (what auto runs) against the 'InTI, fused CPU kernel' rows, training and inference. The fused kernel
+    should be picked where it is more than 2% faster in both modes."""
+    lines, auto = [], auto_choice(s.device)
+    for compiled in (False, True):
+        runs = auto["compiled" if compiled else "eager"]
+        found, ratios = [], []
+        for mode in ("training", "inference"):
+            default, fused = state.find("inti", mode, compiled), state.find("inti_fused", mode, compiled)
+            if not (default and fused and default.clips_per_s and fused.clips_per_s):
+                found.append(f"{mode}: not measured")
+            elif runs == "fused":
+                found.append(f"{mode}: both rows run the fused kernel")
+            else:
+                ratios.append(fused.clips_per_s / default.clips_per_s)
+                found.append(f"{mode}: fused / reference clips/s = {ratios[-1]:.3f}")
+        pick = runs if len(ratios) < 2 else ("fused" if min(ratios) > 1.02 else "reference")
+        verdict = "keep it" if pick == runs else f"switch it to {pick} in InTILayer.uses_fused_kernel"
+        lines.append(f"- {'torch.compile' if compiled else 'eager'}: `auto` runs **{runs}** here; {'; '.join(found)}. "
+                     f"Should pick: **{pick}** ({verdict if len(ratios) == 2 else 'not measured against each other'}).")
+    return f"InTI kernels ('{LABELS['inti']}' rows = `kernel=\"auto\"`):\n\n" + "\n".join(lines)

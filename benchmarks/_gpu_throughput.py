@@ -35,11 +35,12 @@ from torch import nn
 import inti_adapters as ia
 
 MODES = ("inference", "training")
-LABELS = {"naive": "naive", "inti": "InTI", "inti_uniformerv2": "InTI + UniFormerV2-B", "tome": "ToMe @ InTI GFLOPs"}
+LABELS = {"naive": "naive", "inti": "InTI", "inti_fused": "InTI, fused CPU kernel",
+          "inti_uniformerv2": "InTI + UniFormerV2-B", "tome": "ToMe @ InTI GFLOPs"}
 # compiled (variant, mode) pairs in the order they get the remaining time
-COMPILE_ORDER = (("naive", "training"), ("inti", "training"), ("naive", "inference"), ("inti", "inference"),
-                 ("inti_uniformerv2", "training"), ("tome", "training"), ("inti_uniformerv2", "inference"),
-                 ("tome", "inference"))
+COMPILE_ORDER = (("naive", "training"), ("inti", "training"), ("inti_fused", "training"), ("naive", "inference"),
+                 ("inti", "inference"), ("inti_fused", "inference"), ("inti_uniformerv2", "training"),
+                 ("tome", "training"), ("inti_uniformerv2", "inference"), ("tome", "inference"))
 SDPA_OPS = {
     "aten::_scaled_dot_product_flash_attention": "flash",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)",
@@ -132,10 +133,12 @@ def count_variant(variant: Variant, meta_backbone: nn.Module, video: torch.Tenso
 
 
 def plan_variants(s: Settings) -> ThroughputState:
-    """The four variants with their GFLOPs per clip (meta device); ToMe's ``r`` matched to InTI's."""
+    """The variants with their GFLOPs per clip (meta device); ToMe's ``r`` matched to InTI's. 'inti' runs the
+    default kernel (``kernel="auto"``), 'inti_fused' the hand-fused CPU kernel, to say which 'auto' should pick."""
     meta_backbone = create_backbone(s, "meta")
     video = torch.empty(1, 3, s.frames, s.size, s.size, device="meta")
     state = ThroughputState([Variant("naive"), Variant("inti", s.layers),
+                             Variant("inti_fused", s.layers, options={"kernel": "fused"}),
                              Variant("inti_uniformerv2", s.layers, temporal=s.temporal)])
     for v in state.variants:
         v.gflops = count_variant(v, meta_backbone, video)

@@ -4,9 +4,11 @@ Parts (written to ``benchmarks/results/gpu_<device-name>.md`` after each one, so
 still leaves a file):
 
 1. Inference and training throughput (clips/s), latency and peak memory of ViT-B/16 at 16 x 224^2:
-   naive vs InTI ``[4, 6]`` vs InTI + ``UNIFORMERV2_B`` vs ToMe at InTI's GFLOPs; bf16 autocast,
-   SDPA (the kernel that ran is reported), eager and ``torch.compile``; each batch is doubled until
-   the device is full (memory cap) or a step gets slow.
+   naive vs InTI ``[4, 6]`` (``kernel="auto"``) vs InTI with the hand-fused CPU kernel
+   (``kernel="fused"``; the verdict says which kernel ``auto`` should pick on the device, eager and
+   compiled) vs InTI + ``UNIFORMERV2_B`` vs ToMe at InTI's GFLOPs; bf16 autocast, SDPA (the kernel
+   that ran is reported), eager and ``torch.compile``; each batch is doubled until the device is
+   full (memory cap) or a step gets slow.
 2. Model FLOP utilisation: FLOPs from ``ia.count_gflops`` (2 per multiply-add, x3 for a training
    step) per second over the device's dense bf16 peak.
 3. ~30 steps of the real training engine (``torchrun --nproc_per_node 1``, DeepSpeed ZeRO-2, bf16,
@@ -58,7 +60,7 @@ from _gpu_common import (  # noqa: E402
     peak_bf16_tflops,
 )
 from _gpu_engine import EngineJob, summarise  # noqa: E402
-from _gpu_targets import engine_body, evaluate_targets, targets_body  # noqa: E402
+from _gpu_targets import engine_body, evaluate_targets, kernel_verdict, targets_body  # noqa: E402
 from _gpu_throughput import (  # noqa: E402
     COMPILE_ORDER,
     ThroughputState,
@@ -137,7 +139,7 @@ def build_settings(a: argparse.Namespace, device: torch.device, parts: tuple[str
         memory_cap=a.memory_cap, step_cap_s=a.step_cap_s or 1.0,
         compile=not a.no_compile and "compile" in parts,
         compile_backend=a.compile_backend or ("eager" if smoke else "inductor"), compile_cap_s=a.compile_cap_s,
-        compile_items=(("inti", "training"),) if smoke else COMPILE_ORDER, threads=a.threads or (1 if smoke else None),
+        compile_items=(("inti", "training"), ("inti_fused", "training")) if smoke else COMPILE_ORDER, threads=a.threads or (1 if smoke else None),
         peak_tflops=peak, parts=parts, engine=engine_options(smoke), data=data_options(smoke),
         notes=[f"peak FLOP/s: {peak_note}", *a.note], **model)
     s.work_dir = a.work_dir
@@ -207,7 +209,7 @@ def throughput_results(s: Settings, state: ThroughputState, seconds: float) -> t
     reason = "" if status == "measured" else f"{len(measured)} of {len(state.measurements)} measurements have figures"
     body = (throughput_table(s, state) + "\n\n'x naive' = clips/s over naive's in the same mode and compile setting; "
             "'naive/GFLOPs' = naive's GFLOPs over the variant's, the speed-up the FLOPs promise.\n\n"
-            "Batch search (batch: one step, peak memory):\n\n" + trials_text(state)
+            + kernel_verdict(s, state) + "\n\nBatch search (batch: one step, peak memory):\n\n" + trials_text(state)
             + "\n\n" + "\n".join(f"- {n}" for n in state.notes))
     if errors := errors_text(state):
         body += "\n\nErrors:\n\n" + errors

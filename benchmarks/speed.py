@@ -28,6 +28,12 @@ parameters excluded) plus the bytes of parameters, gradients and optimizer state
     python benchmarks/speed.py --threads 1           # steadier figures on a CPU shared with other jobs
     python benchmarks/speed.py --device cuda --dtype bf16 --backbone vit_base_patch16_clip_224 --batch 8
 
+``--kernels`` adds the InTI layer's two kernels side by side (``_speed_kernels.py``): the hand-fused CPU
+kernel and the plain layer (``InTIConfig.kernel`` = ``fused`` / ``reference``), eager and compiled
+(``--compile-backend``), on the first InTI variant, and which one ``kernel="auto"`` runs:
+
+    python benchmarks/speed.py --preset demo --kernels --threads 1
+
 Writes ``benchmarks/results/speed_<device>[_demo][_quick].md`` and a PNG beside it.
 """
 
@@ -58,6 +64,7 @@ from _common import (
     write_results,
 )
 from _components import component_gflops, component_times
+from _speed_kernels import compare_kernels
 from _speed_parts import (
     BREAKDOWN_HOW,
     MIB,
@@ -254,6 +261,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--results-name", default=None,
                    help="file name under results/ (default speed_<device>[_demo][_quick])")
     p.add_argument("--note", action="append", default=[], help="a line for the Notes section (repeatable)")
+    p.add_argument("--kernels", action="store_true",
+                   help="also time the InTI kernels (fused / reference), eager and compiled, on the first InTI variant")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --kernels (default inductor)")
     return _defaults(p, p.parse_args(argv))
 
 
@@ -432,7 +442,7 @@ def detail_sections(variants: list[Variant], targets: list[Target], profiles: di
 
 def report(args: argparse.Namespace, variants: list[Variant], targets: list[Target],
            profiles: dict[tuple[str, str], str], notes: list[str], depth: int, device: torch.device,
-           info: dict[str, str]) -> Path:
+           info: dict[str, str], extra: Sequence[tuple[str, str]] = ()) -> Path:
     """Print the tables and the targets; write results/<name>.md and the PNG."""
     name = args.results_name or f"speed_{device.type}" + ("_demo" if args.preset == "demo" else "") + (
         "_quick" if args.quick else "")
@@ -441,12 +451,13 @@ def report(args: argparse.Namespace, variants: list[Variant], targets: list[Targ
     breakdown = breakdown_table(variants)
     status = {True: "MET", False: "MISSED", None: "n/a"}
     target_lines = [f"- **{status[t.met]}** {t.goal}: {t.detail}" for t in targets]
-    print(table, breakdown, "\n".join(target_lines), sep="\n\n")
+    print(table, breakdown, "\n".join(target_lines), *(text for _, text in extra), sep="\n\n")
     png = RESULTS_DIR / f"{name}.png"
     sections = [("Setup", setup_text(args, depth, device)), ("Results", table),
                 ("Picture", f"![ratios to naive]({png.name})"), ("Targets", "\n".join(target_lines)),
                 ("Per-component breakdown of the training step (forward + backward)", breakdown)]
     sections += detail_sections(variants, targets, profiles, device)
+    sections += extra
     sections.append(("Notes", "\n".join(f"- {n}" for n in [*notes, *args.note]) or "- none"))
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     plot_ratios(variants, png, f"{args.backbone}, {args.batch}x{args.frames}x{args.size}^2, {args.dtype}, {device}")
@@ -468,7 +479,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     fns = measure(args, variants, device)
     targets = evaluate_targets({v.name: v for v in variants}, args.preset)
     profiles = diagnose(args, variants, targets, fns, device)
-    report(args, variants, targets, profiles, notes, depth, device, info)
+    extra = [("InTI kernels: fused and plain, eager and compiled", compare_kernels(
+        args, variants, build_backbone(args, device), lambda: autocast(device, args.dtype)))] if args.kernels else []
+    report(args, variants, targets, profiles, notes, depth, device, info, extra)
     return 0
 
 

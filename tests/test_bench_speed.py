@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,3 +51,26 @@ def test_inti_faster_than_tome_is_met_only_outside_the_round_spread(inti_ms, tom
     target = next(t for t in evaluate_targets(by_name) if "faster than tome" in t.goal)
     assert target.met is met
     assert ("not conclusive" in target.detail) == (inti_ms[1] == 130)
+
+
+@pytest.mark.slow
+def test_kernel_comparison_times_both_kernels_eager_and_compiled():
+    """speed.py --kernels on a tiny model (backend 'eager': the plumbing, not inductor's kernels): four rows, the
+    same logits from all four, and the kernel 'auto' runs in each mode on the CPU."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import timm
+    from _speed_kernels import compare_kernels
+    from _speed_parts import Variant
+
+    args = type("Args", (), dict(seed=0, batch=1, frames=4, size=32, num_classes=5, repeats=1, train_repeats=1,
+                                 compile_backend="eager"))()
+    torch._dynamo.reset()
+    base = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, patch_size=8,
+                             depth=2, embed_dim=32, num_heads=2)
+    no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    text = compare_kernels(args, [Variant("naive", ()), Variant("inti", (1,))], base, no_autocast)
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
+    assert [r[:2] for r in rows[1:]] == [["fused", "eager"], ["reference", "eager"], ["fused", "compiled (eager)"],
+                                         ["reference", "compiled (eager)"]], text
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 and float(r[5]) < 1e-4 for r in rows[1:]), text
+    assert "- eager on cpu: `auto` runs **fused**" in text and "- compiled on cpu: `auto` runs **reference**" in text

@@ -92,8 +92,14 @@ def test_throughput_measures_every_variant_in_both_modes_and_a_compiled_one(smok
             assert int(row[3]) in (1, 2), row  # batch from the search (smoke limit 2)
             assert float(row[8]) > 0, row  # batch-1 latency from the search
             assert "flash (CPU)" in row[10], row  # the SDPA kernel that ran
-    compiled = rows[("InTI", "training", "yes")]
-    assert float(compiled[5]) > 0 and compiled[11] != "-", compiled  # clips/s and compile seconds
+    for name in ("InTI", "InTI, fused CPU kernel"):  # both InTI kernels, eager and compiled
+        assert float(rows[(name, "training", "no")][5]) > 0, rows[(name, "training", "no")]
+        compiled = rows[(name, "training", "yes")]
+        assert float(compiled[5]) > 0 and compiled[11] != "-", compiled  # clips/s and compile seconds
+    # the verdict on the kernel 'auto' picks: on the CPU it runs the fused one eager, the plain one compiled
+    assert "- eager: `auto` runs **fused** here; training: both rows run the fused kernel" in text
+    assert re.search(r"- torch.compile: `auto` runs \*\*reference\*\* here; training: fused / reference clips/s = "
+                     r"[\d.]+; inference: not measured\. Should pick: \*\*reference\*\*", text)
     assert re.search(r"ToMe: r=\d+ tokens merged per frame", text)
     assert "- naive / training: 1: " in text  # the batch search trials
 
@@ -230,6 +236,24 @@ def test_a_failing_variant_is_recorded_and_does_not_stop_the_others():
     assert [bool(m.clips_per_s) for m in state.measurements] == [False, False, True, True]
 
 
+@pytest.mark.parametrize(("fused_ms", "pick"), [(90, "fused"), (100, "reference"), (120, "reference")])
+def test_the_kernel_verdict_picks_the_fused_kernel_only_where_it_wins_both_modes(fused_ms, pick):
+    import gpu_suite
+    from _gpu_targets import kernel_verdict
+    from _gpu_throughput import Measurement, ThroughputState
+
+    s = gpu_suite.parse_args(["--smoke"])
+    state = ThroughputState()
+    for mode in ("training", "inference"):
+        state.measurements += [Measurement("inti", mode, True, batch=4, step_s=[0.1]),
+                               Measurement("inti_fused", mode, True, batch=4, step_s=[fused_ms / 1e3])]
+    text = kernel_verdict(s, state)
+    compiled = next(line for line in text.splitlines() if line.startswith("- torch.compile"))
+    assert f"fused / reference clips/s = {100 / fused_ms:.3f}" in compiled
+    assert f"Should pick: **{pick}** ({'keep it' if pick == 'reference' else 'switch it to fused'}" in compiled
+    assert "- eager: `auto` runs **fused** here; training: not measured" in text
+
+
 def test_no_time_left_skips_every_measurement_with_a_reason():
     import gpu_suite
     from _gpu_throughput import ThroughputState, Variant, run_compiled, run_eager
@@ -271,5 +295,5 @@ def test_a_tome_budget_that_cannot_be_met_drops_tome_with_a_note():
     # 2 x 2 patches per frame and InTI right after the first block: no r is small enough for ToMe
     s = dataclasses.replace(gpu_suite.parse_args(["--smoke", "--size", "16"]), layers=(0,))
     state = plan_variants(s)
-    assert [v.name for v in state.variants] == ["naive", "inti", "inti_uniformerv2"]
+    assert [v.name for v in state.variants] == ["naive", "inti", "inti_fused", "inti_uniformerv2"]
     assert state.notes[-1].startswith("ToMe not measured: no r reaches")
