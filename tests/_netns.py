@@ -43,8 +43,8 @@ def netns_unavailable() -> str | None:
         return "the 'ip' command (iproute2) is not installed (make cluster-deps installs it)"
     if os.geteuid() != 0:
         return "network namespaces need root (ip netns add); run the tests as root"
-    if shutil.which("unshare") is None:
-        return "the 'unshare' command (util-linux) is not installed"
+    if shutil.which("unshare") is None or shutil.which("nsenter") is None:
+        return "the 'unshare' and 'nsenter' commands (util-linux) are not installed"
     probe = f"intiprobe{os.getpid()}"
     try:
         _ip("netns", "add", probe)
@@ -77,6 +77,14 @@ class Host:
     def cmd(self, argv: list[str]) -> list[str]:
         """``argv`` run inside this host's namespace, under its hostname (the same process: each step execs)."""
         return [IP, "netns", "exec", self.ns, "unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"',
+                self.hostname, *map(str, argv)]
+
+    def cmd_keep_sys(self, argv: list[str]) -> list[str]:
+        """Like :meth:`cmd` but with the machine's ``/sys`` (``ip netns exec`` mounts a fresh one, without the
+        cgroup file systems): the network namespace entered with ``nsenter``, the hosts file bind-mounted in a
+        private mount namespace."""
+        script = f'mount --bind {ETC_NETNS / self.ns / "hosts"} /etc/hosts && hostname "$0" && exec "$@"'
+        return ["nsenter", f"--net=/run/netns/{self.ns}", "unshare", "--uts", "--mount", "sh", "-c", script,
                 self.hostname, *map(str, argv)]
 
     def popen(self, argv: list[str], **kwargs) -> subprocess.Popen:
