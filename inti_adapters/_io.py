@@ -7,6 +7,10 @@ name with ``os.replace`` (atomic on POSIX and Windows). A crash or an exception 
 leaves either the old file or the new one, never a half-written file; the temporary is removed
 on exceptions, and :func:`remove_stale_temporaries` clears those left by a killed process.
 
+Permissions are those of a plain ``open(path, "w")``: a file that is replaced keeps its mode, a new
+file gets ``0o666`` less the process's umask (0644 under umask 022), so that shards and checkpoints
+on a shared cluster are group-readable when the umask says so (``mkstemp``'s temporaries are 0600).
+
 Example:
     >>> import json, pathlib, tempfile
     >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -24,19 +28,51 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["AtomicFile", "atomic_open", "atomic_write", "pipe_safe", "remove_stale_temporaries",
+__all__ = ["AtomicFile", "atomic_open", "atomic_write", "file_mode", "give_default_modes", "pipe_safe", "remove_stale_temporaries",
            "temporary_name_pattern"]
 
 
 def temporary_name_pattern(name: str) -> str:
     """Glob pattern of the temporaries :func:`atomic_open` creates for a final file ``name``."""
     return f".{name}.*.tmp"
+
+
+def _process_umask() -> int:
+    """The umask, read without changing it where the system says it (Linux), else set and restored."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):  # pragma: no cover - not Linux
+        pass
+    mask = os.umask(0o022)  # pragma: no cover
+    os.umask(mask)  # pragma: no cover
+    return mask  # pragma: no cover
+
+
+def file_mode(path: str | os.PathLike) -> int:
+    """The mode a file written to ``path`` gets: the existing file's, else 0o666 less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_process_umask()
+
+
+def give_default_modes(folder: str | os.PathLike) -> None:
+    """Set every file under ``folder`` to the mode a new file gets (0o666 less the umask): for files
+    that a library wrote through its own temporaries (safetensors' are 0600)."""
+    mode = 0o666 & ~_process_umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -67,6 +103,12 @@ class AtomicFile:
         self.fsync = fsync
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         self.tmp_path = Path(tmp)
+        try:
+            os.fchmod(fd, file_mode(self.path))  # not mkstemp's 0600: as open() would create it
+        except BaseException:
+            os.close(fd)
+            self.tmp_path.unlink(missing_ok=True)
+            raise
         self.file: IO[Any] = os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {}))
 
     def commit(self) -> None:
@@ -130,6 +172,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[str], No
         os.close(fd)
         try:
             data(tmp)
+            os.chmod(tmp, file_mode(final))  # not mkstemp's 0600 (the writer may have made the file anew)
             if fsync:
                 with open(tmp, "rb+") as f:
                     os.fsync(f.fileno())

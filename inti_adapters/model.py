@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ._config import as_dict
+from ._io import give_default_modes
 from ._format import (
     ADAPTER_WEIGHTS_NAME,
     BACKBONE_WEIGHTS_NAME,
@@ -357,6 +358,7 @@ class InTIModel(PushToHubMixin, nn.Module):
                 peft_state_dict = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
             # peft's own method (the instance's may be routed back here: serialization.whole_model_methods)
             type(peft_model).save_pretrained(peft_model, str(out / PEFT_SUBFOLDER), state_dict=peft_state_dict)
+            give_default_modes(out / PEFT_SUBFOLDER)  # peft's safetensors file comes from a 0600 temporary
         write_tensors(out / ADAPTER_WEIGHTS_NAME, {k: sd[k] for k in keys})
         if save_backbone:
             skip = set(keys) | set(self._names_of(peft_adapter_parameters(self)))

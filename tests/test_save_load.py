@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,3 +138,48 @@ def test_adapters_saved_with_the_old_head_names_still_load(tmp_path):
     assert loaded.config.compressor_config["weight_head"] == "sigmoid"
     with torch.no_grad():
         torch.testing.assert_close(loaded(video), ref, rtol=0, atol=0)
+
+
+# -- issue 24 item 7: written files honour the umask (mkstemp's temporaries are 0600) -----------------------
+@pytest.fixture
+def umask():
+    """Run with a given umask, restored afterwards."""
+    old = os.umask(0o022)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
+
+
+def _modes(folder):
+    return {str(p.relative_to(folder)): stat.S_IMODE(p.stat().st_mode) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_saved_adapters_shards_and_manifests_honour_the_umask(tmp_path, umask, mask, mode):
+    from inti_adapters.data.shards import ShardSink, write_json_atomic
+
+    umask(mask)
+    peft = pytest.importorskip("peft")
+    ia.add_lora(ia.inject(make_vit(), layers=[1]), peft.LoraConfig(r=2, target_modules=["qkv"])).save_pretrained(
+        tmp_path / "lora")
+    ia.inject(make_vit(), layers=[1]).save_pretrained(tmp_path / "full")  # with backbone_model.safetensors
+    modes = {**_modes(tmp_path / "lora"), **_modes(tmp_path / "full")}
+    assert {"README.md", "inti_config.json", "adapter_model.safetensors", "backbone_model.safetensors",
+            "peft/adapter_model.safetensors"} <= set(modes)
+    assert set(modes.values()) == {mode}, modes
+    with ShardSink(tmp_path / "shard-000000.tar") as sink:  # what inti-shards writes through
+        sink.commit()
+    write_json_atomic(tmp_path / "sizes.json", {"shard-000000.tar": 0})
+    assert stat.S_IMODE((tmp_path / "shard-000000.tar").stat().st_mode) == mode
+    assert stat.S_IMODE((tmp_path / "sizes.json").stat().st_mode) == mode
+
+
+def test_a_rewritten_file_keeps_its_mode(tmp_path, umask):
+    from inti_adapters._io import atomic_write
+
+    target = tmp_path / "README.md"
+    target.write_text("mine")
+    os.chmod(target, 0o640)
+    atomic_write(target, "rewritten")
+    atomic_write(tmp_path / "w.bin", lambda p: Path(p).write_bytes(b"x"))  # the writer-function path too
+    assert target.read_text() == "rewritten" and stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "w.bin").stat().st_mode) == 0o644
