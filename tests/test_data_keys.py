@@ -98,6 +98,8 @@ def test_exclude_keys_refusals(shards):
     loader.exclude_keys({"nope", _key(0)})  # a key that is not in the shards: the pass fails at its end
     with pytest.raises(RuntimeError, match="the shards hold 30 samples of which 1 have one of the 2 excluded keys"):
         list(loader)
+    with pytest.raises(ValueError, match="skip_batches cannot follow exclude_keys"):
+        loader.skip_batches(1)
     with pytest.raises(ValueError, match="training loaders"):
         build_dataloader(_cfg(shards), train=False).exclude_keys([])
     with pytest.raises(ValueError, match="one pass over the shards: the shards hold 30 samples .* the epoch is 20"):

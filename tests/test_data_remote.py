@@ -148,11 +148,16 @@ def test_retries_exhausted_warn_in_training_and_fail_evaluation(local, serve, ca
         keys = [k for _, _, ks in loader for k in ks]
     url = f"{base}/part-000001.tar"
     assert f"shard {url} could not be read after 0 samples: HTTP 503" in caplog.text
-    assert "4 tries in a row failed" in caplog.text and "the shard itself may be intact" in caplog.text
+    assert "4 tries in a row failed" in caplog.text and "the data itself may be intact" in caplog.text
     assert "rewrite" not in caplog.text  # a server failure is not reported as a damaged shard
     assert loader.damaged_shards >= 1 and not any(k in keys for k in ("k00006", "k00011"))
     with pytest.raises(RuntimeError, match=f"evaluation cannot read shard {url} after 0 samples: HTTP 503"):
         list(build_dataloader(_cfg(_urls(base, local), **FAST), train=False))
+    faults.status = {n: [503] * 100 for n in faults.files if n.endswith(".tar")}  # the server is down for shards:
+    # training stops instead of warning about every shard
+    with pytest.raises(RuntimeError, match=r"3 shards in a row could not be read \(the last, .*HTTP 503.*\): the shard "
+                                           "server or the network is down"):
+        list(build_dataloader(_cfg(_urls(base, local), **{**FAST, "retries": 0}), train=True))
 
 
 @pytest.mark.parametrize("death", ["500", "gone"])
@@ -167,7 +172,8 @@ def test_a_server_that_dies_mid_read_is_named_and_not_called_damaged(local, serv
         faults.server.server_close()
     start = time.monotonic()
     reason = "HTTP 500 Internal Server Error" if death == "500" else "URLError: .*Connection refused"
-    with pytest.raises(ShardUnavailable, match=rf"{reason}; 3 tries in a row failed at byte 2000 .*may be intact") as e:
+    with pytest.raises(ShardUnavailable, match=rf"{reason}; 3 tries in a row failed at byte 2000 .*data itself may be "
+                                               "intact") as e:
         while stream.read(4096):
             pass
     assert time.monotonic() - start < 5 and len(first) == 1000  # no 60 s stall in a hidden retry loop
@@ -212,6 +218,10 @@ def test_remote_sizes_json_that_disagrees_or_is_corrupt(local, serve, tmp_path, 
     faults.files["sizes.json"] = b"{not json"
     with pytest.raises(ValueError, match=rf"{base}/sizes.json is not valid JSON"):
         build_dataloader(_cfg(_urls(base, local)), train=False)
+    faults.status = {"sizes.json": [500] * 10}
+    with pytest.raises(RuntimeError, match=rf"cannot read {base}/sizes.json \(the sample counts .*\): HTTP 500"):
+        build_dataloader(_cfg(_urls(base, local), retries=1, retry_backoff_s=0.01), train=False)
+    faults.status = {}
     del faults.files["sizes.json"]  # no sizes.json: training needs train_samples
     with pytest.raises(ValueError, match="no sizes.json; set DataConfig.train_samples"):
         build_dataloader(_cfg(_urls(base, local)), train=True)

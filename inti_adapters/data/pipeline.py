@@ -220,6 +220,9 @@ class VideoLoader:
         """Make the next iteration start at batch ``k`` of the current epoch (training only; for resume)."""
         if not self.train:
             raise ValueError("skip_batches applies to training loaders; evaluation always reads everything")
+        if self._exclusion is not None:
+            raise ValueError("skip_batches cannot follow exclude_keys: pass every key trained so far in the epoch "
+                             "to exclude_keys instead")
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= len(self):
             raise ValueError(f"k must be an int in [0, {len(self)}] (batches per epoch), got {k!r}")
         self._pending_skip = k

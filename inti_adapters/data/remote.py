@@ -227,8 +227,8 @@ class ShardStream:
         if self._failures >= self.options.retries:
             tries = f"{self._failures + 1} tries in a row" if self._failures else "one try"
             raise ShardUnavailable(self.url, f"{reason}; {tries} failed at byte {self.pos} (data.retries "
-                                   f"{self.options.retries}): the server, the network or the command failed - "
-                                   "the shard itself may be intact")
+                                   f"{self.options.retries}): the server, the network or the command failed "
+                                   "(the data itself may be intact)")
         wait = min(self.options.backoff_s * 2 ** self._failures, MAX_WAIT_S)
         self._failures += 1
         self.retried += 1

@@ -8,7 +8,7 @@ import os
 import re
 from pathlib import Path
 
-from .remote import RemoteOptions, fetch_optional
+from .remote import RemoteOptions, ShardUnavailable, fetch_optional
 from .tario import count_tar_samples, is_local
 
 SIZES_FILE = "sizes.json"
@@ -43,7 +43,10 @@ def load_sizes(where: str, remote: RemoteOptions) -> dict[str, int] | None:
             return None
         raw: bytes | None = Path(where).read_bytes()
     else:
-        raw = fetch_optional(where, remote)
+        try:
+            raw = fetch_optional(where, remote)
+        except ShardUnavailable as exc:
+            raise RuntimeError(f"cannot read {where} (the sample counts of the shards beside it): {exc.reason}") from None
         if raw is None:
             return None
     try:

@@ -30,6 +30,7 @@ logger = logging.getLogger("inti_adapters.data")
 
 # columns of ReaderState.counters (one row per worker, row 0 = the main process)
 UNDECODABLE, READ, MISSING, DAMAGED = range(4)
+MAX_UNAVAILABLE_IN_A_ROW = 3  # remote shards given up in a row before training stops: the server is down
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,7 @@ class ReadSamples:
                  opener: RemoteOptions | None = None, train: bool = True) -> None:
         self.state, self.expected = state, expected or {}
         self.opener, self.train = opener or RemoteOptions(), train
+        self.unavailable = 0  # shards in a row that could not be read from the network
 
     def _shard(self, url: str, modulo: tuple[int, int] | None) -> Iterator[dict[str, Any]]:
         read = 0
@@ -179,13 +181,20 @@ class ReadSamples:
         except ShardDamage as exc:
             logger.warning("%s", exc)
             self.state.count(DAMAGED)
+            self.unavailable = 0
         except ShardUnavailable as exc:
             if exc.permanent or not self.train:
                 what = "evaluation cannot" if not self.train else "cannot"
                 raise RuntimeError(f"{what} read shard {url} after {read} samples: {exc.reason}") from None
+            self.unavailable += 1
+            if self.unavailable >= MAX_UNAVAILABLE_IN_A_ROW:
+                raise RuntimeError(f"{self.unavailable} shards in a row could not be read (the last, {url}: "
+                                   f"{exc.reason}): the shard server or the network is down") from None
             logger.warning("shard %s could not be read after %d samples: %s; its other samples are left out of this "
                            "pass (counted as a damaged shard)", url, read, exc.reason)
             self.state.count(DAMAGED)
+        else:
+            self.unavailable = 0
         listed = self.expected.get(url)
         if listed is not None and read != listed:
             logger.warning("shard %s: read %d samples, sizes.json lists %d (a truncated shard, or a sizes.json that "
