@@ -108,3 +108,21 @@ def test_unused_cpu_comm_op_is_not_compiled(monkeypatch):
     assert skip_unused_cpu_comm_op() is False and deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is True
     monkeypatch.delenv("INTI_DS_SHM_COMM")
     assert skip_unused_cpu_comm_op() is True and deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
+
+
+def test_dist_timeout_reaches_deepspeeds_data_parallel_group(tmp_path):
+    """train.dist_timeout_s applies to the world group and to the group ZeRO reduces gradients over (DeepSpeed's
+    clone of the world group, which torch would otherwise create with its 30-minute default)."""
+    code = textwrap.dedent('''
+        import torch, torch.distributed as dist
+        from deepspeed.utils import groups
+        from inti_adapters.train.distributed import setup_distributed
+        setup_distributed("gloo", timeout_s=7)
+        for pg in (dist.group.WORLD, groups._get_data_parallel_group()):
+            print("timeout", pg._get_backend(torch.device("cpu")).options._timeout.total_seconds())
+        dist.destroy_process_group()
+    ''')
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [line for line in proc.stdout.splitlines() if line.startswith("timeout")] == ["timeout 7.0"] * 2

@@ -39,9 +39,13 @@ def set_env_defaults() -> None:
     """Fill in what a launcher would set, for a single process started without one.
 
     Also points ``TORCH_EXTENSIONS_DIR`` at a persistent cache, so that a DeepSpeed op that is
-    compiled on first use (JIT) is compiled once and reused by later runs.
+    compiled on first use (JIT) is compiled once and reused by later runs. The cache is kept per host
+    (``.../torch_extensions/HOSTNAME``): nodes sharing a home directory never build into the same folder
+    (torch's build lock is a file that a node killed mid-build leaves behind, and hosts may differ in
+    CPU or compiler). Set ``TORCH_EXTENSIONS_DIR`` to choose another place.
     """
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser(TORCH_EXTENSIONS_DIR))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser(TORCH_EXTENSIONS_DIR),
+                                                               socket.gethostname() or "host"))
     if any(k in os.environ for k in _MPI_VARS):
         return  # an MPI launch: deepspeed.init_distributed discovers ranks and the master itself
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:

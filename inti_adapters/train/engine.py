@@ -105,6 +105,7 @@ class Trainer:
         self._phase, self._at_step = "setup", 0  # for the message of a lost peer
         self._signals = SignalWatch([])
         self._stop = False
+        self._excluded_epoch = False
 
     def _data_value(self, name: str, *default: Any) -> Any:
         return data_value(self.cfg, self._data_cfg, name, *default)
