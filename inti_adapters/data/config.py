@@ -77,7 +77,10 @@ class DataConfig(Config):
     train_shards: str | list[str] | None = field(
         default=None,
         metadata={"help": "Training shards: brace pattern 'dir/train-{000000..000009}.tar', a glob, a "
-                          "directory (all *.tar inside), or a list of paths."},
+                          "directory (all *.tar inside), or a list of paths. Remote: http(s):// URLs (brace "
+                          "patterns too) and 'pipe:CMD' (a shell command writing the shard to its stdout, e.g. "
+                          "'pipe:aws s3 cp s3://bucket/train-000000.tar -'); the sizes.json beside them is read when "
+                          "there is one (else set train_samples)."},
     )
     val_shards: str | list[str] | None = field(
         default=None, metadata={"help": "Validation shards, same forms as train_shards."}

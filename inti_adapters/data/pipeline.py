@@ -7,17 +7,21 @@ by a typed :class:`DataConfig`:
 ========================  ======================================================================
 stage                     what it does
 ========================  ======================================================================
-``ShardSource``           this reader's shards for the epoch (split by rank, then by worker)
-``ReadSamples``           tar members grouped into samples; counts them (an empty pass is an error);
-                          a damaged shard or one shorter than ``sizes.json`` is warned about and counted
+``ShardSource``           this reader's shards for the epoch (split by rank, then by worker; with
+                          ``exclude_keys``: every shard, one pass)
+``ReadSamples``           tar members grouped into samples (local files, ``http(s)://``, ``pipe:``;
+                          see :mod:`inti_adapters.data.remote`); counts them (an empty pass is an
+                          error); a damaged shard, one shorter than ``sizes.json`` or a remote one
+                          whose retries ran out is warned about and counted (evaluation: fails)
 ``ShuffleSamples``        (train) a seeded shuffle buffer, drained at the end of every pass
 ``SkipSamples``           (train) numbers samples; drops the ones of skipped batches *before* decoding
 ``DecodeClip``            video samples: decode (PyAV / torchcodec); frame samples: batched JPEG
                           decode; sample frames, crop -> uint8 ``(3, T, H, W)`` (test:
                           ``(V, 3, T, H, W)``); corrupt samples are skipped and counted. With
                           ``decode_device='cuda'`` frame samples stay encoded (frames + crop boxes)
-``Batch``                 stack into ``(B, 3, T, H, W)`` / ``(B, V, 3, T, H, W)`` and int64 labels
-                          (GPU decoding: an ``EncodedBatch``, decoded on the device in the main process)
+``Batch``                 stack into ``(B, 3, T, H, W)`` / ``(B, V, 3, T, H, W)``, int64 labels and the
+                          keys (GPU decoding: an ``EncodedBatch``, decoded on the device in the main
+                          process)
 ``TakeBatches``           (train) stop after this worker's share of the epoch
 ========================  ======================================================================
 
