@@ -97,6 +97,8 @@ class ShardStream:
         """Up to ``n`` bytes (all the rest for ``n < 0``); ``b''`` at the end of the shard."""
         if n is None or n < 0:
             return b"".join(iter(lambda: self.read(1 << 20), b""))
+        if n == 0:
+            return b""
         while True:
             try:
                 if self._resp is None and self._proc is None:
