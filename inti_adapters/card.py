@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ._config import Config, ConfigError, check_int, option
-from ._format import CARD_NAME
+from ._format import BACKBONE_WEIGHTS_NAME, CARD_NAME
 from ._io import atomic_write
 from ._version import __version__
 from .flops import count_gflops
@@ -169,14 +169,16 @@ def _peft_text(peft_model: nn.Module | None, order: str) -> str:
     return f"{'; '.join(parts) or 'peft'}, applied {order.replace('_', ' ')} (saved in `peft/`)"
 
 
-def _usage(model: Any, info: CardInfo, base: str | None) -> list[str]:
+def _usage(model: Any, info: CardInfo, base: str | None, saved_backbone: bool) -> list[str]:
     where = info.repo_id or "path/to/this/folder"
     num_classes = getattr(model.host.model, "num_classes", None)
     if model.host.name == "timm" and base and base.startswith("timm/"):
         extra = f", num_classes={num_classes}" if isinstance(num_classes, int) else ""
-        create = f'backbone = timm.create_model("{base[len("timm/"):]}", pretrained=True{extra})'
+        create = f'backbone = timm.create_model("{base[len("timm/"):]}", pretrained={not saved_backbone}{extra})'
     else:
         create = f"backbone = ...  # a fresh {type(model.backbone).__name__}, created as for training"
+    if saved_backbone:  # its weights come from this folder: downloading the pretrained ones would be wasted
+        create += f"  # no pretrained weights needed: they come from {BACKBONE_WEIGHTS_NAME}"
     head = ", head=my_head" if model.head is not None else ""
     return ["```python", "import timm, torch, inti_adapters as ia", "", create,
             f'model = ia.load_pretrained(backbone, "{where}"{head})   # also: revision="..."',
@@ -211,9 +213,18 @@ def _metrics(info: CardInfo) -> list[str]:
     return rows + [""] + [n + "." for n in notes if n] + [""]
 
 
+def _backbone_note(saved_backbone: int | None) -> list[str]:
+    if saved_backbone is None:
+        return []
+    return [f"This folder also holds the fine-tuned backbone's own weights, `{BACKBONE_WEIGHTS_NAME}` "
+            f"({saved_backbone / 1e6:,.0f} MB): the backbone trained (full fine-tuning). Loading takes every "
+            "backbone weight from it, so the backbone is created without pretrained weights.", ""]
+
+
 def render_card(model: Any, card: CardInfo | dict[str, Any] | None = None, *, peft_model: nn.Module | None = None,
-                peft_order: str = "before_inject") -> str:
-    """The card text of an ``InTIModel`` (and the ``peft_model`` holding its LoRA part)."""
+                peft_order: str = "before_inject", saved_backbone: int | None = None) -> str:
+    """The card text of an ``InTIModel`` (and the ``peft_model`` holding its LoRA part); ``saved_backbone``:
+    the size in bytes of the backbone file saved beside it, None when there is none."""
     info = card_info(card)
     base = info.base_model if info.base_model is not None else model.host.pretrained_id()
     tags = ["inti_adapters", "video-classification", model.host.name]
@@ -226,9 +237,10 @@ def render_card(model: Any, card: CardInfo | dict[str, Any] | None = None, *, pe
     body = [MARKER, "", f"# {title}", "", info.description or "", "",
             f"A video adapter for an image ViT, saved by [inti_adapters](https://pypi.org/project/inti-adapters/) "
             f"{__version__}: load it onto a fresh backbone with `ia.load_pretrained`.", "",
+            *_backbone_note(saved_backbone),
             "## Configuration", "", *_overview(model, peft_model, peft_order), "",
             "## Parameters", "", *_parameters(model), "", "## Cost", "", *_cost(model, info), "",
-            *_metrics(info), "## Use", "", *_usage(model, info, base), ""]
+            *_metrics(info), "## Use", "", *_usage(model, info, base, saved_backbone is not None), ""]
     return _yaml(meta) + re.sub(r"\n{3,}", "\n\n", "\n".join(body))
 
 
@@ -242,6 +254,7 @@ def write_card(directory: str | os.PathLike, model: Any, card: CardInfo | dict[s
     if path.is_file() and MARKER not in path.read_text(errors="replace"):
         logger.info("kept %s: it was not written by inti_adapters", path)
         return None
-    atomic_write(path, render_card(model, None if card is True else card, peft_model=peft_model,
-                                   peft_order=peft_order))
+    backbone_file = Path(directory) / BACKBONE_WEIGHTS_NAME
+    atomic_write(path, render_card(model, None if card is True else card, peft_model=peft_model, peft_order=peft_order,
+                                   saved_backbone=backbone_file.stat().st_size if backbone_file.is_file() else None))
     return path

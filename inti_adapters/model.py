@@ -364,7 +364,9 @@ class InTIModel(PushToHubMixin, nn.Module):
             skip = set(keys) | set(self._names_of(peft_adapter_parameters(self)))
             write_tensors(out / BACKBONE_WEIGHTS_NAME,
                           {k: v for k, v in sd.items() if k.startswith("backbone.") and k not in skip})
-            logger.info("saved backbone weights too (the backbone was trainable): %s", out / BACKBONE_WEIGHTS_NAME)
+            logger.info("saved the backbone's weights too, %.0f MB, since it trains (full fine-tuning; freeze_backbone="
+                        "True or save_backbone=False leaves them out): %s",
+                        (out / BACKBONE_WEIGHTS_NAME).stat().st_size / 1e6, out / BACKBONE_WEIGHTS_NAME)
         elif (out / BACKBONE_WEIGHTS_NAME).exists():
             (out / BACKBONE_WEIGHTS_NAME).unlink()  # stale file from an earlier save would mislead the loader
         write_config(out / CONFIG_NAME, self._saved_config(bool(save_backbone), peft_info))

@@ -281,3 +281,28 @@ def test_save_pretrained_push_to_hub_and_model_method(tmp_path, fake_hub):
     with pytest.raises(TypeError, match="unknown options"):
         model.save_pretrained(tmp_path / "x", push_to_hub=True, repo="org/x")
     assert not (tmp_path / "x").exists()
+
+
+def test_card_and_log_of_a_save_with_the_backbone_say_so(tmp_path, caplog):
+    """issue 24 item 8: a fully fine-tuned save writes the backbone file; the card and the log say it,
+    and the card's "Use" section creates the backbone without pretrained weights."""
+    import logging
+
+    import timm
+
+    vit = timm.create_model("vit_base_patch16_clip_224.openai", pretrained=False, num_classes=7, img_size=32,
+                            patch_size=16, depth=2, embed_dim=32, num_heads=2)
+    with caplog.at_level(logging.INFO, logger="inti_adapters.model"):
+        ia.inject(vit, layers=[0]).save_pretrained(tmp_path / "full")  # everything trains: full fine-tuning
+    size = (tmp_path / "full" / "backbone_model.safetensors").stat().st_size
+    assert f"saved the backbone's weights too, {size / 1e6:.0f} MB, since it trains" in caplog.text
+    text = (tmp_path / "full" / "README.md").read_text()
+    assert f"`backbone_model.safetensors` ({size / 1e6:,.0f} MB)" in text
+    assert ('timm.create_model("vit_base_patch16_clip_224.openai", pretrained=False, num_classes=7)  '
+            "# no pretrained weights needed: they come from backbone_model.safetensors") in text
+    ia.inject(timm.create_model("vit_base_patch16_clip_224.openai", pretrained=False, num_classes=7, img_size=32,
+                                patch_size=16, depth=2, embed_dim=32, num_heads=2),
+              layers=[0], freeze_backbone=True).save_pretrained(tmp_path / "full")  # the same folder, adapter only
+    text = (tmp_path / "full" / "README.md").read_text()
+    assert not (tmp_path / "full" / "backbone_model.safetensors").exists() and "backbone_model" not in text
+    assert 'pretrained=True, num_classes=7)' in text
