@@ -3,7 +3,10 @@ another world size / worker count reads every sample not yet trained exactly onc
 
 from __future__ import annotations
 
+import io
 import itertools
+import logging
+import tarfile
 from collections import Counter
 
 import pytest
@@ -117,3 +120,25 @@ def test_batch_plans_cover_every_sample_with_equal_batch_counts(remaining, world
         assert [sum(p) for p in rank] == [len(range(r * workers + w, remaining, slots)) for w in range(workers)]
         assert all(0 < b <= batch for p in rank for b in p)
     assert len({sum(len(p) for p in rank) for rank in plans}) == 1
+
+
+def test_exclude_keys_with_a_truncated_shard_keeps_the_batch_counts(tmp_path, caplog):
+    shards = make_shards(tmp_path / "s", [6] * 5)
+    with tarfile.open(shards[2]) as tar:  # drop the shard's last sample (k00017): cut at a sample boundary
+        kept = [(m, tar.extractfile(m).read()) for m in tar.getmembers() if not m.name.startswith("k00017")]
+    with tarfile.open(shards[2], "w", format=tarfile.PAX_FORMAT) as tar:
+        for m, data in kept:
+            tar.addfile(m, io.BytesIO(data))
+    done = {_key(i) for i in range(0, 30, 3)}  # 10 trained
+    got, counts = [], []
+    for rank in range(2):
+        loader = build_dataloader(_cfg(shards, num_workers=2), train=True, rank=rank, world_size=2, with_keys=True)
+        loader.set_epoch(0)
+        loader.exclude_keys(done)
+        with caplog.at_level(logging.WARNING, logger="inti_adapters.data"):
+            batches = [ks for w in range(2) for _, _, ks in loader.iter_worker(w)]
+        got += [k for ks in batches for k in ks]
+        counts.append((len(batches), len(loader)))
+    assert sorted(got) == sorted({_key(i) for i in range(30)} - done - {_key(17)})  # each once, but the lost one
+    assert counts[0] == counts[1] and counts[0][0] == counts[0][1]
+    assert "1 samples of damaged or unreadable shards are missing" in caplog.text

@@ -196,7 +196,9 @@ class VideoLoader:
         one pass over the shards (``resampled`` off, ``train_samples`` unset or equal to the data
         set size), and the keys must be unique and present in the shards (a pass that meets
         another number of them fails at its end, naming the counts). An undecodable sample is
-        skipped as usual, which leaves its batch one smaller.
+        skipped as usual, which leaves its batch one smaller; samples lost with a damaged or
+        unreadable shard are warned about, and the last batches are split to keep the planned
+        number of batches where enough samples are left.
 
         Raises:
             ValueError: an evaluation loader, resampled shards, an epoch that is not one pass, or too

@@ -171,6 +171,7 @@ class ReadSamples:
         self.state, self.expected = state, expected or {}
         self.opener, self.train = opener or RemoteOptions(), train
         self.unavailable = 0  # shards in a row that could not be read from the network
+        self.lost = 0  # samples sizes.json lists but damaged / unreadable shards did not give (all shards)
 
     def _shard(self, url: str, modulo: tuple[int, int] | None) -> Iterator[dict[str, Any]]:
         read = 0
@@ -199,6 +200,7 @@ class ReadSamples:
         if listed is not None and read != listed:
             logger.warning("shard %s: read %d samples, sizes.json lists %d (a truncated shard, or a sizes.json that "
                            "disagrees with it)", url, read, listed)
+            self.lost += max(0, listed - read)
             lost = range(read, listed)  # in sample-split mode, only this reader's share of them
             self.state.count(MISSING, len(lost) if modulo is None else sum(1 for i in lost if i % modulo[1] == modulo[0]))
 
@@ -240,7 +242,11 @@ class ReadSamples:
                     self.state.count(READ)
                     sample["__pass__"] = 0
                     yield sample
-        if ordinal != ex.remaining or met != len(ex.keys):
+        if self.lost and ordinal + met + self.lost == ex.remaining + len(ex.keys) and met <= len(ex.keys):
+            logger.warning("exclude_keys: %d samples of damaged or unreadable shards are missing from this pass; the "
+                           "last batches are made smaller to keep the planned number of batches where possible",
+                           self.lost)
+        elif ordinal != ex.remaining or met != len(ex.keys):
             raise RuntimeError(
                 f"exclude_keys: the shards hold {ordinal + met} samples of which {met} have one of the {len(ex.keys)} "
                 f"excluded keys, so {ordinal} remain, but {ex.remaining} were planned for: keys that are not in the "
@@ -441,7 +447,11 @@ class Batch:
             if len(items) == size:
                 yield self.collate(items)
                 items, size = [], next(sizes, None)
-        if items and (self.partial or ex is not None):
+        if items and ex is not None:  # fewer samples than planned (damaged shards): keep the batch count if possible
+            parts = min(len(items), 1 + sum(1 for _ in sizes))
+            for i in range(parts):
+                yield self.collate(items[i * len(items) // parts:(i + 1) * len(items) // parts])
+        elif items and self.partial:
             yield self.collate(items)
 
 
