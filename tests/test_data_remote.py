@@ -247,3 +247,18 @@ def test_inti_shards_converts_remote_video_shards(local, serve, tmp_path):
                                                                        "shard-000002.tar": 4}
     with pytest.raises(ValueError, match=rf"cannot fetch source shard {base}/gone\.tar: HTTP 404"):
         write_shards(source=f"{base}/gone.tar", output=str(tmp_path / "x"), **opts)
+
+
+def test_a_pipe_command_that_hangs_times_out_and_is_stopped_with_its_children(tmp_path):
+    marker = tmp_path / "child.pid"
+    stream = ShardStream(f"pipe:sh -c 'echo $$ > {marker}; sleep 30'", RemoteOptions(retries=0, timeout_s=0.5))
+    start = time.monotonic()
+    with pytest.raises(ShardUnavailable, match=r"no data for 0.5 s; one try failed at byte 0"):
+        stream.read(10)
+    stream.close()
+    child = int(marker.read_text())
+    assert time.monotonic() - start < 5
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # reaped by init after the kill
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]

@@ -22,11 +22,13 @@ no hidden retry loop below this one.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
 import os
 import re
 import select
+import signal
 import subprocess
 import tempfile
 import time
@@ -173,7 +175,8 @@ class ShardStream:
     def _open(self) -> None:
         if self.url.startswith("pipe:"):
             self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in _drop
-            self._proc = subprocess.Popen(self.url[5:], shell=True, stdout=subprocess.PIPE, stderr=self._stderr)
+            self._proc = subprocess.Popen(self.url[5:], shell=True, stdout=subprocess.PIPE, stderr=self._stderr,
+                                          start_new_session=True)  # its own group: stopped with its children
             self._skip = self.pos
             return
         headers = {"Range": f"bytes={self.pos}-"} if self.pos else {}
@@ -216,7 +219,8 @@ class ShardStream:
             self._resp = None
         if self._proc is not None:
             if self._proc.poll() is None:
-                self._proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self._proc.pid, signal.SIGKILL)
             self._proc.wait()
             self._proc.stdout.close()
             self._proc = None
