@@ -227,13 +227,12 @@ class ReadSamples:
                 sample["__pass__"] = job["pass"]
                 yield sample
 
-
     def _excluding(self, jobs: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """One pass without the excluded samples; this slot keeps every ``slots``-th of the others."""
         ex, slot, slots = self.state.exclusion, self.state.slot(), self.state.slots
         ordinal, met = 0, 0
         for job in jobs:
-            for sample in self._shard(job["url"], None):
+            for sample in self._shard(job["url"], job["modulo"]):
                 if sample["__key__"] in ex.keys:
                     met += 1
                     continue
@@ -423,7 +422,8 @@ class DecodeClip:
 
 class Batch:
     """Stack ``batch_size`` clips; ``partial`` keeps a last smaller batch (evaluation). With an exclusion,
-    this worker's planned batch sizes instead (the last batch may be smaller if a sample was undecodable)."""
+    this worker's planned batch sizes instead; when samples are missing (undecodable, or lost with a
+    damaged shard), the clips left at the end are split over the planned batches still to come."""
 
     def __init__(self, batch_size: int, *, partial: bool, state: ReaderState | None = None) -> None:
         self.batch_size, self.partial, self.state = batch_size, partial, state
