@@ -91,7 +91,7 @@ class ShardStream:
         self._stderr: Any = None
         self._skip = 0  # bytes of a fresh full read to drop (they were delivered before)
         self._failures = 0  # failures in a row, without progress
-        self._closed = False
+        self._ended = False  # every byte was delivered: later reads return b''
 
     # -- public file interface -------------------------------------------------------------------
 
@@ -99,7 +99,7 @@ class ShardStream:
         """Up to ``n`` bytes (all the rest for ``n < 0``); ``b''`` at the end of the shard."""
         if n is None or n < 0:
             return b"".join(iter(lambda: self.read(1 << 20), b""))
-        if n == 0:
+        if n == 0 or self._ended:
             return b""
         while True:
             try:
@@ -109,17 +109,19 @@ class ShardStream:
             except _Transient as exc:
                 self._drop()
                 if self.total is not None and self.pos >= self.total:
-                    return b""  # every byte was delivered before the connection failed
+                    self._ended = True  # every byte was delivered before the connection failed
+                    return b""
                 self._retry(str(exc))
                 continue
             if data:
                 self._failures = 0
                 self.pos += len(data)
+            else:
+                self._ended = True
             return data
 
     def close(self) -> None:
         self._drop()
-        self._closed = True
 
     def __enter__(self) -> ShardStream:
         return self
