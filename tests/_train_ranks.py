@@ -35,8 +35,20 @@ WORKER = textwrap.dedent('''
                 open(os.path.join(out, f"at_step{step}_rank{self.dist.rank}"), "w").close()
                 time.sleep(float(os.environ.get("SLOW_S", "0.6")))
 
+    class WithWorkers(SyntheticVideoLoader):
+        """The same batches, produced by a torch DataLoader worker process (WORKERS=1)."""
+
+        def __iter__(self):
+            parent = super().__iter__
+
+            class Batches(torch.utils.data.IterableDataset):
+                def __iter__(self):
+                    return parent()
+            return iter(torch.utils.data.DataLoader(Batches(), batch_size=None, num_workers=1))
+
     def factory(train, rank, world_size, epoch):
-        return SyntheticVideoLoader(num_samples=%(samples)d if train else 4, num_classes=4, num_frames=4, size=32,
+        cls = WithWorkers if train and os.environ.get("WORKERS") == "1" else SyntheticVideoLoader
+        return cls(num_samples=%(samples)d if train else 4, num_classes=4, num_frames=4, size=32,
                                     batch_size=2, train=train, rank=rank, world_size=world_size, epoch=epoch,
                                     with_keys=train)
 

@@ -133,3 +133,15 @@ def test_hung_peer_times_out(base):
     assert code not in (0, PREEMPTED), logs(out)
     assert timeout - 1 < elapsed < timeout + 20, (elapsed, logs(out))
     assert "a peer was lost during" in logs(out)
+
+
+def test_sigterm_to_every_process_of_the_job_spares_loader_workers(base):
+    """Slurm (time limit, scancel) signals every process of a job step, DataLoader workers included: torch's
+    workers would die of it and fail the run; they are started with the signals blocked, so the run checkpoints
+    and exits 75."""
+    out = base / "job_wide"
+    procs = launch(out, 1, env={"SLOW_AFTER": "1", "WORKERS": "1"})
+    wait_for("at_step1_rank0", out, procs)
+    os.killpg(procs[0].pid, signal.SIGTERM)  # the rank and its loader worker (the rank leads its own group)
+    assert wait(procs) == [PREEMPTED], logs(out)
+    assert json.loads((out / "PREEMPTED").read_text())["signal"] == "SIGTERM"

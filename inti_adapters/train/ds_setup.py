@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,8 +15,6 @@ from .distributed import DistInfo, barrier
 # (train, rank, world_size, epoch) -> loader with set_epoch() and skip_batches() (exclude_keys() for a resume on
 # another world size); None = no such split. Train batches are (video, label) or (video, label, keys).
 LoaderFactory = Callable[[bool, int, int, int], Any]
-# whether build_dataloader can return the samples' keys (sample log, resume on another world size)
-_KEYED = "with_keys" in inspect.signature(build_dataloader).parameters
 _RESERVED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                      "gradient_clipping")
 
@@ -100,11 +97,13 @@ def real_data(cfg: Config, dist_info: DistInfo) -> DataSetup:
         except TypeError as e:
             raise ConfigError(f"data: {e}") from None
 
+    classes = cfg.model.num_classes or num_classes  # labels outside [0, classes) are refused, naming the sample
+
     def factory(train: bool, rank: int, world_size: int, epoch: int) -> Any:
         if not train and not getattr(data_cfg, "val_shards", None):
             return None
-        keys = {"with_keys": True} if train and _KEYED else {}
-        return build_dataloader(data_cfg, train=train, rank=rank, world_size=world_size, epoch=epoch, **keys)
+        return build_dataloader(data_cfg, train=train, rank=rank, world_size=world_size, epoch=epoch,
+                                with_keys=train, num_classes=classes)
 
     return DataSetup(factory, data_cfg, num_classes)
 

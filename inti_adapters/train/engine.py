@@ -39,7 +39,7 @@ from .failures import NonFiniteLossError, PeerLostError, is_comm_failure, peer_l
 from .guards import NonFiniteGuard
 from .metrics import MetricsLogger
 from .optim import build_optimizer, build_scheduler
-from .preemption import Preempted, SignalWatch, clear_marker, write_marker
+from .preemption import Preempted, SignalWatch, blocked_in_children, clear_marker, write_marker
 from .resume import Position, data_position, reconcile_recipe
 from .runlock import RunLock, RunLockedError
 from .samples import EpochKeys, SampleLog, load_epoch_keys, save_epoch_keys
@@ -219,7 +219,8 @@ class Trainer:
         loader = self.loader_factory(False, self.dist.rank, self.dist.world_size, 0)
         if loader is None:
             return None
-        with torch.random.fork_rng(devices=[]):  # off the training RNG (a DataLoader draws a seed from it)
+        # off the training RNG (a DataLoader draws a seed from it); workers forked with the signals blocked
+        with torch.random.fork_rng(devices=[]), blocked_in_children(self.cfg.train.checkpoint_signals):
             return evaluate(self.engine, loader, device=self.engine.device, mean_std=self.mean_std, dtype=self.dtype,
                             clips_per_forward=self.cfg.eval.clips_per_forward, max_batches=self.cfg.eval.max_batches,
                             lockstep=self.zero_stage == 3, average_clips=self.cfg.eval.average_clips,
@@ -383,8 +384,8 @@ class Trainer:
             loader.skip_batches(first.micro)  # skipped samples are not decoded
         # torch's DataLoader draws its base seed from the global RNG when an iterator is made: keep that draw
         # (and any reading) off the training RNG, which a resume restores as it was after the previous step
-        with torch.random.fork_rng(devices=[]):
-            it = iter(loader)
+        with torch.random.fork_rng(devices=[]), blocked_in_children(self.cfg.train.checkpoint_signals):
+            it = iter(loader)  # forks the loader's workers, which must not die of a job-wide SIGTERM
             for _ in range(first.micro if first.replay else 0):
                 next(it, None)  # decoded and dropped: corrupt samples shift the batches as they did before
         return it

@@ -19,6 +19,8 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,27 @@ class SignalWatch:
     @property
     def requested(self) -> bool:
         return self.received is not None
+
+
+@contextmanager
+def blocked_in_children(names: list[str] | tuple[str, ...]) -> Iterator[None]:
+    """Block ``names`` in this thread while loader workers are forked, so the workers start with them blocked.
+
+    A scheduler signals every process of a job (Slurm at the time limit, ``scancel``, a ``kill`` of the process
+    group), DataLoader workers included; torch's workers die of ``SIGTERM`` from anyone but their parent, and
+    the main process then fails with "DataLoader worker ... is killed by signal: Terminated" instead of
+    checkpointing. Workers forked inside this block inherit the blocked mask and never see the signal (they
+    stop with their parent as usual); in the main process a signal that came meanwhile is delivered on exit.
+    """
+    nums = {getattr(signal, n) for n in names}
+    if not nums or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, nums)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def write_marker(out_dir: Path, *, step: int, signame: str, checkpoint: str) -> Path:
