@@ -262,3 +262,17 @@ def test_a_pipe_command_that_hangs_times_out_and_is_stopped_with_its_children(tm
     while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
         time.sleep(0.05)  # reaped by init after the kill
     assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+
+
+@pytest.mark.parametrize("ranges", [True, False])
+def test_a_shard_that_changes_between_requests_is_refused(local, serve, ranges):
+    base, faults = serve(Path(local[0]).parent, ranges=ranges, cut={"part-000000.tar": [3000]})
+    stream = ShardStream(f"{base}/part-000000.tar", RemoteOptions(retries=2, backoff_s=0.01, timeout_s=2))
+    size = len(faults.files["part-000000.tar"])
+    assert len(stream.read(2000)) == 2000
+    faults.files["part-000000.tar"] += b"\0" * 512  # rewritten on the server while being read
+    with pytest.raises(ShardUnavailable, match=f"its size changed from {size} to {size + 512} bytes") as e:
+        while stream.read(4096):
+            pass
+    assert e.value.permanent
+    stream.close()
