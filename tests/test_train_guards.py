@@ -155,3 +155,17 @@ def test_tensorboard_and_wandb_offline_files(tmp_path, monkeypatch):
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
+
+
+def test_resume_with_another_data_set_is_refused(tmp_path):
+    """The data position and the keys trained in the epoch belong to the checkpoint's data set: another one is
+    refused with the key named, like another model."""
+    from inti_adapters.train import ConfigError
+    from inti_adapters.train.config import compare_recipes, load_config
+    from inti_adapters.train.resume import reconcile_recipe
+
+    saved = load_config(None, ["data.train_shards=/data/a-{000000..000003}.tar", "data.batch_size=2"])
+    now = load_config(None, ["data.train_shards=/data/b-{000000..000003}.tar", "data.batch_size=2"])
+    assert [c.split(":")[0] for c in compare_recipes(saved.to_dict(), now).refused] == ["data.train_shards"]
+    with pytest.raises(ConfigError, match=r"cannot resume from .*step_00000004.*data.train_shards: '/data/a-"):
+        reconcile_recipe(now, {"recipe": saved.to_dict(), "facts": {}}, tmp_path / "step_00000004", {}, True)

@@ -82,13 +82,18 @@ def test_resume_two_ranks_on_one(preempted, base, new_world):
     assert sorted(epoch_keys(out, 1, 1)) == [f"syn{i:06d}" for i in range(SAMPLES)]  # the next epoch as usual
 
 
-def test_resume_one_rank_on_two(base):
+def test_job_wide_signal_then_resume_one_rank_on_two(base):
+    """One rank with a DataLoader worker gets SIGUSR1 with its whole process group (as Slurm signals every process
+    of a job step): the worker must not die of it (torch's workers do, failing the run); the run checkpoints and
+    exits 75. Then 1 -> 2 ranks: the rest of the epoch trains each remaining sample once."""
     out = base / "one"
-    procs = launch(out, 1, env={"SLOW_AFTER": "1"})
+    procs = launch(out, 1, env={"SLOW_AFTER": "1", "WORKERS": "1"})
     wait_for("at_step1_rank0", out, procs)
-    os.kill(procs[0].pid, signal.SIGUSR1)
+    os.killpg(procs[0].pid, signal.SIGUSR1)  # the rank and its loader worker (the rank leads its own group)
     assert wait(procs) == [PREEMPTED], logs(out)
-    step = json.loads((out / "PREEMPTED").read_text())["step"]
+    marker = json.loads((out / "PREEMPTED").read_text())
+    step = marker["step"]
+    assert marker["signal"] == "SIGUSR1"
     before = set(epoch_keys(out, 1, 0))
     assert len(before) == 8 * step
     assert codes_ok(run(out, 2), out)
@@ -134,14 +139,3 @@ def test_hung_peer_times_out(base):
     assert timeout - 1 < elapsed < timeout + 20, (elapsed, logs(out))
     assert "a peer was lost during" in logs(out)
 
-
-def test_sigterm_to_every_process_of_the_job_spares_loader_workers(base):
-    """Slurm (time limit, scancel) signals every process of a job step, DataLoader workers included: torch's
-    workers would die of it and fail the run; they are started with the signals blocked, so the run checkpoints
-    and exits 75."""
-    out = base / "job_wide"
-    procs = launch(out, 1, env={"SLOW_AFTER": "1", "WORKERS": "1"})
-    wait_for("at_step1_rank0", out, procs)
-    os.killpg(procs[0].pid, signal.SIGTERM)  # the rank and its loader worker (the rank leads its own group)
-    assert wait(procs) == [PREEMPTED], logs(out)
-    assert json.loads((out / "PREEMPTED").read_text())["signal"] == "SIGTERM"
