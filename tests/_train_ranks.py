@@ -63,7 +63,7 @@ WORKER = textwrap.dedent('''
         Run(cfg, loader_factory=factory).fit()
     except PeerLostError as e:  # what inti-train prints: one line, non-zero status
         print(f"inti-train: error: {e}", file=sys.stderr, flush=True)
-        os._exit(1)
+        raise SystemExit(1)  # as inti-train does (no os._exit: the exit itself must not hang)
     import torch.distributed as dist
     dist.destroy_process_group()
 ''') % {"samples": SAMPLES, "epochs": EPOCHS}
