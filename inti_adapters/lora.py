@@ -48,6 +48,12 @@ def lora_preset(backbone: nn.Module, r: int = 16, lora_alpha: int = 16, lora_dro
 def add_lora(model: InTIModel, lora_config: Any, *, train_head: bool = True) -> nn.Module:
     """Apply a peft config to an injected model, keeping the InTI layers (and head) trainable.
 
+    Args:
+        model: The ``InTIModel`` from :func:`inti_adapters.inject`.
+        lora_config: A peft config, e.g. ``LoraConfig(r=16, target_modules=["qkv"])`` or
+            :func:`lora_preset`.
+        train_head: Keep the classifier head trainable too (peft would freeze it).
+
     Returns the ``PeftModel``. Its ``save_pretrained(dir)`` saves the whole model (InTI config,
     compressors, temporal adapters, head, and peft's part in ``dir/peft``) as
     :func:`inti_adapters.save_pretrained` does, so :func:`inti_adapters.load_pretrained` restores it;

@@ -456,6 +456,8 @@ def inject(
         input_layout: ``NCTHW`` (default) or ``NTCHW``.
         freeze_backbone: Train only added modules (and the head, if ``train_head``). ``None``: False for
             a plain backbone (full fine-tuning, as in the paper), True for a peft model (LoRA + InTI).
+        train_head: With a frozen backbone, keep the classifier head trainable (default); False
+            freezes it too. Ignored when the backbone trains (the head trains with it).
         head: Optional module replacing the backbone's head on the averaged video feature.
         host: Force a registered host description instead of detecting it.
         temporal: Temporal adapters to add, e.g. ``[{"name": "local_mhra", "blocks": "all"}]``, or a

@@ -149,6 +149,12 @@ def plan(
         fraction: the budget as a fraction of the naive model's GFLOPs (e.g. 0.65).
         max_layers: Consider 1..max_layers compressors (the paper uses 2).
         image_size: Frame size; defaults to the size the backbone was built for.
+        compressor, **compressor_options: The compressor to cost (default: the model's, else ``inti``).
+
+    Returns:
+        A list of :class:`PlanEntry` (``layers``, ``gflops`` per clip, ``fraction`` of the naive
+        model's GFLOPs, ``frames`` each block sees), one per choice of 1..``max_layers`` layers
+        within the budget, the most expensive (closest to the budget) first; empty when none fits.
 
     Example:
         >>> for e in ia.plan(vit, 16, fraction=0.65)[:3]:   # doctest: +SKIP

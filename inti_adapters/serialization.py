@@ -44,7 +44,12 @@ def save_pretrained(
     With peft in the model (LoRA before or after ``inject``), peft's part goes to
     ``save_directory/peft`` in peft's own format; ``load_pretrained`` restores both.
 
+    ``peft_model.save_pretrained(dir)`` of a model from :func:`inti_adapters.add_lora` (or loaded
+    with LoRA after ``inject``) does the same.
+
     Args:
+        model: The ``InTIModel``, or a ``PeftModel`` around one.
+        save_directory: The folder to write (created if missing).
         save_backbone: Also write the backbone weights. ``None`` (default) does so only when some
             backbone parameter is trainable, i.e. after full fine-tuning, so that no trained
             weight is silently lost.
@@ -53,7 +58,11 @@ def save_pretrained(
         card: Model-card additions (``{"num_frames": 16, "metrics": {...}}``, see
             :class:`inti_adapters.card.CardInfo`) or False for no ``README.md``.
         push_to_hub, **hub_options: Also upload the folder to the Hub (``repo_id``, ``token``,
-            ``private``, ``revision``, ``commit_message``, ``create_pr``); returns the ``CommitInfo``.
+            ``private``, ``revision``, ``commit_message``, ``create_pr``). peft's ``is_main_process``
+            (False: write nothing) and ``safe_serialization`` (True only) are accepted too.
+
+    Returns:
+        The Hub's ``CommitInfo`` with ``push_to_hub``, else None.
     """
     peft_options = {k: hub_options.pop(k) for k in _PEFT_SAVE_OPTIONS if k in hub_options}
     if peft_options.get("safe_serialization", True) is not True:

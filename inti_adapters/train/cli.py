@@ -104,7 +104,8 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def _eval_model(cfg, num_classes: int, checkpoint: str | None, smoke: bool):
     """The model ``inti-eval`` scores: the saved adapter (+ backbone) or, with ``--smoke``, a fresh one."""
-    if smoke:  # nothing was trained: a fresh tiny model checks the pipeline
+    if smoke:  # nothing was trained: a fresh tiny model checks the pipeline, seeded so that its figures repeat
+        torch.manual_seed(cfg.train.seed)
         return build_model(cfg.model, num_classes)
     ckpt = checkpoint or cfg.eval.checkpoint or str(Path(cfg.train.output_dir).expanduser() / "final")
     model, backbone = load_saved_model(cfg.model, num_classes, ckpt)  # downloads nothing when ckpt holds the backbone
