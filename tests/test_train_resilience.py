@@ -103,8 +103,10 @@ def test_job_wide_signal_then_resume_one_rank_on_two(base):
     assert [s for s, _ in losses(out)] == list(range(1, STEPS + 1))
 
 
-def test_killed_peer_fails_fast_and_resume_is_exact(reference, base):
-    """kill -9 of rank 1 mid-epoch: rank 0 stops with the named error within the timeout; a relaunch is exact."""
+def test_killed_peer_fails_fast_with_the_named_error(base):
+    """kill -9 of rank 1 mid-epoch: rank 0 stops with the named error within the timeout; the last complete
+    checkpoint stays the latest. (That a relaunch after a kill -9 is exact: tests/test_faults.py's torchrun test;
+    from a checkpoint of these ranks: the SIGTERM test above.)"""
     out, timeout = base / "killed", 8
     procs = launch(out, 2, "train.save_every=2", f"train.dist_timeout_s={timeout}", env={"SLOW_AFTER": "3"})
     wait_for("at_step3_rank1", out, procs)
@@ -116,9 +118,6 @@ def test_killed_peer_fails_fast_and_resume_is_exact(reference, base):
     assert "a peer was lost during" in logs(out) and f"dist_timeout_s={timeout:g}" in logs(out)
     wait(procs[1:])
     assert (out / "checkpoints" / "last_good").read_text().strip() == "step_00000002"
-    assert codes_ok(run(out, 2), out)
-    assert trained(out, 2) == trained(reference, 2)
-    assert [v for _, v in losses(out)] == pytest.approx([v for _, v in losses(reference)], abs=1e-6)
 
 
 def test_hung_peer_times_out(base):

@@ -354,7 +354,9 @@ class Trainer:
         if not (self._stop or all_reduce_max([int(self._signals.requested)])[0]):
             return
         signame = self._signals.received or "a checkpoint signal (on another rank)"
-        tag = self._save(step, epoch, micro, loss_sum, steps)
+        # a checkpoint of this very step is already complete: never rewrite it in place (a kill in the middle
+        # would damage the checkpoint last_good points to)
+        tag = self._save(step, epoch, micro, loss_sum, steps) if self._last_saved != step else self.ckpt.latest()
         checkpoint = str(self.ckpt.root / tag)
         if self.dist.is_main:
             write_marker(self.out_dir, step=step, signame=signame, checkpoint=checkpoint)
