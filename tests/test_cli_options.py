@@ -180,3 +180,25 @@ def test_a_closed_pipe_ends_quietly_with_status_0():
         finally:
             proc.kill()
         assert proc.returncode == 0 and b"Traceback" not in err and b"BrokenPipe" not in err, (args, err.decode()[-2000:])
+
+
+# -- also seen: a damaged shard in inti-eval is one line, not a traceback -----------------------------------
+def test_a_damaged_shard_in_inti_eval_is_one_line(tmp_path, capsys):
+    from inti_adapters.data import ensure_builtin_dataset
+
+    root = tmp_path / "digits"
+    options = dict(num_train=4, num_val=4, samples_per_shard=2, store="frames")
+    ensure_builtin_dataset(root, **options)
+    shard = sorted((root / "val").glob("*.tar"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[600:len(data) // 2] = bytes(b ^ 0x5A for b in data[600:len(data) // 2])  # a damaged member header
+    shard.write_bytes(bytes(data))
+    folder = tmp_path / "final"
+    ia.inject(_digits_vit(40), layers=[1, 2]).save_pretrained(folder)  # 40 classes, as the data set
+    args = ["--config", "digits_cpu", "--checkpoint", str(folder), f"builtin_data.root={root}",
+            *(f"builtin_data.{k}={v}" for k, v in options.items()), "data.num_workers=0", "data.num_frames=4"]
+    with pytest.raises(SystemExit) as e:
+        eval_main(args)
+    err = [line for line in capsys.readouterr().err.splitlines() if "inti-eval" in line or "Traceback" in line]
+    assert e.value.code == 1 and len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].startswith("inti-eval: error: evaluation read ") and "sizes.json lists 4" in err[0]

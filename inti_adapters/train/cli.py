@@ -51,6 +51,18 @@ def _setup_logging() -> None:
                         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
+_PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def raised_here(error: BaseException) -> bool:
+    """True when ``error`` was raised by inti_adapters' own code (whose messages are written for the
+    user: the file, the key, what to do), not inside torch or another library."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Options and ``section.key=value`` overrides in any order (``--config R a.b=1 --json x c.d=2``)."""
     return parser.parse_intermixed_args(argv)
@@ -147,12 +159,17 @@ def eval_main(argv: list[str] | None = None) -> int:
     if loader is None:
         parser.error("the recipe has no evaluation data (data.val_shards)")
     bf16 = cfg.train.bf16 and info.device.type == "cuda"
-    with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=bf16):
-        view = torch.zeros(1, 3, frames, size, size, device=info.device)
-        gflops = count_gflops(model, view) if cfg.eval.flops else None
-        result = evaluate(model, loader, device=info.device, mean_std=mean_std,
-                          clips_per_forward=cfg.eval.clips_per_forward, max_batches=cfg.eval.max_batches,
-                          average_clips=cfg.eval.average_clips, num_crops=data_value(cfg, data_cfg, "num_crops", 1))
+    try:
+        with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=bf16):
+            view = torch.zeros(1, 3, frames, size, size, device=info.device)
+            gflops = count_gflops(model, view) if cfg.eval.flops else None
+            result = evaluate(model, loader, device=info.device, mean_std=mean_std,
+                              clips_per_forward=cfg.eval.clips_per_forward, max_batches=cfg.eval.max_batches,
+                              average_clips=cfg.eval.average_clips, num_crops=data_value(cfg, data_cfg, "num_crops", 1))
+    except (RuntimeError, ValueError, OSError) as e:
+        if not raised_here(e):  # a bug or a library's failure: its traceback is what helps
+            raise
+        parser.exit(1, f"inti-eval: error: {e}\n")  # e.g. a damaged shard: the message says which and what to do
     result.gflops_per_view = gflops
     if info.is_main:
         print(f"inti-eval: {result.summary()}")
