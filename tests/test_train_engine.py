@@ -260,3 +260,24 @@ def test_signal_during_a_save_ends_in_a_loadable_checkpoint(tmp_path, reference)
     rows = read_metrics(tmp_path / "metrics.csv")
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in ref_rows], abs=1e-6)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are restored after fit
+
+
+class SignalAfter(Trainer):
+    """SIGTERM to itself after step 2; counts the saves of each step."""
+
+    def on_step_end(self, step, loss):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def _save(self, step, *args, **kwargs):
+        self.saved = [*getattr(self, "saved", []), step]
+        return super()._save(step, *args, **kwargs)
+
+
+def test_preemption_after_a_save_of_the_same_step_keeps_it(tmp_path):
+    """With save_every=1 the step that ends the run is already saved: it is not written a second time in place."""
+    trainer = SignalAfter(make_cfg(tmp_path, "train.save_every=1"), loader_factory=factory)
+    with pytest.raises(Preempted):
+        trainer.fit()
+    assert trainer.saved == [1, 2, 3]  # the signal after step 2 is agreed on in step 3, which then ends the run
+    assert json.loads((tmp_path / "PREEMPTED").read_text())["checkpoint"] == str(tmp_path / "checkpoints" / "step_00000003")
