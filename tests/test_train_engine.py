@@ -281,3 +281,27 @@ def test_preemption_after_a_save_of_the_same_step_keeps_it(tmp_path):
         trainer.fit()
     assert trainer.saved == [1, 2, 3]  # the signal after step 2 is agreed on in step 3, which then ends the run
     assert json.loads((tmp_path / "PREEMPTED").read_text())["checkpoint"] == str(tmp_path / "checkpoints" / "step_00000003")
+
+
+def test_consolidated_state_under_bf16_equals_deepspeeds_resume(tmp_path):
+    """bf16 + ZeRO-2 (the GPU recipes' setting; DeepSpeed runs it on the CPU too): the consolidated state holds
+    the fp32 master weights, so a resume through it ends with the same weights as DeepSpeed's own resume."""
+    final = {}
+    for via_consolidated in (False, True):
+        out = tmp_path / str(via_consolidated)
+        cfg = make_cfg(out, "train.zero_stage=2", "train.save_every=4", "train.bf16=true")
+        killed = CrashAt(cfg, loader_factory=factory)
+        killed.crash_at = 5
+        with pytest.raises(Crash):
+            killed.fit()
+        if via_consolidated:
+            run_json = out / "checkpoints" / "step_00000004" / "run.json"
+            meta = json.loads(run_json.read_text())
+            meta["facts"]["world_size"] = 2
+            run_json.write_text(json.dumps(meta))
+        resumed = Trainer(cfg, loader_factory=factory)
+        resumed.fit()
+        assert resumed.engine.bfloat16_enabled()
+        final[via_consolidated] = params(resumed)
+    for k, v in final[False].items():
+        torch.testing.assert_close(final[True][k], v, rtol=0, atol=0, msg=k)
