@@ -150,6 +150,8 @@ def test_tensorboard_and_wandb_offline_files(tmp_path, monkeypatch):
     assert events and events[0].stat().st_size > 0
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb")), list((tmp_path / "wandb").rglob("*"))
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    assert runs[0].name.endswith(f"-{run_id}")  # kept, so that a resumed run continues the same W&B run
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(tmp_path / "tensorboard"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,8 @@ class MetricsLogger:
 
 def start_wandb(out_dir: Path, options: dict[str, Any], config: dict[str, Any] | None) -> Any:
     """``wandb.init(**options)`` with the run's folder under ``out_dir`` (``wandb/``) and the recipe as its config;
-    ``wandb`` missing is an error naming the key (it was asked for)."""
+    without an ``id`` in ``options`` the run's id is kept in ``out_dir/wandb_run_id``, so a resumed run logs to the
+    same W&B run. ``wandb`` missing is an error naming the key (it was asked for)."""
     try:
         import wandb
     except ImportError:
@@ -87,6 +89,11 @@ def start_wandb(out_dir: Path, options: dict[str, Any], config: dict[str, Any] |
                           "(or wandb), or set train.wandb=null") from None
     kwargs = {"dir": str(out_dir), "config": config, **options}
     Path(kwargs["dir"]).mkdir(parents=True, exist_ok=True)
+    if "id" not in options:  # one W&B run per output folder: a resumed run continues it
+        id_file = out_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+        id_file.write_text(run_id + "\n")
+        kwargs.update(id=run_id, resume=options.get("resume", "allow"))
     try:
         return wandb.init(**kwargs)
     except TypeError as e:
