@@ -89,7 +89,8 @@ class InTIConfig(Config):
         metadata={"help": "How the layer is executed; the same function, outputs and gradients, and the same "
                           "saved weights either way. 'reference': the plain autograd formulation of inti.py. "
                           "'fused': the hand-fused CPU kernel (kernels/inti_cpu.py, custom autograd Functions; "
-                          "the paper's four contexts only). 'auto': fused in eager mode on the CPU (fewer "
+                          "the paper's four contexts only; under torch.compile with a clip length that is not "
+                          "fixed inductor cannot lay out its frame pairs, a new T fails). 'auto': fused in eager mode on the CPU (fewer "
                           "operations per step), reference under torch.compile (inductor fuses the plain "
                           "operations itself; custom Functions would stop it) and on CUDA and other devices "
                           "(until GPU measurements of benchmarks/gpu_suite.py say otherwise)."},

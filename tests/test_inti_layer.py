@@ -320,8 +320,8 @@ def _check_fused_against_plain(layer, layouts, dtype=torch.float64, tol=1e-10):
         g = torch.Generator().manual_seed(7)
         x = torch.randn(2, t, n, DIM, generator=g).to(dtype)
         out_grad = torch.randn(2, (t + 1) // 2, n, DIM, generator=g).to(dtype)
-        got = _outputs_and_grads(lambda v: _with_kernel(layer, "fused")(v, layout), layer, x, out_grad)
-        want = _outputs_and_grads(lambda v: _with_kernel(layer, "reference")(v, layout), layer, x, out_grad)
+        got = _outputs_and_grads(lambda v, lay=layout: _with_kernel(layer, "fused")(v, lay), layer, x, out_grad)
+        want = _outputs_and_grads(lambda v, lay=layout: _with_kernel(layer, "reference")(v, lay), layer, x, out_grad)
         for k, v in want.items():
             if v is None or got[k] is None:  # a parameter outside the graph (e.g. attention head's bias)
                 assert got[k] is None and v is None, (name, k)
@@ -481,24 +481,38 @@ def test_input_without_gradient_still_trains_the_layer():
 
 
 @pytest.mark.slow
-def test_compiled_layer_with_a_symbolic_clip_length_equals_eager_forward_and_backward():
-    """torch.compile with dynamic shapes (what it falls back to once a second clip length arrives)
-    traces the layer's autograd Functions (the global context's written-out backward among them) to
-    the same outputs and gradients. The clip length stays symbolic into inductor's lowering, where
-    the cube context's frame pairs failed to compile ('cannot determine truth value of Relational'
-    in inductor's stride ordering; hidden while the global context's ceil-mode max_pool1d
-    specialised the graph on T). One compilation, scalar C++ kernels: ~50 s on 2 cores (~90 s
-    vectorised)."""
+def test_compiled_layers_with_a_symbolic_clip_length_equal_eager_forward_and_backward():
+    """Issue 23 item 7: a compiled model called with T=8 and then T=4 (gradients on) failed in inductor
+    ('cannot determine truth value of Relational' in get_stride_order), with and without dynamic=True.
+    The clip length there is a symbolic expression of the leading dimension B*T, and the fused kernel's
+    Functions split it into (T', 2) frame pairs whose strides inductor cannot order. Under torch.compile
+    'auto' runs the plain layer (pairs as strided slices). Two layers as in a model, on tokens (B*T, N, C)
+    as the surgery hands them over, compiled with dynamic=True at T=4 (the second layer's single output
+    frame; this alone failed before); outputs and gradients equal eager's (the fused kernel) in float64.
+    One compilation, scalar C++ kernels."""
     torch._dynamo.reset()
-    layer = InTILayer(DIM)
-    perturb(layer)
-    compiled = torch.compile(layer, dynamic=True)
-    x, out_grad = tokens(t=6), torch.ones(2, 3, 10, DIM)
-    want = _outputs_and_grads(lambda v: layer(v, LAYOUT, return_weights=True), layer, x, out_grad)
+    layers = [InTILayer(DIM).double(), InTILayer(DIM).double()]
+    for i, layer in enumerate(layers):
+        perturb(layer, seed=i)
+    params = [p for layer in layers for p in layer.parameters()]
+
+    def two_layers(frames):  # (B*T, N, C) -> (B, ceil(T / 4), N, C)
+        x = frames.unflatten(0, (2, -1))
+        return layers[1](layers[0](x, LAYOUT), LAYOUT)
+
+    def outputs_and_grads(fn, frames, out_grad):
+        frames = frames.detach().requires_grad_()
+        y = fn(frames)
+        return [y, *torch.autograd.grad((y * out_grad).sum(), [frames, *params])]
+
+    frames = tokens(t=4).double().flatten(0, 1)
+    out_grad = torch.randn(2, 1, 10, DIM, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    want = outputs_and_grads(two_layers, frames, out_grad)
     with torch._inductor.config.patch({"cpp.vec_isa_ok": False}):  # compiled on the first call
-        got = _outputs_and_grads(lambda v: compiled(v, LAYOUT, return_weights=True), layer, x, out_grad)
-    for k, v in want.items():
-        torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-4, msg=k)
+        got = outputs_and_grads(torch.compile(two_layers, dynamic=True), frames, out_grad)
+    names = ["y", "frames", *(f"layer {i} {n}" for i, layer in enumerate(layers) for n, _ in layer.named_parameters())]
+    for name, g, w in zip(names, got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("contexts", [("token",), ("cube",), ("frame",), ("global",), ("cube", "frame", "global"),
