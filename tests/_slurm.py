@@ -21,14 +21,15 @@ from _netns import Host, wait_for
 SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "squeue", "scancel", "srun", "munged", "mungekey")
 
 
-def _which(name: str) -> str | None:
+def which(name: str) -> str | None:
+    """The path of a Slurm / munge program (sbin folders included), or None."""
     return shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)),
                                       None)
 
 
 def slurm_unavailable() -> str | None:
     """Why the Slurm test cluster cannot run here, or None."""
-    missing = [b for b in SLURM_BINARIES if _which(b) is None]
+    missing = [b for b in SLURM_BINARIES if which(b) is None]
     if missing:
         return f"Slurm / munge not installed (missing {', '.join(missing)}; Debian: slurm-wlm munge, make cluster-deps)"
     if os.geteuid() != 0:
@@ -49,11 +50,11 @@ class SlurmCluster:
             self._start_munge()
             self._write_conf(port, cpus)
             ctl = hosts[0]
-            self._start(ctl, [_which("slurmctld"), "-D", "-i", "-f", self.conf], "slurmctld")
+            self._start(ctl, [which("slurmctld"), "-D", "-i", "-f", self.conf], "slurmctld")
             for host in hosts:
                 # slurmd's cgroup plugin wants the machine's /sys/fs/cgroup (even with proctrack/linuxproc),
                 # which `ip netns exec` hides
-                argv = host.cmd_keep_sys([_which("slurmd"), "-D", "-N", host.hostname, "-f", self.conf])
+                argv = host.cmd_keep_sys([which("slurmd"), "-D", "-N", host.hostname, "-f", self.conf])
                 self._start(None, argv, f"slurmd-{host.name}")
             wait_for(self._nodes_idle, 60, "the Slurm nodes to be idle", interval=0.5)
         except BaseException:
@@ -74,10 +75,10 @@ class SlurmCluster:
         d = self.dir / "munge"
         d.mkdir(mode=0o700, exist_ok=True)
         key = d / "munge.key"
-        subprocess.run([_which("mungekey"), "--create", "--keyfile", str(key)], check=True, timeout=30,
+        subprocess.run([which("mungekey"), "--create", "--keyfile", str(key)], check=True, timeout=30,
                        capture_output=True)
         self.munge_socket = d / "munge.socket"
-        self._start(None, [_which("munged"), "--foreground", "--force", f"--key-file={key}",
+        self._start(None, [which("munged"), "--foreground", "--force", f"--key-file={key}",
                            f"--socket={self.munge_socket}", f"--pid-file={d / 'munged.pid'}",
                            f"--log-file={d / 'munged.log'}", f"--seed-file={d / 'munged.seed'}"], "munged")
         wait_for(lambda: self.munge_socket.exists() or self.procs[-1].poll() is not None, 20, "munged to start")
@@ -127,7 +128,7 @@ class SlurmCluster:
 
     def command(self, argv: list, timeout: float = 30) -> subprocess.CompletedProcess:
         """A client command on the first host (where the controller is)."""
-        proc = self.hosts[0].run([_which(str(argv[0])) or argv[0], *argv[1:]], timeout=timeout, env=self.env)
+        proc = self.hosts[0].run([which(str(argv[0])) or argv[0], *argv[1:]], timeout=timeout, env=self.env)
         if proc.returncode != 0:
             raise RuntimeError(f"{argv} failed ({proc.returncode}): {proc.stderr.strip()}\n{self.logs()}")
         return proc
@@ -136,7 +137,7 @@ class SlurmCluster:
         for p in self.procs:
             if p.poll() is not None:
                 raise RuntimeError(f"a Slurm daemon exited ({p.args[-6:]}, status {p.returncode})\n{self.logs()}")
-        proc = self.hosts[0].run([_which("sinfo"), "-h", "-o", "%T"], timeout=20, env=self.env)
+        proc = self.hosts[0].run([which("sinfo"), "-h", "-o", "%T"], timeout=20, env=self.env)
         states = proc.stdout.split()
         return proc.returncode == 0 and len(states) > 0 and all(s == "idle" for s in states)
 
