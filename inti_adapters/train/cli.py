@@ -4,6 +4,10 @@
     inti-eval  --config k400_vitb16_inti [--checkpoint runs/k400_vitb16_inti/final]
     inti-train --list-recipes
 
+Options and ``section.key=value`` overrides go in any order. ``--smoke`` writes to
+``<train.output_dir>.smoke``, never to the recipe's own output folder. A checkpoint whose folder
+holds the backbone's weights is evaluated without downloading the pretrained ones.
+
 Launch on GPUs with ``deepspeed --module inti_adapters.train --config ...`` (``--hostfile`` for
 several nodes) or ``torchrun --nproc_per_node 8 -m inti_adapters.train --config ...``; on a CPU
 machine ``inti-train`` alone runs a single gloo process.
