@@ -185,12 +185,12 @@ class InTILayer(Compressor):
         if self.uses_fused_kernel(x):
             y, w = inti_cpu.forward(self, x, layout)
             return (y, w) if return_weights else y
-        bsz, t, n, _ = x.shape
-        a, b = pair_frames(x, self.config.odd_frames)  # (B, T', N, C) each; odd T: the last frame twice
-        feats = self.contexts(x, a, b, layout)
-        logits = self.predictor(self.fuse(feats, (bsz, a.shape[1], n, self.hidden_dim)))
-        w = self.pair_weights(logits).to(x.dtype).expand(bsz, a.shape[1], n, 2)
-        y = self.interpolate(a, b, w)
+        bsz, _, n, _ = x.shape
+        a, b = pair_frames(x, self.config.odd_frames)  # pairing: (B, T', N, C) each; odd T: the last frame twice
+        feats = self.contexts(x, a, b, layout)  # token, cube, frame, global: width C' each
+        logits = self.predictor(self.fuse(feats, (bsz, a.shape[1], n, self.hidden_dim)))  # fusion, head
+        w = self.pair_weights(logits).to(x.dtype).expand(bsz, a.shape[1], n, 2)  # (w_a, w_b) per token
+        y = self.interpolate(a, b, w)  # w_a a + w_b b + alpha E[t']
         return (y, w) if return_weights else y
 
     def contexts(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, layout: TokenLayout) -> dict[str, torch.Tensor]:
