@@ -202,3 +202,15 @@ def test_a_damaged_shard_in_inti_eval_is_one_line(tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if "inti-eval" in line or "Traceback" in line]
     assert e.value.code == 1 and len(err) == 1 and "Traceback" not in err[0], err
     assert err[0].startswith("inti-eval: error: evaluation read ") and "sizes.json lists 4" in err[0]
+
+
+def test_inti_train_with_pretrained_weights_it_cannot_fetch_is_one_line(tmp_path, no_network, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_main(["--config", "digits_cpu", *PRETRAINED, f"train.output_dir={tmp_path / 'run'}",
+                    f"builtin_data.root={tmp_path / 'digits'}", "builtin_data.num_train=4", "builtin_data.num_val=4",
+                    "builtin_data.samples_per_shard=2", "builtin_data.store=frames", "data.num_workers=0",
+                    "data.batch_size=2"])
+    err = [line for line in capsys.readouterr().err.splitlines() if "inti-train" in line or "Traceback" in line]
+    assert e.value.code == 1 and len(err) == 1, err
+    assert err[0].startswith("inti-train: error: could not fetch the pretrained weights of timm model")
+    assert no_network == []  # offline: refused before any connection

@@ -109,6 +109,8 @@ def train_main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
         result = Trainer(cfg, loader_factory=factory).fit()
+    except BackboneDownloadError as e:  # one line: what was asked for and how to point at local weights
+        parser.exit(1, f"inti-train: error: {e}\n")
     except ConfigError as e:
         parser.error(str(e))
     if int(os.environ.get("RANK", "0")) == 0:
