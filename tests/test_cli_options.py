@@ -20,6 +20,7 @@ import inti_adapters as ia
 from inti_adapters.train import export_cli
 from inti_adapters.train.cli import _eval_model, eval_main, train_main
 from inti_adapters.train.config import load_config
+from inti_adapters.train.runlock import RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_VIT = dict(img_size=64, patch_size=8, depth=4, embed_dim=64, num_heads=4, class_token=True, global_pool="token")
@@ -214,3 +215,14 @@ def test_inti_train_with_pretrained_weights_it_cannot_fetch_is_one_line(tmp_path
     assert e.value.code == 1 and len(err) == 1, err
     assert err[0].startswith("inti-train: error: could not fetch the pretrained weights of timm model")
     assert no_network == []  # offline: refused before any connection
+
+
+# -- what a run can end in (issues 23, 25): one line and status 1, no traceback ------------------------------
+def test_a_run_refused_by_a_live_runs_lock_is_one_line(tmp_path, capsys):
+    real = tmp_path / "runs" / "digits_cpu"
+    with RunLock(Path(f"{real}.smoke")), pytest.raises(SystemExit) as e:  # another run holds the smoke folder
+        train_main(["--config", "digits_cpu", "--smoke", f"train.output_dir={real}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err
+    assert err.startswith("inti-train: error: ") and err.count("\n") == 1
+    assert f"{real}.smoke is in use by another run (pid {os.getpid()} on host {socket.gethostname()}" in err

@@ -8,6 +8,11 @@ Options and ``section.key=value`` overrides go in any order. ``--smoke`` writes 
 ``<train.output_dir>.smoke``, never to the recipe's own output folder. A checkpoint whose folder
 holds the backbone's weights is evaluated without downloading the pretrained ones.
 
+``inti-train`` exits 0 when done, 75 when preempted by one of ``train.checkpoint_signals`` after a
+complete checkpoint (run the same command again to resume; ``OUTPUT_DIR/PREEMPTED`` says which
+checkpoint), 1 with one line for a run that cannot go on (a lost peer, a non-finite loss, another
+run holding the output folder, a checkpoint that cannot be written or loaded) and 2 for a bad recipe.
+
 Launch on GPUs with ``deepspeed --module inti_adapters.train --config ...`` (``--hostfile`` for
 several nodes) or ``torchrun --nproc_per_node 8 -m inti_adapters.train --config ...``; on a CPU
 machine ``inti-train`` alone runs a single gloo process.
@@ -28,10 +33,19 @@ from ..flops import count_gflops
 from ..recipes import describe_recipes
 from .build import BackboneDownloadError, build_model, load_saved_model, mean_std_of
 from .config import ConfigError, data_with_defaults, help_text, load_config
+from .checkpoint import CheckpointError
 from .distributed import setup_distributed
+from .elastic import WorldSizeChangeError
 from .engine import Trainer, data_value, deepspeed_config, real_data
 from .evaluate import evaluate
+from .failures import CheckpointWriteError, NonFiniteLossError, PeerLostError
+from .runlock import RunLockedError
 from .smoke import smoke_config, smoke_loader_factory
+
+# what a training run can end in that says everything in its message: one line and exit status 1, no
+# traceback (a preempted run leaves with its own status, 75, through SystemExit)
+RUN_ERRORS = (PeerLostError, NonFiniteLossError, RunLockedError, CheckpointWriteError, CheckpointError,
+              WorldSizeChangeError)
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -109,7 +123,7 @@ def train_main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
         result = Trainer(cfg, loader_factory=factory).fit()
-    except BackboneDownloadError as e:  # one line: what was asked for and how to point at local weights
+    except (BackboneDownloadError, *RUN_ERRORS) as e:  # one line: what went wrong, what to do
         parser.exit(1, f"inti-train: error: {e}\n")
     except ConfigError as e:
         parser.error(str(e))
