@@ -32,8 +32,8 @@ from .._io import pipe_safe
 from ..flops import count_gflops
 from ..recipes import describe_recipes
 from .build import BackboneDownloadError, build_model, load_saved_model, mean_std_of
-from .config import ConfigError, data_with_defaults, help_text, load_config
 from .checkpoint import CheckpointError
+from .config import ConfigError, data_with_defaults, help_text, load_config
 from .distributed import setup_distributed
 from .elastic import WorldSizeChangeError
 from .engine import Trainer, data_value, deepspeed_config, real_data
