@@ -17,6 +17,7 @@ root, no ``ip``, namespaces refused, no nginx), or None; the tests skip with tha
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -116,10 +117,23 @@ class Host:
         _ip("-n", self.net.bridge_ns, "link", "set", self.link, "up")
 
 
+def remove_stale() -> list[str]:
+    """Delete the namespaces (and hosts files) that a killed test session left (``inti<PID>...`` whose PID is gone)."""
+    removed = []
+    for line in _ip("netns", "list", check=False).stdout.splitlines():
+        match = re.match(r"(inti(\d+)[a-z]+)\b", line)
+        if match and not Path(f"/proc/{match[2]}").exists():
+            _ip("netns", "del", match[1], check=False)
+            shutil.rmtree(ETC_NETNS / match[1], ignore_errors=True)
+            removed.append(match[1])
+    return removed
+
+
 class Network:
     """A bridge in its own namespace and hosts attached to it; ``close()`` removes everything."""
 
     def __init__(self, prefix: str | None = None) -> None:
+        remove_stale()
         self.prefix = prefix or f"inti{os.getpid()}"
         self.bridge_ns = f"{self.prefix}br"
         self.hosts: dict[str, Host] = {}
