@@ -4,11 +4,14 @@ a full disk during a checkpoint save, TensorBoard and W&B (offline) files."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from test_train_engine import factory, make_cfg
 
 from inti_adapters.train import NonFiniteLossError, RunLockedError, Trainer, runlock
 from inti_adapters.train.checkpoint import POINTER
+from inti_adapters.train.preemption import blocked_in_children, stop_children
 from inti_adapters.train.runlock import LOCK_NAME, RunLock
 
 pytest.importorskip("deepspeed")
@@ -171,3 +175,23 @@ def test_resume_with_another_data_set_is_refused(tmp_path):
     assert [c.split(":")[0] for c in compare_recipes(saved.to_dict(), now).refused] == ["data.train_shards"]
     with pytest.raises(ConfigError, match=r"cannot resume from .*step_00000004.*data.train_shards: '/data/a-"):
         reconcile_recipe(now, {"recipe": saved.to_dict(), "facts": {}}, tmp_path / "step_00000004", {}, True)
+
+
+def _sleep_forever() -> None:
+    time.sleep(3600)
+
+
+def test_loader_workers_forked_with_blocked_signals_are_stopped_on_the_way_out():
+    """A worker forked with SIGTERM blocked survives terminate() (so a failed rank hung at exit, joining it);
+    stop_children kills it."""
+    ctx = multiprocessing.get_context("fork")
+    with blocked_in_children(["SIGTERM", "SIGUSR1"]) as forked:
+        worker = ctx.Process(target=_sleep_forever, daemon=True)
+        worker.start()
+    assert forked == [worker]
+    worker.terminate()
+    worker.join(timeout=1.0)
+    assert worker.is_alive()  # SIGTERM is blocked in it: what multiprocessing's exit handler would wait on forever
+    started = time.monotonic()
+    stop_children(forked)
+    assert not worker.is_alive() and worker.exitcode == -signal.SIGKILL and time.monotonic() - started < 5

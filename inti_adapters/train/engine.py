@@ -39,7 +39,7 @@ from .failures import NonFiniteLossError, PeerLostError, is_comm_failure, peer_l
 from .guards import NonFiniteGuard
 from .metrics import MetricsLogger
 from .optim import build_optimizer, build_scheduler
-from .preemption import Preempted, SignalWatch, blocked_in_children, clear_marker, write_marker
+from .preemption import Preempted, SignalWatch, blocked_in_children, clear_marker, stop_children, write_marker
 from .resume import Position, data_position, reconcile_recipe
 from .runlock import RunLock, RunLockedError
 from .samples import EpochKeys, SampleLog, load_epoch_keys, save_epoch_keys
@@ -102,6 +102,7 @@ class Trainer:
         self._notes: list[str] = []  # what resumes changed in the recipe (recorded with the config)
         self._corrupt_at_epoch_start = 0
         self._keys = EpochKeys()
+        self._workers: list[Any] = []  # loader workers forked with the checkpoint signals blocked
         self._phase, self._at_step = "setup", 0  # for the message of a lost peer
         self._signals = SignalWatch([])
         self._stop = False
@@ -220,11 +221,15 @@ class Trainer:
         if loader is None:
             return None
         # off the training RNG (a DataLoader draws a seed from it); workers forked with the signals blocked
-        with torch.random.fork_rng(devices=[]), blocked_in_children(self.cfg.train.checkpoint_signals):
-            return evaluate(self.engine, loader, device=self.engine.device, mean_std=self.mean_std, dtype=self.dtype,
-                            clips_per_forward=self.cfg.eval.clips_per_forward, max_batches=self.cfg.eval.max_batches,
-                            lockstep=self.zero_stage == 3, average_clips=self.cfg.eval.average_clips,
-                            num_crops=self._data_value("num_crops", 1))
+        forked: list[Any] = []
+        try:
+            with torch.random.fork_rng(devices=[]), blocked_in_children(self.cfg.train.checkpoint_signals) as forked:
+                return evaluate(self.engine, loader, device=self.engine.device, mean_std=self.mean_std,
+                                dtype=self.dtype, clips_per_forward=self.cfg.eval.clips_per_forward,
+                                max_batches=self.cfg.eval.max_batches, lockstep=self.zero_stage == 3,
+                                average_clips=self.cfg.eval.average_clips, num_crops=self._data_value("num_crops", 1))
+        finally:
+            self._workers += forked
 
     def _resume(self) -> Position:
         """Load the checkpoint ``train.resume`` points to (after comparing its recipe with this run's)."""
@@ -277,10 +282,12 @@ class Trainer:
         Raises :class:`Preempted` (status 75) after a checkpoint signal, :class:`PeerLostError`,
         :class:`NonFiniteLossError`, :class:`RunLockedError`.
         """
-        lock = self._lock()
+        lock, finished = self._lock(), False
         try:
             with SignalWatch(self.cfg.train.checkpoint_signals) as self._signals:
-                return self._fit()
+                result = self._fit()
+            finished = True
+            return result
         except (Preempted, PeerLostError, NonFiniteLossError):
             raise
         except Exception as e:
@@ -289,6 +296,8 @@ class Trainer:
                                 rank=self.dist.rank, world=self.dist.world_size) from None
             raise
         finally:
+            if not finished:  # loader workers that terminate() cannot stop would hold the exit forever
+                stop_children(self._workers)
             if lock is not None:
                 lock.release()
 
@@ -386,10 +395,11 @@ class Trainer:
             loader.skip_batches(first.micro)  # skipped samples are not decoded
         # torch's DataLoader draws its base seed from the global RNG when an iterator is made: keep that draw
         # (and any reading) off the training RNG, which a resume restores as it was after the previous step
-        with torch.random.fork_rng(devices=[]), blocked_in_children(self.cfg.train.checkpoint_signals):
+        with torch.random.fork_rng(devices=[]), blocked_in_children(self.cfg.train.checkpoint_signals) as forked:
             it = iter(loader)  # forks the loader's workers, which must not die of a job-wide SIGTERM
             for _ in range(first.micro if first.replay else 0):
                 next(it, None)  # decoded and dropped: corrupt samples shift the batches as they did before
+        self._workers = [p for p in self._workers if p.is_alive()] + forked
         return it
 
     def _forward(self, batch: Any) -> tuple[torch.Tensor, list[str] | None]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import signal
 import socket
@@ -83,7 +84,7 @@ class SignalWatch:
 
 
 @contextmanager
-def blocked_in_children(names: list[str] | tuple[str, ...]) -> Iterator[None]:
+def blocked_in_children(names: list[str] | tuple[str, ...]) -> Iterator[list[Any]]:
     """Block ``names`` in this thread while loader workers are forked, so the workers start with them blocked.
 
     A scheduler signals every process of a job (Slurm at the time limit, ``scancel``, a ``kill`` of the process
@@ -91,16 +92,36 @@ def blocked_in_children(names: list[str] | tuple[str, ...]) -> Iterator[None]:
     the main process then fails with "DataLoader worker ... is killed by signal: Terminated" instead of
     checkpointing. Workers forked inside this block inherit the blocked mask and never see the signal (they
     stop with their parent as usual); in the main process a signal that came meanwhile is delivered on exit.
+
+    Yields a list that holds, after the block, the ``multiprocessing`` children forked inside it: give it to
+    :func:`stop_children` when the run ends in an error.
     """
+    forked: list[Any] = []
+    before = {p.pid for p in multiprocessing.active_children()}
     nums = {getattr(signal, n) for n in names}
-    if not nums or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, nums)
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, nums) if nums and main else None
     try:
-        yield
+        yield forked
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        forked.extend(p for p in multiprocessing.active_children() if p.pid not in before)
+
+
+def stop_children(procs: list[Any], timeout_s: float = 5.0) -> None:
+    """Kill (``SIGKILL``) the children of :func:`blocked_in_children` that are still alive, and reap them.
+
+    They cannot be stopped by ``terminate()``: its ``SIGTERM`` is blocked in them. torch's DataLoader shutdown
+    and multiprocessing's exit handler rely on it for a worker that does not take its stop message (one
+    blocked writing a batch that nobody reads after an error), so without this a rank that fails (a lost
+    peer) or is preempted could hang at exit, joining its worker forever.
+    """
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    for p in alive:
+        p.join(timeout=timeout_s)
 
 
 def write_marker(out_dir: Path, *, step: int, signame: str, checkpoint: str) -> Path:
