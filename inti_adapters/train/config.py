@@ -96,6 +96,8 @@ class ModelConfig(InjectConfig):
             check_choice("model.mean_std", self.mean_std, ("auto", "clip", "imagenet", "inception"))
         elif len(self.mean_std) != 2 or any(len(v) != 3 for v in self.mean_std):
             raise ConfigError(f"model.mean_std as a list must be [[m, m, m], [s, s, s]], got {self.mean_std}")
+        elif not all(s > 0 for s in self.mean_std[1]):
+            raise ConfigError(f"model.mean_std: every std must be > 0 (a clip is divided by it), got {self.mean_std[1]}")
         if isinstance(self.temporal, str) and self.temporal not in PRESETS:
             raise ConfigError(f"model.temporal: unknown preset {self.temporal!r}; presets: {sorted(PRESETS)} (or "
                               "give a list of adapter specs)")
