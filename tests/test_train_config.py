@@ -75,7 +75,7 @@ def test_yaml_base_and_overrides(tmp_path):
         ("model.source=torchvision", "model.source must be one of ['timm', 'open_clip'], got 'torchvision'"),
         ("train.resume.x=1", "train.resume: expected str, got {'x': 1} (dict)"),
         ("model.mean_std=[[0.5, 0.5, 0.5], [0.2, 0, 0.2]]", "model.mean_std: every std must be > 0 (a clip is divided "
-                                                            "by it), got [0.2, 0, 0.2]"),
+                                                            "by it), got [0.2, 0.0, 0.2]"),
         ("train.epochs", "overrides look like section.key=value"),
         ("epochs=3", "override keys are dotted section.key"),
     ],
