@@ -189,11 +189,6 @@ def interrupt(c: Cluster, procs, tag: str, out: Path, at_step: int, how: str) ->
     assert any(p in text for p in PEER_LOST), f"no lost-peer error from node-a ({how}, {took:.1f} s)\n{explain(text)}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug (found by this test, 18:20 UTC): since e11d248 the loader workers are forked with SIGTERM/SIGUSR1 "
-    "blocked; after PeerLostError the rank's exit joins its DataLoader worker (multiprocessing's atexit), whose "
-    "terminate() SIGTERM stays blocked, so the rank never exits (seen: rank in do_wait, worker SigBlk 0x4200). "
-    "Passes with data.num_workers=0. Remove this marker when the engine stops its workers on the way out"))
 def test_lost_host_and_cut_link_then_exact_resume(cluster, reference):
     """kill -9 of node-b mid-epoch 0, relaunch (static form); node-b's link cut mid-epoch 1, relaunch (c10d):
     the finished run has the reference's keys and losses."""
@@ -214,8 +209,7 @@ def test_elastic_torchrun_goes_on_with_the_surviving_host(cluster):
     """``--nnodes=1:2 --max-restarts=1``: node-b killed mid-epoch 0, node-a restarts alone from the last checkpoint
     (written by 2 ranks) and trains the rest of the epoch, each remaining sample once, then epoch 1 whole."""
     out = cluster.base / "elastic"
-    # no loader worker: the lost-peer exit with one is the known bug of the xfail above
-    recipe = cluster.recipe("elastic", slow=True, num_workers=0)
+    recipe = cluster.recipe("elastic", slow=True)
     port = next(_ports)
     how = ["--nnodes=1:2", "--max-restarts=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={cluster.a.hostname}:{port}",
            "--rdzv-id=elastic", "--rdzv-conf=last_call_timeout=5"]
