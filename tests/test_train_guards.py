@@ -195,3 +195,27 @@ def test_loader_workers_forked_with_blocked_signals_are_stopped_on_the_way_out()
     started = time.monotonic()
     stop_children(forked)
     assert not worker.is_alive() and worker.exitcode == -signal.SIGKILL and time.monotonic() - started < 5
+
+
+class _Endless(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        i = 0
+        while True:
+            yield torch.tensor(i)
+            i += 1
+
+
+def test_stopping_a_live_dataloader_worker_raises_nothing_afterwards():
+    """torch's SIGCHLD handler raises 'DataLoader worker ... is killed by signal' for a killed worker it still
+    tracks; a preempted rank then exited 1 instead of 75. stop_children kills without tripping it."""
+    loader = torch.utils.data.DataLoader(_Endless(), batch_size=None, num_workers=1,
+                                         multiprocessing_context="fork")
+    with blocked_in_children(["SIGTERM", "SIGUSR1"]) as forked:
+        it = iter(loader)
+    assert int(next(it)) == 0 and len(forked) == 1
+    stop_children(forked)
+    assert not forked[0].is_alive() and forked[0].exitcode == -signal.SIGKILL
+    for _ in range(20):  # a pending SIGCHLD handler would raise here
+        time.sleep(0.01)
+    assert signal.getsignal(signal.SIGCHLD) is not signal.SIG_DFL  # torch's handler is back
+    del it

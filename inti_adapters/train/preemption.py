@@ -118,10 +118,20 @@ def stop_children(procs: list[Any], timeout_s: float = 5.0) -> None:
     peer) or is preempted could hang at exit, joining its worker forever.
     """
     alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    for p in alive:
-        p.join(timeout=timeout_s)
+    if not alive:
+        return
+    # torch's DataLoader SIGCHLD handler would raise "DataLoader worker ... is killed by signal" for these (a
+    # preempted rank would exit 1 instead of 75): set aside while they are killed and reaped; it ignores reaped pids
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL) if main else None
+    try:
+        for p in alive:
+            p.kill()
+        for p in alive:
+            p.join(timeout=timeout_s)
+    finally:
+        if main:
+            signal.signal(signal.SIGCHLD, previous)
 
 
 def write_marker(out_dir: Path, *, step: int, signame: str, checkpoint: str) -> Path:
