@@ -17,7 +17,8 @@ import pytest
 import torch
 from test_train_engine import factory, make_cfg
 
-from inti_adapters.train import NonFiniteLossError, RunLockedError, Trainer, runlock
+from inti_adapters.data import _lock as output_lock
+from inti_adapters.train import NonFiniteLossError, RunLockedError, Trainer
 from inti_adapters.train.checkpoint import POINTER
 from inti_adapters.train.preemption import blocked_in_children, stop_children
 from inti_adapters.train.runlock import LOCK_NAME, RunLock
@@ -75,14 +76,14 @@ def test_max_nonfinite_steps_skips_bad_micro_batches(tmp_path):
 
 HOLDER = textwrap.dedent('''
     import importlib.util, sys, time
-    spec = importlib.util.spec_from_file_location("runlock", sys.argv[2])  # the module alone: no torch import
-    runlock = importlib.util.module_from_spec(spec); spec.loader.exec_module(runlock)
-    lock = runlock.RunLock(sys.argv[1]); lock.acquire(); print("locked", flush=True); time.sleep(60)
+    spec = importlib.util.spec_from_file_location("_lock", sys.argv[2])  # the module alone: no torch import
+    _lock = importlib.util.module_from_spec(spec); spec.loader.exec_module(_lock)
+    lock = _lock.OutputLock(sys.argv[1], "inti-train"); lock.acquire(); print("locked", flush=True); time.sleep(60)
 ''')
 
 
 def test_a_second_run_on_a_live_runs_folder_is_refused(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), runlock.__file__], stdout=subprocess.PIPE,
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), output_lock.__file__], stdout=subprocess.PIPE,
                               text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
