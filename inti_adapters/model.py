@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from ._config import as_dict
-from ._io import give_default_modes
 from ._format import (
     ADAPTER_WEIGHTS_NAME,
     BACKBONE_WEIGHTS_NAME,
@@ -36,6 +35,7 @@ from ._format import (
     write_config,
     write_tensors,
 )
+from ._io import give_default_modes
 from ._peft import is_peft_model, peft_adapter_parameters, unwrap_peft
 from .compressors import build_compressor, make_compressor_config
 from .config import InjectConfig

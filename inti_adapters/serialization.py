@@ -17,7 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._format import ADAPTER_WEIGHTS_NAME, BACKBONE_WEIGHTS_NAME, CONFIG_NAME, PEFT_SUBFOLDER, read_config, read_tensors
+from ._format import (
+    ADAPTER_WEIGHTS_NAME,
+    BACKBONE_WEIGHTS_NAME,
+    CONFIG_NAME,
+    PEFT_SUBFOLDER,
+    read_config,
+    read_tensors,
+)
 from ._peft import is_peft_model, peft_adapter_parameters, unwrap_peft
 from .config import InjectConfig
 from .hosts import resolve_host
