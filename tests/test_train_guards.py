@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from test_train_engine import factory, make_cfg
+from test_train_engine import factory, make_cfg, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 from inti_adapters.data import _lock as output_lock
 from inti_adapters.train import NonFiniteLossError, RunLockedError, Trainer
@@ -25,14 +25,6 @@ from inti_adapters.train.runlock import LOCK_NAME, RunLock
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning:torch.distributed")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class NaNAt(Trainer):

@@ -14,7 +14,8 @@ import os
 
 from ..data._lock import OutputLock
 
-LOCK_NAME = ".inti-train.lock"
+TOOL = "inti-train"
+LOCK_NAME = f".{TOOL}.lock"  # the name OutputLock gives it
 
 
 class RunLockedError(RuntimeError):
@@ -29,6 +30,5 @@ class RunLock(OutputLock):
                "train.output_dir")
 
     def __init__(self, out_dir: str | os.PathLike) -> None:
-        super().__init__(out_dir, "inti-train")
+        super().__init__(out_dir, TOOL)
         self.out_dir = self.folder
-        assert self.path.name == LOCK_NAME
