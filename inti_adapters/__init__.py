@@ -14,7 +14,7 @@ from .compressors import Compressor, list_compressors, register_compressor
 from .config import InjectConfig, InTIConfig
 from .context import VideoContext
 from .errors import BareBackboneCallError, UnsupportedHostError
-from .export import ExportError, export_onnx, export_program
+from .export import ExportError, ProgramInputError, export_onnx, export_program, load_program
 from .flops import FlopCounter, count_gflops
 from .hosts import Host, list_hosts, register_host
 from .inti import InTILayer
@@ -45,6 +45,7 @@ __all__ = [
     "InTIModel",
     "InjectConfig",
     "PlanEntry",
+    "ProgramInputError",
     "Site",
     "TemporalAdapter",
     "TokenLayout",
@@ -63,6 +64,7 @@ __all__ = [
     "list_hosts",
     "list_temporal_adapters",
     "load_pretrained",
+    "load_program",
     "lora_preset",
     "normalize_video",
     "plan",

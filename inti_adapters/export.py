@@ -7,13 +7,20 @@
     >>> program = ia.export_program(model, torch.randn(2, 3, 4, 16, 16))   # torch.export.ExportedProgram
     >>> program.module()(torch.randn(5, 3, 4, 16, 16)).shape               # any batch size
     torch.Size([5, 3])
+    >>> program.module()(torch.randn(5, 3, 8, 16, 16))                     # not another clip length
+    Traceback (most recent call last):
+    ...
+    inti_adapters.export.ProgramInputError: the exported program takes videos of shape (B, 3, 4, 16, 16) float32 with 1 <= B <= 65536 (the frame count and frame size are fixed when exporting); got (5, 3, 8, 16, 16) float32: dim 2 is 8, not 4. Export again with a video of that shape: ia.export_program(model, video)
 
 What exports: every built-in compressor (``inti``, ``linear_pool``, ``conv_pool`` and ``tome``, whose
 merging keeps a fixed ``r`` tokens per layer, so every shape is known), every temporal adapter,
 and LoRA / other peft tuners, which are merged into the weights first (peft's ``merge_adapter``, in a
 copy: the model passed to :func:`export_program` keeps its tuners unmerged, its weights bit for bit
 and the training mode of each module). The batch size is dynamic; the frame count and frame size are those of the example
-video (the frame schedule depends on them). A compressor or temporal adapter that declares
+video (the frame schedule depends on them): the program's ``module()`` checks each video first and
+refuses another shape with a one-line :class:`ProgramInputError` (expected and received) instead of
+torch's guard failure. :func:`load_program` loads a saved program (``torch.export.save``) with the
+same check. A compressor or temporal adapter that declares
 ``exportable = False`` is refused with an :class:`ExportError` naming it; any failure of
 ``torch.export`` is reported with the model's extensions. The exported program is checked against
 the eager model on the example video (``check=True``); an output or a difference that is not finite
@@ -44,14 +51,111 @@ from torch import nn
 
 from ._peft import is_peft_model, unwrap_peft
 from .model import InTIModel
+from .surgery import check_calls
 
-__all__ = ["ExportError", "export_onnx", "export_program", "onnx_difference", "prepare_for_export", "supported_opsets"]
+__all__ = ["ExportError", "ProgramInputError", "VideoProgram", "export_onnx", "export_program", "load_program",
+           "onnx_difference", "prepare_for_export", "supported_opsets"]
 
 _INSTALL = "pip install 'inti-adapters[export]' (onnx, onnxscript, onnxruntime)"
 
 
 class ExportError(RuntimeError):
     """The model cannot be exported, or the exported model does not compute what the eager one does."""
+
+
+class ProgramInputError(ValueError):
+    """A video of another shape or dtype than the exported program was made for (frames and frame size
+    are fixed when exporting; the batch size varies within its range)."""
+
+
+def _input_spec(program: torch.export.ExportedProgram) -> tuple[str, tuple[Any, ...], torch.dtype] | None:
+    """``(name, shape, dtype)`` of the program's one tensor input, a dimension being an int or a
+    ``(symbol, low, high)`` range; None for another signature (then nothing is checked)."""
+    names = program.graph_signature.user_inputs
+    if len(names) != 1:
+        return None
+    node = next((n for n in program.graph.nodes if n.op == "placeholder" and n.name == names[0]), None)
+    value = None if node is None else node.meta.get("val")
+    if not isinstance(value, torch.Tensor):
+        return None
+    shape: list[Any] = []
+    for i, size in enumerate(value.shape):
+        if isinstance(size, torch.SymInt):
+            bounds = program.range_constraints.get(size.node.expr)
+            low, high = (int(bounds.lower), bounds.upper) if bounds is not None else (0, math.inf)
+            high = int(high) if math.isfinite(float(high)) else math.inf
+            shape.append(("B" if i == 0 else str(size.node.expr), low, high))
+        else:
+            shape.append(int(size))
+    return names[0], tuple(shape), value.dtype
+
+
+def _describe_spec(shape: tuple[Any, ...], dtype: torch.dtype) -> str:
+    dims = ", ".join(d[0] if isinstance(d, tuple) else str(d) for d in shape)
+    ranges = [f"{low} <= {name} <= {high}" for name, low, high in (d for d in shape if isinstance(d, tuple))]
+    return f"({dims}) {str(dtype).removeprefix('torch.')}" + (f" with {', '.join(ranges)}" if ranges else "")
+
+
+def check_program_input(spec: tuple[str, tuple[Any, ...], torch.dtype], video: torch.Tensor) -> None:
+    """:class:`ProgramInputError` unless ``video`` fits ``spec`` (see :func:`_input_spec`)."""
+    _, shape, dtype = spec
+    expected = _describe_spec(shape, dtype)
+    got = f"{tuple(video.shape)} {str(video.dtype).removeprefix('torch.')}"
+    wrong = []
+    if video.dim() != len(shape):
+        wrong.append(f"{video.dim()} dimensions, not {len(shape)}")
+    else:
+        for i, (want, size) in enumerate(zip(shape, video.shape, strict=True)):
+            if isinstance(want, tuple) and not want[1] <= size <= want[2]:
+                wrong.append(f"dim {i} ({want[0]}) is {size}, not in [{want[1]}, {want[2]}]")
+            elif isinstance(want, int) and size != want:
+                wrong.append(f"dim {i} is {size}, not {want}")
+    if video.dtype != dtype:
+        wrong.append(f"dtype {str(video.dtype).removeprefix('torch.')}, not {str(dtype).removeprefix('torch.')}")
+    if wrong:
+        raise ProgramInputError(
+            f"the exported program takes videos of shape {expected} (the frame count and frame size are fixed when "
+            f"exporting); got {got}: {'; '.join(wrong)}. Export again with a video of that shape: "
+            "ia.export_program(model, video)")
+
+
+class _CheckInput:
+    """The check :meth:`VideoProgram.module` puts before the module's forward (and torch's own guards)."""
+
+    def __init__(self, spec: tuple[str, tuple[Any, ...], torch.dtype]) -> None:
+        self.spec = spec
+
+    def __call__(self, args: tuple, kwargs: dict) -> None:
+        if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):  # the video, as exported
+            check_program_input(self.spec, args[0])  # other calls meet torch's check of the input structure
+
+
+class VideoProgram(torch.export.ExportedProgram):
+    """The ``torch.export.ExportedProgram`` of :func:`export_program` and :func:`load_program`: the same
+    program (``torch.export.save``, ``torch.onnx.export`` and everything else take it as it is), whose
+    :meth:`module` checks each video's shape and dtype first and refuses another one with a
+    one-line :class:`ProgramInputError` instead of torch's guard failure."""
+
+    def module(self, *args: Any, **kwargs: Any) -> nn.Module:
+        module = super().module(*args, **kwargs)
+        spec = _input_spec(self)
+        if spec is not None:
+            check_calls(module, _CheckInput(spec))
+        return module
+
+
+def _as_video_program(program: torch.export.ExportedProgram) -> VideoProgram:
+    program.__class__ = VideoProgram  # adds a method only: the state is the ExportedProgram's own
+    return program  # type: ignore[return-value]
+
+
+def load_program(path: str | os.PathLike, **load_options: Any) -> VideoProgram:
+    """``torch.export.load`` of a saved program (``.pt2``, e.g. from ``inti-export``) whose ``module()``
+    checks each video's shape first (:class:`VideoProgram`); ``load_options`` go to ``torch.export.load``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no exported program at {path} (a .pt2 file from torch.export.save or inti-export)")
+    return _as_video_program(torch.export.load(str(path), **load_options))
 
 
 def _extensions(model: InTIModel) -> str:
@@ -133,7 +237,7 @@ def prepare_for_export(model: nn.Module, video: torch.Tensor, *, atol: float = 1
 
 
 def export_program(model: nn.Module, video: torch.Tensor, *, dynamic_batch: bool = True, merge: bool = True,
-                   check: bool = True, atol: float = 1e-4) -> torch.export.ExportedProgram:
+                   check: bool = True, atol: float = 1e-4) -> VideoProgram:
     """``torch.export.export`` of an injected model, for videos shaped like ``video`` (any batch size).
 
     Args:
@@ -145,6 +249,10 @@ def export_program(model: nn.Module, video: torch.Tensor, *, dynamic_batch: bool
             a NaN or inf output fails).
 
     ``model`` is put in eval mode for the export; every module's training flag is restored afterwards.
+
+    Returns:
+        A :class:`VideoProgram` (a ``torch.export.ExportedProgram``): ``program.module()(video)`` runs it
+        and refuses a video of another shape (frame count, frame size) with a :class:`ProgramInputError`.
 
     Raises:
         ExportError: An extension that does not export, a ``torch.export`` failure, or a mismatch.
@@ -158,7 +266,7 @@ def export_program(model: nn.Module, video: torch.Tensor, *, dynamic_batch: bool
 
 
 def _export(model: nn.Module, video: torch.Tensor, dynamic_batch: bool, check: bool,
-            atol: float) -> torch.export.ExportedProgram:
+            atol: float) -> VideoProgram:
     if dynamic_batch and video.shape[0] < 2:  # sizes 0 and 1 are specialised while tracing
         video = video.expand(2, *video.shape[1:]).contiguous()
     dims = ({0: torch.export.Dim("batch", min=1, max=1 << 16)},) if dynamic_batch else None
@@ -168,6 +276,7 @@ def _export(model: nn.Module, video: torch.Tensor, dynamic_batch: bool, check: b
     except Exception as e:
         where = _extensions(inner) if inner is not None else type(model).__name__
         raise ExportError(f"torch.export could not capture the model ({where}): {type(e).__name__}: {e}") from e
+    program = _as_video_program(program)
     if check:
         with torch.no_grad():
             _check_close("the exported program", program.module()(video), model(video), atol)

@@ -15,6 +15,8 @@ the host's block layout and clips ``(B, T, N, C)``, and removes it again:
 ``store(namespace)``                 a dict emptied at the start of every forward
 ===================================  ==============================================================
 
+:func:`check_calls` puts a check before any module's forward (an exported program's input check).
+
 What "attention", "the end of the attention branch" and "the qkv projection" are in a block is
 a host fact (:class:`~inti_adapters.Host`); a host that lacks one gets a clear error naming it.
 
@@ -117,6 +119,13 @@ def _patch(module: nn.Module, where: str, fn: Callable, *, first: bool = False) 
     fns = getattr(patched, where)
     fns.insert(0, fn) if first else fns.append(fn)
     return _Handle(module, where, fn)
+
+
+def check_calls(module: nn.Module, check: Callable[[tuple, dict], None]) -> _Handle:
+    """Run ``check(args, kwargs)`` before anything else on every call of ``module``; it refuses a call
+    by raising (e.g. :mod:`inti_adapters.export` on an exported program's module). ``remove()`` on the
+    returned handle undoes it."""
+    return _patch(module, "pre", check, first=True)
 
 
 @contextlib.contextmanager

@@ -106,10 +106,14 @@ def test_inti_export_writes_a_program_that_loads_and_matches(tmp_path, capsys):
     out = tmp_path / "digits.pt2"
     assert export_main(["--config", "digits_cpu", "--checkpoint", str(tmp_path / "adapter"), "--out", str(out),
                         *overrides]) == 0
-    assert "dynamic batch, checked against the eager model" in capsys.readouterr().out
-    program = torch.export.load(str(out))
+    printed = capsys.readouterr().out
+    assert "dynamic batch, checked against the eager model" in printed
+    assert f"inti_adapters.load_program('{out}')" in printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "digits.pt2"]  # saved aside, then moved
+    program = ia.load_program(out)
     for video, ref in zip(_videos(3, 1), _eager(model, _videos(3, 1)), strict=True):
         torch.testing.assert_close(program.module()(video), ref, rtol=1e-5, atol=1e-5)
+    assert "dim 2 is 8, not 4" in _refused(program.module(), torch.randn(1, 3, 8, S, S))
     with pytest.raises(SystemExit):
         export_main(["--config", "digits_cpu", "--checkpoint", str(tmp_path / "adapter"), "--out", "m.bin"])
     assert "--out must end in .pt2" in capsys.readouterr().err
@@ -210,3 +214,52 @@ def test_onnx_file_appears_only_once_written_and_checked(tmp_path, monkeypatch, 
     with pytest.raises(ExportError, match="difference from the exported program is not finite"):
         ia.export_onnx(program, video, tmp_path / "bad.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]
+
+
+# -- issue 24, also seen: another clip length is refused in one line, not with torch's guard failure ---------
+def _refused(module: torch.nn.Module, video: torch.Tensor) -> str:
+    with pytest.raises(ia.ProgramInputError) as info:
+        module(video)
+    message = str(info.value)
+    assert "\n" not in message and "Guard failed" not in message
+    return message
+
+
+def test_another_clip_length_frame_size_or_dtype_is_refused_in_one_line(program_and_video):
+    program, video = program_and_video  # exported on (2, 3, 4, 16, 16), dynamic batch
+    assert isinstance(program, ia.export.VideoProgram) and isinstance(program, torch.export.ExportedProgram)
+    module = program.module()
+    expected = "takes videos of shape (B, 3, 4, 16, 16) float32 with 1 <= B <= 65536"
+    message = _refused(module, torch.randn(2, 3, 8, S, S))
+    assert expected in message and "got (2, 3, 8, 16, 16) float32: dim 2 is 8, not 4" in message
+    assert "ia.export_program(model, video)" in message
+    assert "dim 3 is 32, not 16; dim 4 is 32, not 16" in _refused(module, torch.randn(1, 3, 4, 32, 32))
+    assert "dtype float64, not float32" in _refused(module, video.double())
+    assert "4 dimensions, not 5" in _refused(module, video[0])
+    assert "got (5, 3, 4, 16, 8) float32: dim 4 is 8, not 16." in _refused(module, torch.randn(5, 3, 4, S, 8))
+    torch.testing.assert_close(module(video), module(torch.cat([video, video]))[:2])  # a fitting video runs
+    # without the check, torch's own guard is what a caller would meet (what the check replaces)
+    with pytest.raises(Exception, match="Guard failed|Expected input") as raw:
+        torch.export.ExportedProgram.module(program)(torch.randn(2, 3, 8, S, S))
+    assert not isinstance(raw.value, ia.ProgramInputError)
+
+
+def test_static_batch_programs_name_their_batch_size():
+    model = _perturb(ia.inject(_vit(), layers=[0]))
+    video, = _videos(2)
+    program = ia.export_program(model, video, dynamic_batch=False)
+    message = _refused(program.module(), torch.cat([video, video]))
+    assert "takes videos of shape (2, 3, 4, 16, 16) float32 (the frame count" in message and "dim 0 is 4, not 2" in message
+
+
+def test_load_program_checks_saved_programs_and_torch_load_still_reads_them(tmp_path, program_and_video):
+    program, video = program_and_video
+    torch.export.save(program, str(tmp_path / "m.pt2"))
+    loaded = ia.load_program(tmp_path / "m.pt2")
+    assert isinstance(loaded, ia.export.VideoProgram)
+    torch.testing.assert_close(loaded.module()(video), program.module()(video), rtol=0, atol=0)
+    assert "dim 2 is 6, not 4" in _refused(loaded.module(), torch.randn(2, 3, 6, S, S))
+    plain = torch.export.load(str(tmp_path / "m.pt2"))  # the file is an ordinary torch.export program
+    torch.testing.assert_close(plain.module()(video), program.module()(video), rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match=r"no exported program at .*missing\.pt2"):
+        ia.load_program(tmp_path / "missing.pt2")

@@ -5,13 +5,16 @@
 
 The recipe gives the backbone (created as ``inti-eval`` does) and the input: ``data.num_frames``
 frames of ``data.crop_size``. The suffix of ``--out`` picks the format: ``.pt2``
-(``torch.export.save``) or ``.onnx``. The batch size stays dynamic; LoRA is merged into the
-weights; the result is checked against the eager model (``--no-check`` skips it).
+(``torch.export.save``; load it with ``inti_adapters.load_program``, which checks each video's shape
+first, or ``torch.export.load``) or ``.onnx``. The batch size stays dynamic; LoRA is merged into the
+weights; the result is checked against the eager model (``--no-check`` skips it). Either file appears
+at ``--out`` only once it is completely written.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -64,7 +67,12 @@ def export_main(argv: list[str] | None = None) -> int:
             export_onnx(program, video, out, check=not args.no_check)
         else:
             out.parent.mkdir(parents=True, exist_ok=True)
-            torch.export.save(program, str(out))
+            staged = out.with_name(f".{out.stem}.{os.getpid()}.partial.pt2")  # an interrupted save leaves no .pt2
+            try:
+                torch.export.save(program, str(staged))
+                os.replace(staged, out)
+            finally:
+                staged.unlink(missing_ok=True)
     except BackboneDownloadError as e:  # one line: what was asked for and how to point at local weights
         parser.exit(1, f"inti-export: error: {e}\n")
     except (ConfigError, FileNotFoundError, ExportError, ImportError) as e:
@@ -74,4 +82,6 @@ def export_main(argv: list[str] | None = None) -> int:
     batch = "static" if args.static_batch else "dynamic"
     checked = "" if args.no_check else ", checked against the eager model"
     print(f"inti-export: wrote {out} (input {tuple(video.shape[1:])} per video, {batch} batch{checked})")
+    if out.suffix == ".pt2":  # torch.export.load reads it too; this loader checks each video's shape first
+        print(f"inti-export: load it with inti_adapters.load_program({str(out)!r})")
     return 0
