@@ -1,4 +1,5 @@
-"""The README's "Share on the Hub" and "Export" snippets run as written (tiny models, a mocked Hub)."""
+"""Every README python snippet runs on its own and prints what the README shows (the "Share on the Hub" and
+"Export" ones with a small ViT of ViT-B's input size and a mocked Hub)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import IMG, make_vit
 from test_hub import FakeHub
 
 import inti_adapters as ia
@@ -24,9 +24,33 @@ def snippet(section: str) -> str:
     return "\n".join(blocks)
 
 
-def test_share_on_the_hub_snippet(tmp_path, monkeypatch):
+def _tiny_vits(monkeypatch):
+    """``timm.create_model`` as the README calls it, building a small ViT of the same input size (224 px)
+    and depth, so that a snippet written for ViT-B/16 runs as written in seconds."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    def create_model(name, pretrained=False, num_classes=1000, **kwargs):
+        assert name == "vit_base_patch16_clip_224" and not pretrained
+        return VisionTransformer(img_size=224, patch_size=56, embed_dim=16, depth=12, num_heads=2,
+                                 num_classes=num_classes)
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+
+
+def _run(section: str) -> tuple[dict, list[str]]:
+    """Run a README section's python blocks on their own (a fresh namespace); what they print, and what
+    the README shows after them."""
+    (code, shown), = [(c, s) for h, c, s in BLOCKS if h == section]
+    names = {"__name__": "readme_snippet"}
+    torch.manual_seed(0)
+    exec(compile(code, f"README.md ({section})", "exec"), names)
+    return names, shown
+
+
+def test_share_on_the_hub_snippet_runs_on_its_own(tmp_path, monkeypatch):
     hf = pytest.importorskip("huggingface_hub")
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     cache = tmp_path / "cache"
     cache.mkdir()
     monkeypatch.setattr(hf.constants, "HF_HUB_OFFLINE", True)
@@ -34,38 +58,38 @@ def test_share_on_the_hub_snippet(tmp_path, monkeypatch):
     hub = FakeHub(cache)
     monkeypatch.setattr(hf, "HfApi", hub.api)
     monkeypatch.chdir(tmp_path)
-    model = ia.inject(make_vit(), layers=[1])
-    peft_model = ia.add_lora(ia.inject(make_vit(), layers=[1]), peft.LoraConfig(r=2, target_modules=["qkv"]))
-    names = {"ia": ia, "torch": torch, "model": model, "peft_model": peft_model, "backbone": make_vit()}
-    exec(snippet("Share on the Hub"), names)
+    _tiny_vits(monkeypatch)
+    names, _ = _run("Share on the Hub")
     assert "16×4×3" in (tmp_path / "out" / "README.md").read_text()
     assert sorted(hub.uploaded) == ["your-org/inti-vitb16-k400", "your-org/inti-vitb16-k400-lora"]
     assert "peft/adapter_model.safetensors" in hub.uploaded["your-org/inti-vitb16-k400-lora"]
-    assert isinstance(names["model"], ia.InTIModel) and names["model"] is not model  # loaded back by id
-    video = torch.randn(1, 3, 4, IMG, IMG)
+    loaded = names["model"]  # loaded back by id into a fresh backbone: equal to the saved folder
+    assert isinstance(loaded, ia.InTIModel)
+    import timm
+
+    from_folder = ia.load_pretrained(timm.create_model("vit_base_patch16_clip_224", num_classes=400), "out/")
+    video = torch.randn(1, 3, 4, 224, 224)
     with torch.no_grad():
-        torch.testing.assert_close(names["model"](video), model(video), rtol=0, atol=0)
+        torch.testing.assert_close(loaded(video), from_folder(video), rtol=0, atol=0)
 
 
 @pytest.mark.slow
-def test_export_snippet(tmp_path, monkeypatch):
+def test_export_snippet_runs_on_its_own_and_prints_what_the_readme_shows(tmp_path, monkeypatch, capsys):
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
-    from test_export import _perturb, _vit
-
     monkeypatch.chdir(tmp_path)
-    model = _perturb(ia.inject(_vit(), layers=[0]))
-    video = torch.randn(3, 3, 4, 16, 16)
-    names = {"ia": ia, "torch": torch, "model": model, "video": video}
-    exec(snippet("Export"), names)
+    _tiny_vits(monkeypatch)
+    names, shown = _run("Export")
+    assert capsys.readouterr().out.splitlines() == shown
+    model, video = names["model"], names["video"]
     with torch.no_grad():
-        torch.testing.assert_close(names["logits"], model(video), rtol=1e-5, atol=1e-5)
-    assert torch.export.load("model.pt2") is not None
-    assert ia.export.onnx_difference("model.onnx", model, video) < 1e-5  # batch 3: not the example's 2
+        torch.testing.assert_close(names["logits"], model(video[:1]), rtol=1e-5, atol=1e-5)
+    assert isinstance(torch.export.load("model.pt2"), torch.export.ExportedProgram)
+    assert ia.export.onnx_difference("model.onnx", model, video[:1]) < 1e-5  # batch 1: not the example's 2
 
 
-# -- issue 24: every python snippet runs on its own and prints what the README shows -------------------------
-CONTINUED = ("Share on the Hub", "Export")  # continue from the Quickstart's `model` / `video`: tested above on stand-ins
+# -- issue 24: every python snippet runs on its own and prints what the readme shows -------------------------
+STAND_INS = ("Share on the Hub", "Export")  # run above with a small ViT of ViT-B's input (and a mocked Hub)
 
 
 def python_blocks() -> list[tuple[str, str, list[str] | None]]:
@@ -86,8 +110,8 @@ BLOCKS = python_blocks()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("heading, code, shown", [b for b in BLOCKS if b[0] not in CONTINUED],
-                         ids=[f"{i}-{b[0]}" for i, b in enumerate(BLOCKS) if b[0] not in CONTINUED])
+@pytest.mark.parametrize("heading, code, shown", [b for b in BLOCKS if b[0] not in STAND_INS],
+                         ids=[f"{i}-{b[0]}" for i, b in enumerate(BLOCKS) if b[0] not in STAND_INS])
 def test_every_snippet_runs_on_its_own_and_prints_what_the_readme_shows(heading, code, shown, tmp_path, monkeypatch,
                                                                          capsys):
     from inti_adapters.hosts import _base as hosts
@@ -108,7 +132,7 @@ def test_every_snippet_runs_on_its_own_and_prints_what_the_readme_shows(heading,
 
 
 def test_the_readme_shows_the_output_of_its_printing_snippets():
-    printing = [b for b in BLOCKS if "print(" in b[1] and b[0] not in CONTINUED]
+    printing = [b for b in BLOCKS if "print(" in b[1]]
     assert printing and all(shown for _, _, shown in printing), [h for h, _, shown in printing if not shown]
 
 
