@@ -18,8 +18,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m inti_adapters.demo
 
+# two pytest-xdist workers, one core each (the CI machine has two); the multi-process modules run in
+# turn within their group (tests/conftest.py). TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
 
 # FFmpeg's shared libraries, which torchcodec loads at run time (PyAV ships its own). Installed
 # from the system's package manager when missing and we may (root, or password-less sudo);

@@ -1,6 +1,10 @@
-"""Shared fixtures: tiny real timm models of every supported host variant."""
+"""Shared fixtures: tiny real timm models of every supported host variant; the grouping of tests for
+``pytest -n 2`` (pytest-xdist, ``--dist loadgroup``; what ``make test`` runs)."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,3 +74,23 @@ def read_tar_samples(shards: list[str]) -> list[dict]:
                 members.setdefault(key, {})[ext] = tar.extractfile(m).read()
             out += [dict(v, __key__=k) for k, v in members.items()]
     return out
+
+
+# Modules whose tests launch several processes and bound how long a peer may take run one after another in
+# two groups: the network-namespace hosts (one bridge and address range) and the torchrun ones on this host.
+PROCESS_GROUPS = {"test_cluster_multinode": "namespaces", "test_cluster_slurm": "namespaces",
+                  "test_train_resilience": "torchrun", "test_faults": "torchrun", "test_train_distributed": "torchrun",
+                  "test_eval_mmaction": "torchrun"}
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker of `pytest -n 2`: one core each, as the CPU has two
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # what launched processes inherit
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # no pool of compile processes per worker
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under ``pytest -n N --dist loadgroup`` each module runs whole on one worker (its module fixtures are built
+    once), and the multi-process modules share their group; without xdist the marks do nothing."""
+    for item in items:
+        module = Path(str(item.fspath)).stem
+        item.add_marker(pytest.mark.xdist_group(PROCESS_GROUPS.get(module, module)))

@@ -25,14 +25,14 @@ def snippet(section: str) -> str:
 
 
 def _tiny_vits(monkeypatch):
-    """``timm.create_model`` as the README calls it, building a small ViT of the same input size (224 px)
-    and depth, so that a snippet written for ViT-B/16 runs as written in seconds."""
+    """``timm.create_model`` as the README calls it, building a small ViT of the same input size (224 px,
+    depth 7 for layers=[4, 6]), so that a snippet written for ViT-B/16 runs as written in seconds."""
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
     def create_model(name, pretrained=False, num_classes=1000, **kwargs):
         assert name == "vit_base_patch16_clip_224" and not pretrained
-        return VisionTransformer(img_size=224, patch_size=56, embed_dim=16, depth=12, num_heads=2,
+        return VisionTransformer(img_size=224, patch_size=56, embed_dim=16, depth=7, num_heads=2,
                                  num_classes=num_classes)
 
     monkeypatch.setattr(timm, "create_model", create_model)
