@@ -96,7 +96,7 @@ def _describe_spec(shape: tuple[Any, ...], dtype: torch.dtype) -> str:
     return f"({dims}) {str(dtype).removeprefix('torch.')}" + (f" with {', '.join(ranges)}" if ranges else "")
 
 
-def check_program_input(spec: tuple[str, tuple[Any, ...], torch.dtype], video: torch.Tensor) -> None:
+def _check_video(spec: tuple[str, tuple[Any, ...], torch.dtype], video: torch.Tensor) -> None:
     """:class:`ProgramInputError` unless ``video`` fits ``spec`` (see :func:`_input_spec`)."""
     _, shape, dtype = spec
     expected = _describe_spec(shape, dtype)
@@ -127,7 +127,7 @@ class _CheckInput:
 
     def __call__(self, args: tuple, kwargs: dict) -> None:
         if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):  # the video, as exported
-            check_program_input(self.spec, args[0])  # other calls meet torch's check of the input structure
+            _check_video(self.spec, args[0])  # other calls meet torch's check of the input structure
 
 
 class VideoProgram(torch.export.ExportedProgram):
