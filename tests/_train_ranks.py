@@ -14,6 +14,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from _cluster import train_env
+
 from inti_adapters.train.metrics import read_metrics
 from inti_adapters.train.samples import read_sample_log
 
@@ -75,14 +77,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/inti_adapters/torch_extensions"))
-    return env
-
-
 def launch(out: Path, world: int, *overrides: str, env: dict[str, str] | None = None) -> list[subprocess.Popen]:
     """Start ``world`` ranks of the worker on loopback; their output goes to ``out/log_rank{r}_{n}.txt``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +86,7 @@ def launch(out: Path, world: int, *overrides: str, env: dict[str, str] | None = 
     port, procs = free_port(), []
     stamp = time.monotonic_ns()
     for rank in range(world):
-        e = {**_env(), **(env or {}), "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+        e = {**train_env(), **(env or {}), "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         log = open(out / f"log_rank{rank}_{stamp}.txt", "w")
         procs.append(subprocess.Popen([sys.executable, str(script), str(out), json.dumps(list(overrides))], env=e,
